@@ -1,0 +1,131 @@
+"""Command line: `pdproxy [serve] …` (the default), `pdproxy demo`, `pdproxy mock`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from pdproxy import __version__
+
+COMMANDS = ("serve", "demo", "mock")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+# (flags, settings field, argparse options, help). Flags map one to one onto Settings fields;
+# only flags the user gave reach Settings, so env and the config file fill in the rest.
+SERVE_OPTIONS: tuple[tuple[tuple[str, ...], str, dict[str, Any], str], ...] = (
+    (("--prefill-servers", "--prefill-servers-list"), "prefill_servers", {"metavar": "LIST"},
+     "prefill servers, comma separated: host:port or http(s)://host:port, optional =WEIGHT (h:8100=2)"),
+    (("--decode-servers", "--decode-servers-list"), "decode_servers", {"metavar": "LIST"},
+     "decode servers, same form as --prefill-servers"),
+    (("--host",), "host", {}, "address to listen on (default 0.0.0.0)"),
+    (("--port", "--listen-port"), "port", {"type": int}, "port to listen on (default 8000)"),
+    (("--prefill-policy",), "prefill_policy", {},
+     "prefill load balancing: least_conn (default), prefix_hash, round_robin"),
+    (("--decode-policy",), "decode_policy", {}, "decode load balancing: least_conn (default), round_robin"),
+    (("--prefix-hash-chars",), "prefix_hash_chars", {"type": int},
+     "prefix_hash: leading prompt characters hashed (default 1024)"),
+    (("--prefix-hash-load-factor",), "prefix_hash_load_factor", {"type": float},
+     "prefix_hash: a server over (1+F) x its share of in-flight requests passes requests on (default 0.25)"),
+    (("--prefill-retries",), "prefill_retries", {"type": int},
+     "other prefill servers tried after a failed prefill (default 2)"),
+    (("--connect-timeout",), "connect_timeout", {"type": float}, "seconds to connect to an upstream (default 10)"),
+    (("--prefill-timeout",), "prefill_timeout", {"type": float}, "seconds for a whole prefill call (default 600)"),
+    (("--stream-idle-timeout",), "stream_idle_timeout", {"type": float},
+     "max seconds between two reads from a decode upstream (default 600)"),
+    (("--max-body-bytes",), "max_body_bytes", {"type": int}, "largest accepted request body (default 100 MiB)"),
+    (("--upstream-api-key",), "upstream_api_key", {"metavar": "KEY"},
+     "send 'Authorization: Bearer KEY' upstream instead of the client's header"),
+    (("--kv-adapter",), "kv_adapter", {}, "KV handoff protocol: vllm (default)"),
+    (("--log-level",), "log_level", {"choices": LOG_LEVELS}, "log level (default info)"),
+    (("--access-log",), "access_log", {"action": argparse.BooleanOptionalAction},
+     "one log line per request (default on)"),
+    (("--config",), "config", {"metavar": "FILE"}, "YAML or TOML config file (env: PDPROXY_CONFIG)"),
+)
+
+
+def _serve_parser(parser: argparse.ArgumentParser) -> None:
+    for flags, dest, options, help_text in SERVE_OPTIONS:
+        parser.add_argument(*flags, dest=dest, default=argparse.SUPPRESS, help=help_text, **options)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pdproxy",
+        description="Global proxy for prefill/decode disaggregated LLM serving. "
+        "`pdproxy --prefill-servers … --decode-servers …` runs the proxy (the `serve` command).",
+    )
+    parser.add_argument("--version", action="version", version=f"pdproxy {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="{serve,demo,mock}")
+    _serve_parser(commands.add_parser("serve", help="run the proxy (default command)"))
+
+    demo = commands.add_parser("demo", help="run the proxy in front of 2 mock prefill + 1 mock decode engines")
+    demo.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    demo.add_argument("--port", type=int, default=8000, help="proxy port (default 8000)")
+    demo.add_argument("--prefill-policy", default="least_conn", help="prefill policy (default least_conn)")
+    demo.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+
+    mock = commands.add_parser("mock", help="run a mock vLLM engine (for demos, tests, benchmarks)")
+    mock.add_argument("--role", choices=("prefill", "decode", "both"), default="both")
+    mock.add_argument("--host", default="127.0.0.1")
+    mock.add_argument("--port", type=int, required=True)
+    mock.add_argument("--ttft-ms", type=float, default=0.0, help="delay before the first token / prefill answer")
+    mock.add_argument("--itl-ms", type=float, default=0.0, help="delay between streamed tokens")
+    mock.add_argument("--tokens", type=int, default=16, help="tokens generated when the request sets no max_tokens")
+    mock.add_argument("--model", default="mock")
+    mock.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    return parser
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"pdproxy: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if not args_list or args_list[0] not in (*COMMANDS, "-h", "--help", "--version"):
+        args_list.insert(0, "serve")
+    args = build_parser().parse_args(args_list)
+
+    from pdproxy.app import run
+
+    if args.command == "serve":
+        from pdproxy.app import build_app, serve
+        from pdproxy.settings import ConfigError, load_settings
+
+        values = {k: v for k, v in vars(args).items() if k != "command"}
+        try:
+            settings = load_settings(values)
+            app = build_app(settings)  # a wrong policy or adapter name fails here, before binding
+        except (ConfigError, ValueError) as exc:
+            _fail(str(exc))
+        _setup_logging(settings.log_level)
+        _run_or_fail(run, serve(app, settings))
+    elif args.command == "demo":
+        from pdproxy.demo import run_demo
+
+        _setup_logging(args.log_level)
+        _run_or_fail(run, run_demo(args.host, args.port, args.prefill_policy))
+    else:
+        from pdproxy.mock import MockConfig, serve_mock
+
+        _setup_logging(args.log_level)
+        config = MockConfig(role=args.role, ttft_ms=args.ttft_ms, itl_ms=args.itl_ms, tokens=args.tokens,
+                            model=args.model)
+        _run_or_fail(run, serve_mock(config, args.host, args.port))
+
+
+def _run_or_fail(run: Any, coroutine: Any) -> None:
+    try:
+        run(coroutine)
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:  # e.g. the port is taken
+        _fail(str(exc))

@@ -1,0 +1,162 @@
+"""The proxy's error tree and its one rendering into OpenAI's error shape.
+
+    ProxyError                      status  side      retry  OpenAI type
+    ├── ClientError                 4xx     client    no     invalid_request_error
+    │   ├── InvalidRequest          400
+    │   ├── NotFound                404
+    │   ├── MethodNotAllowed        405
+    │   └── PayloadTooLarge         413
+    ├── Unavailable                 503     internal  no     service_unavailable   (no routable upstream)
+    ├── UpstreamError               502     prefill/  yes    upstream_error
+    │   ├── UpstreamConnectError    502     decode
+    │   ├── UpstreamBadStatus       502            (5xx from the upstream)
+    │   ├── UpstreamBadResponse     502            (a 2xx body that is not what the protocol says)
+    │   ├── UpstreamTimeout         504
+    │   └── UpstreamStreamBroken    502     decode    no     (died after bytes reached the client)
+    └── UpstreamRejected            4xx     client    no     relayed unchanged: the client's own mistake
+
+Every error knows the HTTP status it maps to, which side caused it (for logs and
+metrics) and whether the flow may retry it on another upstream. aiohttp client
+exceptions are translated in one place, `from_client_exception`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+
+class ProxyError(Exception):
+    """Base of every error the proxy reports to a client."""
+
+    status: int = 500
+    error_type: str = "internal_error"
+    side: str = "internal"
+    retryable: bool = False
+
+    def __init__(self, message: str, *, param: str | None = None, side: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if side is not None:
+            self.side = side
+
+    def body(self) -> bytes:
+        """The OpenAI error JSON for this error."""
+        return orjson.dumps(
+            {"error": {"message": self.message, "type": self.error_type, "param": self.param,
+                       "code": self.status}}
+        )
+
+    def response(self, request_id: str | None = None) -> web.Response:
+        """An HTTP response carrying this error."""
+        headers = {"X-Request-Id": request_id} if request_id else None
+        return web.Response(status=self.status, body=self.body(), content_type="application/json",
+                            headers=headers)
+
+    def sse_event(self) -> bytes:
+        """A final SSE event for a stream that already started: the client reads it as an error."""
+        return b"data: " + self.body() + b"\n\n"
+
+
+class ClientError(ProxyError):
+    """The client's request is wrong; retrying it unchanged cannot help."""
+
+    status = 400
+    error_type = "invalid_request_error"
+    side = "client"
+
+
+class InvalidRequest(ClientError):
+    status = 400
+
+
+class NotFound(ClientError):
+    status = 404
+
+
+class MethodNotAllowed(ClientError):
+    status = 405
+
+
+class PayloadTooLarge(ClientError):
+    status = 413
+
+
+class Unavailable(ProxyError):
+    """No upstream of a role can take the request right now."""
+
+    status = 503
+    error_type = "service_unavailable"
+
+
+class UpstreamError(ProxyError):
+    """An upstream failed; another upstream may succeed."""
+
+    status = 502
+    error_type = "upstream_error"
+    retryable = True
+
+    def __init__(self, message: str, *, side: str, upstream: str) -> None:
+        super().__init__(message, side=side)
+        self.upstream = upstream
+
+
+class UpstreamConnectError(UpstreamError):
+    pass
+
+
+class UpstreamBadStatus(UpstreamError):
+    pass
+
+
+class UpstreamBadResponse(UpstreamError):
+    pass
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    error_type = "upstream_timeout"
+
+
+class UpstreamStreamBroken(UpstreamError):
+    """The stream died after bytes reached the client: never retried (text would repeat)."""
+
+    retryable = False
+
+
+class UpstreamRejected(ProxyError):
+    """An upstream answered 4xx: the client's mistake, relayed to it unchanged."""
+
+    side = "client"
+
+    def __init__(self, status: int, content_type: str, payload: bytes, upstream: str) -> None:
+        super().__init__(f"upstream {upstream} answered {status}")
+        self.status = status
+        self.content_type = content_type
+        self.payload = payload
+        self.upstream = upstream
+
+    def body(self) -> bytes:
+        return self.payload
+
+    def response(self, request_id: str | None = None) -> web.Response:
+        headers = {"Content-Type": self.content_type}
+        if request_id:
+            headers["X-Request-Id"] = request_id
+        return web.Response(status=self.status, body=self.payload, headers=headers)
+
+
+def from_client_exception(exc: BaseException, *, side: str, upstream: str, stage: str) -> UpstreamError:
+    """Translate an aiohttp/asyncio client failure into the error tree (the one boundary that does)."""
+    if isinstance(exc, asyncio.TimeoutError):
+        return UpstreamTimeout(f"{side} upstream {upstream} timed out ({stage})", side=side, upstream=upstream)
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UpstreamConnectError(f"cannot connect to {side} upstream {upstream}: {exc.os_error}",
+                                    side=side, upstream=upstream)
+    reason = str(exc) or type(exc).__name__
+    return UpstreamConnectError(f"{side} upstream {upstream} failed ({stage}): {reason}",
+                                side=side, upstream=upstream)

@@ -1,0 +1,106 @@
+"""Every Prometheus metric of the proxy, defined once, in a registry per application.
+
+Per-upstream gauges are read from the pools at scrape time by a collector, so
+they cost nothing on the request path and vanish with a removed upstream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# LLM latencies: a millisecond handoff up to a twenty-minute generation.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120,
+                   300, 600, 1200)
+SMALL_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+
+
+class UpstreamCollector:
+    """Scrape-time view of the pools: in-flight, health and counts per state."""
+
+    def __init__(self, upstreams: Callable[[], Iterable[Any]], states: Iterable[str]) -> None:
+        self._upstreams = upstreams
+        self._states = tuple(states)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        in_flight = GaugeMetricFamily("pdproxy_upstream_in_flight", "Requests leased to the upstream now.",
+                                      labels=("role", "upstream"))
+        healthy = GaugeMetricFamily("pdproxy_upstream_healthy", "1 if the upstream is routable, else 0.",
+                                    labels=("role", "upstream"))
+        per_state = GaugeMetricFamily("pdproxy_upstreams", "Upstreams by role and state.",
+                                      labels=("role", "state"))
+        counts: dict[tuple[str, str], int] = {}
+        for upstream in self._upstreams():
+            role = upstream.role.value
+            in_flight.add_metric((role, upstream.url), upstream.in_flight)
+            healthy.add_metric((role, upstream.url), 1 if upstream.routable else 0)
+            key = (role, upstream.state.value)
+            counts[key] = counts.get(key, 0) + 1
+        for role in ("prefill", "decode"):
+            for state in self._states:
+                per_state.add_metric((role, state), counts.get((role, state), 0))
+        yield in_flight
+        yield healthy
+        yield per_state
+
+
+class Metrics:
+    """The proxy's metrics; one instance (and registry) per application."""
+
+    def __init__(self) -> None:
+        self.registry = registry = CollectorRegistry()
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        self.requests = Counter("pdproxy_requests", "Client requests by endpoint and final status.",
+                                ("endpoint", "status"), registry=registry)
+        self.request_duration = Histogram("pdproxy_request_duration_seconds",
+                                          "Request in to last byte out.", ("endpoint",),
+                                          buckets=LATENCY_BUCKETS, registry=registry)
+        self.requests_in_flight = Gauge("pdproxy_requests_in_flight", "Client requests being served.",
+                                        registry=registry)
+        self.prefill_duration = Histogram("pdproxy_prefill_duration_seconds",
+                                          "Prefill request sent to prefill answer read.", ("upstream",),
+                                          buckets=LATENCY_BUCKETS, registry=registry)
+        self.ttft = Histogram("pdproxy_time_to_first_token_seconds",
+                              "Client view: request in to first decode byte out.",
+                              buckets=LATENCY_BUCKETS, registry=registry)
+        self.decode_duration = Histogram("pdproxy_decode_duration_seconds",
+                                         "Decode request sent to the end of its response.",
+                                         buckets=LATENCY_BUCKETS, registry=registry)
+        self.handoff_gap = Histogram("pdproxy_handoff_gap_seconds",
+                                     "Prefill answer read to decode request sent (must stay tiny).",
+                                     buckets=SMALL_BUCKETS, registry=registry)
+        self.upstream_requests = Counter("pdproxy_upstream_requests",
+                                         "Upstream calls by outcome (ok, rejected, bad_status, "
+                                         "bad_response, connect_error, timeout, broken, cancelled).",
+                                         ("role", "upstream", "outcome"), registry=registry)
+        self.prefill_retries = Counter("pdproxy_prefill_retries", "Prefills re-run on another server.",
+                                       registry=registry)
+        self.timeouts = Counter("pdproxy_timeouts", "Upstream timeouts by stage.", ("stage",),
+                                registry=registry)
+        self.client_disconnects = Counter("pdproxy_client_disconnects",
+                                          "Clients gone before their response ended, by stage.",
+                                          ("stage",), registry=registry)
+        self.kv_handoff_missing = Counter("pdproxy_kv_handoff_missing",
+                                          "Prefill answers without kv_transfer_params (D recomputes).",
+                                          registry=registry)
+
+    def watch_upstreams(self, upstreams: Callable[[], Iterable[Any]], states: Iterable[str]) -> None:
+        """Expose the pools' live state at scrape time."""
+        self.registry.register(UpstreamCollector(upstreams, states))  # type: ignore[arg-type]
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

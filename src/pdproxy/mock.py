@@ -1,0 +1,746 @@
+"""A mock vLLM OpenAI-compatible engine for the demo, the tests and the benchmarks.
+
+It speaks just enough of vLLM's HTTP surface (``/v1/completions``,
+``/v1/chat/completions``, ``/health``, ``/v1/models``) and of the NIXL
+``kv_transfer_params`` handshake that a PD proxy can be exercised end to end
+without GPUs: a prefill engine hands out a handle whose block ids are a pure
+function of the prompt, so a decode engine can check it without shared state.
+Scripted faults (fail, hang, garbage, drop, die/stall mid-stream) let tests
+drive the proxy's failure paths deterministically.
+
+Standalone on purpose: it imports nothing from ``pdproxy``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+__all__ = [
+    "BLOCK_SIZE",
+    "MAX_MODEL_LEN",
+    "MockConfig",
+    "MockEngine",
+    "MockStats",
+    "RecordedRequest",
+    "block_ids_for",
+    "serve_mock",
+    "start_mock",
+]
+
+log = logging.getLogger(__name__)
+
+#: Prompt words per KV block; one remote block id is handed out per block.
+BLOCK_SIZE = 16
+#: Context window advertised by /v1/models and enforced like vLLM (prompt + completion).
+MAX_MODEL_LEN = 8192
+
+_ROLES = ("prefill", "decode", "both")
+_HANDLE_FIELDS = ("remote_engine_id", "remote_request_id", "remote_host", "remote_port", "remote_block_ids")
+_GARBAGE = b"this is not json{"
+_DONE = b"data: [DONE]\n\n"
+_ROLE_DELTA = b'"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}\n\n'
+_YIELD_EVERY = 64  # with no inter-token delay, give the loop a turn this often
+
+
+@dataclass(slots=True)
+class MockConfig:
+    """How one mock engine behaves; fields are read per request, so tests may tweak them live."""
+
+    role: str = "both"  # "prefill" | "decode" | "both"
+    ttft_ms: float = 0.0  # delay before the first token (for a prefill request: before answering)
+    itl_ms: float = 0.0  # delay between streamed tokens
+    tokens: int = 16  # tokens generated when the request sets neither max_tokens nor max_completion_tokens
+    model: str = "mock"
+    engine_id: str = ""  # "" -> a fresh uuid4 hex when the engine is built
+    side_channel_host: str = "127.0.0.1"
+    side_channel_port: int = 5600
+
+    def __post_init__(self) -> None:
+        """Reject nonsense early, so a typo in a demo config fails at start-up."""
+        if self.role not in _ROLES:
+            raise ValueError(f"role must be one of {_ROLES}, got {self.role!r}")
+        if self.ttft_ms < 0 or self.itl_ms < 0:
+            raise ValueError("ttft_ms and itl_ms must be >= 0")
+        if self.tokens < 1:
+            raise ValueError("tokens must be >= 1")
+
+
+@dataclass(slots=True)
+class RecordedRequest:
+    """One generation request as the engine received it, for assertions in tests.
+
+    ``headers`` keeps the original header-name case (a plain dict copy of
+    aiohttp's headers); use :meth:`header` for a case-insensitive lookup.
+    ``body`` is ``{}`` when the body was not a JSON object.
+    """
+
+    path: str
+    headers: dict[str, str]
+    body: dict[str, Any]
+
+    def header(self, name: str, default: str | None = None) -> str | None:
+        """Case-insensitive header lookup, because clients and proxies vary the case."""
+        lname = name.lower()
+        for key, value in self.headers.items():
+            if key.lower() == lname:
+                return value
+        return default
+
+
+@dataclass(slots=True)
+class MockStats:
+    """Counters a test or benchmark reads to see what the proxy actually did."""
+
+    prefills: int = 0  # requests with kv_transfer_params.do_remote_decode == true
+    decodes: int = 0  # generation requests without do_remote_decode
+    decodes_with_valid_handle: int = 0
+    decodes_with_invalid_handle: int = 0
+    decodes_without_handle: int = 0
+    in_flight: int = 0  # generation requests currently being served
+    completed: int = 0
+    aborted: int = 0  # generations cancelled or whose client went away mid-response
+
+
+@dataclass(slots=True, frozen=True)
+class _Fault:
+    """One scripted misbehaviour, consumed by the next generation request."""
+
+    kind: str  # "fail" | "hang" | "garbage" | "drop" | "die" | "stall"
+    status: int = 500
+    body: bytes | None = None
+    n_chunks: int = 0
+
+
+@dataclass(slots=True)
+class _Gen:
+    """A validated generation request."""
+
+    chat: bool
+    request_id: str
+    prompt_text: str
+    prompt_tokens: int
+    max_tokens: int
+    stream: bool
+    include_usage: bool
+    kv: dict[str, Any] | None
+
+
+class _BadRequest(Exception):
+    """Raised by validation; turned into a vLLM-style 400."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+def block_ids_for(prompt_text: str) -> list[int]:
+    """Remote block ids for a prompt: deterministic, so P and D agree without shared state.
+
+    One id per started block of ``BLOCK_SIZE`` whitespace-separated words (at
+    least one), each derived from sha256(prompt) and the block index.
+    """
+    digest = hashlib.sha256(prompt_text.encode()).digest()
+    n_blocks = max(1, -(-len(prompt_text.split()) // BLOCK_SIZE))
+    return [
+        int.from_bytes(hashlib.sha256(digest + i.to_bytes(4, "big")).digest()[:4], "big") & 0x7FFFFFFF
+        for i in range(n_blocks)
+    ]
+
+
+def _error_response(
+    status: int, message: str, type_: str = "BadRequestError", param: str | None = None
+) -> web.Response:
+    """OpenAI/vLLM error JSON, so proxies exercise their real error parsing."""
+    payload = {"error": {"message": message, "type": type_, "param": param, "code": status}}
+    return web.Response(status=status, body=orjson.dumps(payload), content_type="application/json")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _parse_prompt(body: dict[str, Any]) -> str:
+    """Completions prompt -> text (token ids become space-separated words, one per id)."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        return prompt[0]
+    if isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+        return " ".join(map(str, prompt))
+    raise _BadRequest("`prompt` must be a string or a non-empty list of token ids.", "prompt")
+
+
+def _parse_messages(body: dict[str, Any]) -> str:
+    """Chat messages -> rendered text (role and content of every message)."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _BadRequest("`messages` must be a non-empty list.", "messages")
+    parts: list[str] = []
+    for msg in messages:
+        if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
+            raise _BadRequest("Each message must be an object with a string `role`.", "messages")
+        content = msg.get("content")
+        if content is None or isinstance(content, str):
+            text = content or ""
+        elif isinstance(content, list):
+            texts: list[str] = []
+            for part in content:
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise _BadRequest("Only text content parts are supported by the mock.", "messages")
+                texts.append(part["text"])
+            text = " ".join(texts)
+        else:
+            raise _BadRequest("Message `content` must be a string or a list of text parts.", "messages")
+        parts.append(f"{msg['role']} {text}")
+    return " ".join(parts)
+
+
+def _positive_int(body: dict[str, Any], key: str) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if not _is_int(value) or value < 1:
+        raise _BadRequest(f"{key} must be at least 1, got {value}.", key)
+    return int(value)
+
+
+class MockEngine:
+    """A mock vLLM engine: one aiohttp app, counters, a request log and a fault script.
+
+    Not thread-safe; use it from the event loop that serves it.
+    """
+
+    def __init__(self, config: MockConfig | None = None) -> None:
+        config = config if config is not None else MockConfig()
+        if not config.engine_id:
+            # A copy, so one MockConfig can seed several engines with distinct ids.
+            config = dataclasses.replace(config, engine_id=uuid.uuid4().hex)
+        self.config: MockConfig = config
+        self.stats: MockStats = MockStats()
+        self.requests: list[RecordedRequest] = []
+        self.created: int = int(time.time())
+        self._faults: deque[_Fault] = deque()
+        self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # ------------------------------------------------------------------ app
+
+    def make_app(self) -> web.Application:
+        """Build the aiohttp app; serve it with ``handler_cancellation=True`` to see disconnects.
+
+        On app shutdown every generation still running is cancelled (and counted as aborted),
+        so a hung or slow request never holds up ``runner.cleanup()``.
+        """
+        app = web.Application()
+        app.router.add_post("/v1/completions", self._handle_completions)
+        app.router.add_post("/v1/chat/completions", self._handle_chat)
+        app.router.add_get("/health", self._handle_health)
+        app.router.add_get("/v1/models", self._handle_models)
+        app.router.add_get("/stats", self._handle_stats)
+        app.on_shutdown.append(self._on_shutdown)
+        return app
+
+    async def _on_shutdown(self, _app: web.Application) -> None:
+        """Cancel hanging/stalled/slow generations so runner.cleanup() never waits on them."""
+        for task in list(self._tasks):
+            task.cancel()
+
+    # --------------------------------------------------------------- faults
+
+    def fail_next(self, status: int = 500, times: int = 1, body: bytes | None = None) -> None:
+        """Answer the next ``times`` generation requests with ``status`` and an error JSON (or ``body``)."""
+        self._script(_Fault("fail", status=status, body=body), times)
+
+    def hang_next(self, times: int = 1) -> None:
+        """Accept the next requests and never answer (until the client leaves or the server stops)."""
+        self._script(_Fault("hang"), times)
+
+    def garbage_next(self, times: int = 1) -> None:
+        """Answer 200 application/json with a body that is not JSON."""
+        self._script(_Fault("garbage"), times)
+
+    def drop_next(self, times: int = 1) -> None:
+        """Close the connection without sending any response."""
+        self._script(_Fault("drop"), times)
+
+    def die_after(self, n_chunks: int, times: int = 1) -> None:
+        """Streaming: send ``n_chunks`` token chunks, then close the connection (no [DONE]).
+
+        A non-streaming request hit by this fault is dropped like :meth:`drop_next`.
+        """
+        self._script(_Fault("die", n_chunks=n_chunks), times)
+
+    def stall_after(self, n_chunks: int, times: int = 1) -> None:
+        """Streaming: send ``n_chunks`` token chunks, then hang forever.
+
+        A non-streaming request hit by this fault hangs like :meth:`hang_next`.
+        """
+        self._script(_Fault("stall", n_chunks=n_chunks), times)
+
+    def clear_faults(self) -> None:
+        """Forget every scripted fault not yet consumed."""
+        self._faults.clear()
+
+    def _script(self, fault: _Fault, times: int) -> None:
+        if times < 1:
+            raise ValueError("times must be >= 1")
+        if fault.n_chunks < 0:
+            raise ValueError("n_chunks must be >= 0")
+        self._faults.extend([fault] * times)
+
+    # -------------------------------------------------------------- waiting
+
+    async def wait_until(self, predicate: Callable[[MockStats], bool], timeout: float = 5.0) -> None:
+        """Return once ``predicate(stats)`` holds (re-checked on every stats change); else TimeoutError."""
+        await self._wait(lambda: predicate(self.stats), timeout, "stats condition")
+
+    async def wait_for_requests(self, n: int, timeout: float = 5.0) -> None:
+        """Return once at least ``n`` generation requests were received; else TimeoutError."""
+        await self._wait(lambda: len(self.requests) >= n, timeout, f"{n} requests")
+
+    async def wait_idle(self, timeout: float = 5.0) -> None:
+        """Return once no generation is in flight (e.g. after a client disconnect)."""
+        await self._wait(lambda: self.stats.in_flight == 0, timeout, "in_flight == 0")
+
+    async def _wait(self, check: Callable[[], bool], timeout: float, what: str) -> None:
+        if check():
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (check, fut)
+        self._waiters.append(entry)
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:  # distinct from the builtin on Python 3.10
+            raise TimeoutError(f"mock engine: timed out after {timeout}s waiting for {what}") from None
+        finally:
+            self._waiters.remove(entry)
+
+    def _notify(self) -> None:
+        """Wake waiters whose condition now holds; synchronous so it is safe in finally blocks."""
+        for check, fut in self._waiters:
+            if not fut.done() and check():
+                fut.set_result(None)
+
+    # ------------------------------------------------------------ handlers
+
+    async def _handle_health(self, _request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def _handle_models(self, _request: web.Request) -> web.Response:
+        model = self.config.model
+        payload = {
+            "object": "list",
+            "data": [
+                {
+                    "id": model,
+                    "object": "model",
+                    "created": self.created,
+                    "owned_by": "pdproxy-mock",
+                    "root": model,
+                    "parent": None,
+                    "max_model_len": MAX_MODEL_LEN,
+                }
+            ],
+        }
+        return web.Response(body=orjson.dumps(payload), content_type="application/json")
+
+    async def _handle_stats(self, _request: web.Request) -> web.Response:
+        payload: dict[str, Any] = dataclasses.asdict(self.stats)
+        payload["role"] = self.config.role
+        payload["engine_id"] = self.config.engine_id
+        return web.Response(body=orjson.dumps(payload), content_type="application/json")
+
+    async def _handle_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle_generation(request, chat=False)
+
+    async def _handle_chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle_generation(request, chat=True)
+
+    async def _handle_generation(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        """Record, apply a scripted fault, validate, role-check, then generate."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        try:
+            return await self._generation(request, chat)
+        finally:
+            if task is not None:
+                self._tasks.discard(task)
+
+    async def _generation(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        raw = await request.read()
+        try:
+            body: Any = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            body = None
+        self.requests.append(
+            RecordedRequest(request.path, dict(request.headers), body if isinstance(body, dict) else {})
+        )
+        self._notify()
+
+        fault = self._faults.popleft() if self._faults else None
+        if fault is not None and fault.kind not in ("die", "stall"):
+            return await self._apply_fault(request, fault)
+
+        request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+        try:
+            if not isinstance(body, dict):
+                raise _BadRequest("Request body must be a JSON object.")
+            gen = self._parse(body, chat, request_id)
+            prefill = self._check_role(gen)
+        except _BadRequest as exc:
+            return _error_response(400, exc.message, param=exc.param)
+
+        if fault is not None and not gen.stream:
+            # die/stall only make sense mid-stream; for a plain response they drop/hang.
+            return await self._apply_fault(request, _Fault("drop" if fault.kind == "die" else "hang"))
+
+        stats = self.stats
+        if prefill:
+            stats.prefills += 1
+        else:
+            stats.decodes += 1
+            kv = gen.kv
+            if kv is None or not kv.get("do_remote_prefill"):
+                stats.decodes_without_handle += 1
+            elif self._handle_is_valid(kv, gen, request):
+                stats.decodes_with_valid_handle += 1
+            else:
+                stats.decodes_with_invalid_handle += 1
+
+        stats.in_flight += 1
+        self._notify()
+        try:
+            if gen.stream:
+                return await self._stream(request, gen, fault, t0)
+            return await self._complete(gen, prefill, t0)
+        except asyncio.CancelledError:
+            stats.aborted += 1
+            raise
+        finally:
+            stats.in_flight -= 1
+            self._notify()
+
+    async def _apply_fault(self, request: web.Request, fault: _Fault) -> web.StreamResponse:
+        """Misbehave as scripted; every branch leaves aiohttp with nothing loud to log."""
+        if fault.kind == "fail":
+            if fault.body is not None:
+                return web.Response(status=fault.status, body=fault.body, content_type="application/json")
+            return _error_response(fault.status, "mock engine: scripted failure", type_="InternalServerError")
+        if fault.kind == "garbage":
+            return web.Response(status=200, body=_GARBAGE, content_type="application/json")
+        if fault.kind == "drop":
+            if request.transport is not None:
+                request.transport.close()
+            # aiohttp's attempt to send this hits the closed transport and is ignored quietly.
+            return web.Response(status=500)
+        # hang: cancelled by a client disconnect (handler_cancellation) or by server shutdown.
+        await asyncio.get_running_loop().create_future()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # ---------------------------------------------------------- validation
+
+    def _parse(self, body: dict[str, Any], chat: bool, request_id: str) -> _Gen:
+        """Validate like vLLM's OpenAI server (the parts a proxy can get wrong)."""
+        prompt_text = _parse_messages(body) if chat else _parse_prompt(body)
+        prompt_tokens = len(prompt_text.split())
+
+        stream = body.get("stream")
+        if stream is None:
+            stream = False
+        if not isinstance(stream, bool):
+            raise _BadRequest("`stream` must be a boolean.", "stream")
+        stream_options = body.get("stream_options")
+        if stream_options is not None:
+            if not stream:
+                raise _BadRequest("Stream options can only be defined when `stream=True`.", "stream_options")
+            if not isinstance(stream_options, dict):
+                raise _BadRequest("`stream_options` must be an object.", "stream_options")
+        include_usage = bool(stream_options.get("include_usage")) if stream_options else False
+
+        n = body.get("n")
+        if n is not None and (not _is_int(n) or n < 1):
+            raise _BadRequest(f"n must be at least 1, got {n}.", "n")
+        if n is not None and n > 1:
+            raise _BadRequest("The mock engine supports only n=1.", "n")
+
+        max_completion_tokens = _positive_int(body, "max_completion_tokens")
+        explicit = max_completion_tokens or _positive_int(body, "max_tokens")
+        min_tokens = body.get("min_tokens")
+        if min_tokens is not None:
+            if not _is_int(min_tokens) or min_tokens < 0:
+                raise _BadRequest(f"min_tokens must be greater than or equal to 0, got {min_tokens}.", "min_tokens")
+            if explicit is not None and min_tokens > explicit:
+                raise _BadRequest(
+                    f"min_tokens must be less than or equal to max_tokens={explicit}, got {min_tokens}.",
+                    "min_tokens",
+                )
+        if explicit is not None:
+            max_tokens = explicit
+        else:
+            # vLLM's default is "the rest of the context"; ours is config.tokens, clamped likewise.
+            max_tokens = max(self.config.tokens, min_tokens or 0)
+            max_tokens = max(1, min(max_tokens, MAX_MODEL_LEN - prompt_tokens))
+        if prompt_tokens + max_tokens > MAX_MODEL_LEN:
+            raise _BadRequest(
+                f"This model's maximum context length is {MAX_MODEL_LEN} tokens. However, you requested "
+                f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in "
+                "the completion). Please reduce the length of the messages or completion.",
+                "max_tokens",
+            )
+
+        kv = body.get("kv_transfer_params")
+        if kv is not None and not isinstance(kv, dict):
+            raise _BadRequest("`kv_transfer_params` must be an object.", "kv_transfer_params")
+
+        return _Gen(
+            chat=chat,
+            request_id=request_id,
+            prompt_text=prompt_text,
+            prompt_tokens=prompt_tokens,
+            max_tokens=max_tokens,
+            stream=stream,
+            include_usage=include_usage,
+            kv=kv,
+        )
+
+    def _check_role(self, gen: _Gen) -> bool:
+        """Refuse work meant for the other pool, so a proxy mixing pools up fails loudly.
+
+        Returns True for a prefill request (do_remote_decode).
+        """
+        kv = gen.kv or {}
+        remote_decode = bool(kv.get("do_remote_decode"))
+        remote_prefill = bool(kv.get("do_remote_prefill"))
+        role = self.config.role
+        if remote_decode and remote_prefill:
+            raise _BadRequest(
+                "kv_transfer_params cannot set both do_remote_decode and do_remote_prefill.",
+                "kv_transfer_params",
+            )
+        if role == "prefill" and remote_prefill:
+            raise _BadRequest(
+                "This is a prefill engine; it cannot serve a decode request "
+                "(kv_transfer_params.do_remote_prefill=true).",
+                "kv_transfer_params",
+            )
+        if role == "decode" and remote_decode:
+            raise _BadRequest(
+                "This is a decode engine; it cannot serve a prefill request "
+                "(kv_transfer_params.do_remote_decode=true).",
+                "kv_transfer_params",
+            )
+        if remote_decode and gen.stream:
+            raise _BadRequest("A prefill request (do_remote_decode=true) must not stream.", "stream")
+        return remote_decode
+
+    @staticmethod
+    def _handle_is_valid(kv: dict[str, Any], gen: _Gen, request: web.Request) -> bool:
+        """A decode handle is valid if complete, for this prompt, and for this request id."""
+        if any(kv.get(name) is None for name in _HANDLE_FIELDS):
+            return False
+        if kv["remote_block_ids"] != block_ids_for(gen.prompt_text):
+            return False
+        return kv["remote_request_id"] == request.headers.get("X-Request-Id")
+
+    # ---------------------------------------------------------- generation
+
+    def _ids(self, gen: _Gen) -> tuple[str, int]:
+        return ("chatcmpl-" if gen.chat else "cmpl-") + gen.request_id, int(time.time())
+
+    def _usage(self, gen: _Gen, completion_tokens: int) -> dict[str, int]:
+        return {
+            "prompt_tokens": gen.prompt_tokens,
+            "total_tokens": gen.prompt_tokens + completion_tokens,
+            "completion_tokens": completion_tokens,
+        }
+
+    async def _complete(self, gen: _Gen, prefill: bool, t0: float) -> web.Response:
+        """Non-streaming answer; a prefill answer also carries the NIXL-style handle."""
+        cfg = self.config
+        n = 1 if prefill else gen.max_tokens
+        delay_s = (cfg.ttft_ms + (0.0 if prefill else cfg.itl_ms * (n - 1))) / 1000.0
+        remaining = t0 + delay_s - asyncio.get_running_loop().time()
+        if delay_s > 0 and remaining > 0:
+            await asyncio.sleep(remaining)
+
+        text = "".join([f" tok{i}" for i in range(n)])
+        rid, created = self._ids(gen)
+        choice: dict[str, Any]
+        if gen.chat:
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": "length",
+                "stop_reason": None,
+            }
+        else:
+            choice = {
+                "index": 0,
+                "text": text,
+                "logprobs": None,
+                "finish_reason": "length",
+                "stop_reason": None,
+            }
+        payload: dict[str, Any] = {
+            "id": rid,
+            "object": "chat.completion" if gen.chat else "text_completion",
+            "created": created,
+            "model": cfg.model,
+            "choices": [choice],
+            "usage": self._usage(gen, n),
+        }
+        if prefill:
+            payload["kv_transfer_params"] = {
+                "do_remote_prefill": True,
+                "do_remote_decode": False,
+                "remote_block_ids": block_ids_for(gen.prompt_text),
+                "remote_engine_id": cfg.engine_id,
+                "remote_request_id": gen.request_id,
+                "remote_host": cfg.side_channel_host,
+                "remote_port": cfg.side_channel_port,
+                "tp_size": 1,
+            }
+        self.stats.completed += 1
+        return web.Response(
+            body=orjson.dumps(payload),
+            content_type="application/json",
+            headers={"X-Request-Id": gen.request_id},
+        )
+
+    async def _stream(self, request: web.Request, gen: _Gen, fault: _Fault | None, t0: float) -> web.StreamResponse:
+        """SSE in vLLM's chunk shapes; token chunks are spliced from pre-encoded pieces."""
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        rid, created = self._ids(gen)
+        n = gen.max_tokens
+        head = b'data: {"id":%s,"object":"%s","created":%d,"model":%s,"choices":[{"index":0,' % (
+            orjson.dumps(rid),
+            b"chat.completion.chunk" if gen.chat else b"text_completion",
+            created,
+            orjson.dumps(cfg.model),
+        )
+        if gen.chat:
+            prefix = head + b'"delta":{"content":'
+            suffix = b'},"logprobs":null,"finish_reason":null}]}\n\n'
+            last_suffix = b'},"logprobs":null,"finish_reason":"length","stop_reason":null}]}\n\n'
+            first = head + _ROLE_DELTA
+        else:
+            prefix = head + b'"text":'
+            suffix = b',"logprobs":null,"finish_reason":null,"stop_reason":null}]}\n\n'
+            last_suffix = b',"logprobs":null,"finish_reason":"length","stop_reason":null}]}\n\n'
+            first = b""
+        to_send = n if fault is None else min(n, fault.n_chunks)
+        ttft_s = cfg.ttft_ms / 1000.0
+        itl_s = cfg.itl_ms / 1000.0
+
+        resp = web.StreamResponse(
+            status=200,
+            headers={
+                "Content-Type": "text/event-stream; charset=utf-8",
+                "Cache-Control": "no-cache",
+                "X-Request-Id": gen.request_id,
+            },
+        )
+        try:
+            await resp.prepare(request)
+            due = t0 + ttft_s  # token i is due at t0 + ttft + i*itl: no drift from sleep overhead
+            for i in range(to_send):
+                if i:
+                    due += itl_s
+                wait = due - loop.time() if (ttft_s or itl_s) else 0.0
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                elif i and i % _YIELD_EVERY == 0:
+                    await asyncio.sleep(0)
+                chunk = b'%s" tok%d"%s' % (prefix, i, last_suffix if i == n - 1 else suffix)
+                if i == 0 and first:
+                    chunk = first + chunk
+                await resp.write(chunk)
+            if fault is not None:
+                if fault.kind == "die":
+                    if request.transport is not None:
+                        request.transport.close()  # flushes what was written, then FIN mid-body
+                    return resp
+                await loop.create_future()  # stall: until disconnect or shutdown cancels us
+            if gen.include_usage:
+                usage = {
+                    "id": rid,
+                    "object": "chat.completion.chunk" if gen.chat else "text_completion",
+                    "created": created,
+                    "model": cfg.model,
+                    "choices": [],
+                    "usage": self._usage(gen, n),
+                }
+                await resp.write(b"data: " + orjson.dumps(usage) + b"\n\n" + _DONE)
+            else:
+                await resp.write(_DONE)
+            await resp.write_eof()
+        except ConnectionResetError:  # includes aiohttp.ClientConnectionResetError
+            self.stats.aborted += 1
+            return resp
+        self.stats.completed += 1
+        return resp
+
+
+def _runner(engine: MockEngine) -> web.AppRunner:
+    """Runner with handler cancellation (disconnects reach the handler) and no access log (speed)."""
+    return web.AppRunner(engine.make_app(), handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
+
+
+def _base_url(runner: web.AppRunner, host: str) -> str:
+    port = runner.addresses[0][1]
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}"
+
+
+async def start_mock(
+    config: MockConfig | None = None, host: str = "127.0.0.1", port: int = 0
+) -> tuple[MockEngine, web.AppRunner, str]:
+    """Start an engine on a real socket; returns (engine, runner, base_url).
+
+    The caller owns the runner and must ``await runner.cleanup()``.
+    """
+    engine = MockEngine(config)
+    runner = _runner(engine)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        url = _base_url(runner, host)
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return engine, runner, url
+
+
+async def serve_mock(config: MockConfig, host: str, port: int) -> None:
+    """Run one engine until cancelled (the ``pdproxy mock`` command)."""
+    engine, runner, url = await start_mock(config, host, port)
+    try:
+        log.info(
+            "mock engine role=%s engine_id=%s listening on %s",
+            engine.config.role,
+            engine.config.engine_id,
+            url,
+        )
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,54 @@
+"""`ProxyRequest`: one validated client request, as the flow and the policies see it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+
+@dataclass(slots=True)
+class ProxyRequest:
+    """A parsed client request. `body` is the client's JSON, never mutated."""
+
+    endpoint: str  # "/v1/completions" or "/v1/chat/completions"
+    body: dict[str, Any]
+    stream: bool
+    request_id: str
+    headers: dict[str, str]  # sent to both legs: X-Request-Id, Authorization, trace context
+
+    def prompt_prefix(self, limit: int) -> str:
+        """The first `limit` characters of the prompt; for chat, of the whole rendered conversation."""
+        prompt = self.body.get("prompt")
+        if prompt is not None:
+            return _render_prompt(prompt)[:limit]
+        parts: list[str] = []
+        size = 0
+        for message in self.body.get("messages") or ():
+            piece = f"{message.get('role', '')}\n{_render_content(message.get('content'))}\n"
+            parts.append(piece)
+            size += len(piece)
+            if size >= limit:
+                break
+        return "".join(parts)[:limit]
+
+
+def _render_prompt(prompt: Any) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and len(prompt) == 1 and not isinstance(prompt[0], int):
+        return _render_prompt(prompt[0])
+    return orjson.dumps(prompt).decode()
+
+
+def _render_content(content: Any) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list):
+        return "".join(
+            part["text"] if isinstance(part, dict) and isinstance(part.get("text"), str)
+            else orjson.dumps(part).decode()
+            for part in content
+        )
+    return orjson.dumps(content).decode()

@@ -1,0 +1,190 @@
+"""Settings: parsed once, frozen, with precedence CLI > env `PDPROXY_*` > config file > defaults.
+
+The CLI passes only the flags the user gave as init values; the config file
+path comes from `--config` or `PDPROXY_CONFIG`, and may be YAML or TOML.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+from pdproxy.upstreams import normalize_url
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+MAX_WEIGHT = 1000
+
+
+class ConfigError(Exception):
+    """A setting or the config file is wrong; the message is one line for the operator."""
+
+
+class UpstreamSpec(BaseModel):
+    """One configured server: `host:port`, `http(s)://host:port`, optionally `=weight` (e.g. `h:8100=2`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    url: str
+    weight: int = Field(1, ge=1, le=MAX_WEIGHT)
+
+    @field_validator("url")
+    @classmethod
+    def _normalize(cls, value: str) -> str:
+        return normalize_url(value)
+
+    @classmethod
+    def parse(cls, text: str) -> UpstreamSpec:
+        address, sep, weight = text.strip().rpartition("=")
+        if not sep:
+            return cls(url=text)
+        if not weight.isdigit():
+            raise ValueError(f"upstream {text!r}: weight after '=' must be a whole number")
+        return cls(url=address, weight=int(weight))
+
+
+def _split_servers(value: Any) -> Any:
+    """Accept a comma list (CLI, env) or a list of strings / {url, weight} mappings (config file)."""
+    if isinstance(value, str):
+        value = [item for item in value.split(",") if item.strip()]
+    if isinstance(value, list | tuple):
+        return tuple(UpstreamSpec.parse(item) if isinstance(item, str) else item for item in value)
+    return value
+
+
+Servers = Annotated[tuple[UpstreamSpec, ...], NoDecode]
+
+
+class Settings(BaseSettings):
+    """Every knob of the proxy. See config/pdproxy.example.yaml for each one explained."""
+
+    model_config = SettingsConfigDict(env_prefix="PDPROXY_", frozen=True, extra="forbid")
+
+    config: Path | None = None
+    prefill_servers: Servers = ()
+    decode_servers: Servers = ()
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=0, le=65535)
+    prefill_policy: str = "least_conn"
+    decode_policy: str = "least_conn"
+    prefix_hash_chars: int = Field(1024, ge=1)
+    prefix_hash_vnodes: int = Field(160, ge=1, le=10000)
+    prefix_hash_load_factor: float = Field(0.25, gt=0)
+    kv_adapter: str = "vllm"
+    prefill_retries: int = Field(2, ge=0, le=16)
+    connect_timeout: float = Field(10.0, gt=0)
+    prefill_timeout: float = Field(600.0, gt=0)
+    stream_idle_timeout: float = Field(600.0, gt=0)
+    max_body_bytes: int = Field(100 * 1024 * 1024, ge=1024)
+    upstream_api_key: SecretStr | None = None
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    access_log: bool = True
+
+    @field_validator("prefill_servers", "decode_servers", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        return _split_servers(value)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check_servers(self) -> Settings:
+        for role, servers in (("prefill", self.prefill_servers), ("decode", self.decode_servers)):
+            if not servers:
+                raise ValueError(
+                    f"no {role} servers: set --{role}-servers, PDPROXY_{role.upper()}_SERVERS "
+                    f"or {role}_servers in the config file"
+                )
+            urls = [s.url for s in servers]
+            duplicates = sorted({u for u in urls if urls.count(u) > 1})
+            if duplicates:
+                raise ValueError(f"{role} server listed twice: {', '.join(duplicates)}")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        path = getattr(init_settings, "init_kwargs", {}).get("config") or os.environ.get("PDPROXY_CONFIG")
+        return init_settings, env_settings, ConfigFileSource(settings_cls, path)
+
+
+class ConfigFileSource(PydanticBaseSettingsSource):
+    """The values of a YAML or TOML config file (keys are setting names; `-` and `_` both work)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: str | Path | None) -> None:
+        super().__init__(settings_cls)
+        self._values = read_config_file(Path(path)) if path else {}
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._values.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._values)
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Load a config file into a dict of settings; ConfigError says what is wrong with it."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    try:
+        if path.suffix.lower() == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix.lower() in (".yaml", ".yml", ""):
+            data = yaml.safe_load(text) or {}
+        else:
+            raise ConfigError(f"config file {path}: use a .yaml, .yml or .toml file")
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
+        detail = " ".join(str(exc).split())
+        raise ConfigError(f"config file {path} is not valid: {detail}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of setting names to values")
+    return {str(key).replace("-", "_"): value for key, value in data.items()}
+
+
+def load_settings(cli_values: dict[str, Any]) -> Settings:
+    """Build Settings from the flags the user gave; ConfigError carries a one-line reason."""
+    try:
+        return Settings(**cli_values)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """Pydantic's multi-line report as one operator-readable line."""
+    problems = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"] if not isinstance(part, int)) or "settings"
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown setting"
+        problems.append(f"{where}: {message}")
+    return "invalid settings: " + "; ".join(problems)

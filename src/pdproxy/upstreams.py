@@ -1,0 +1,124 @@
+"""Upstreams (one P or D API server each), their pools, and leases on them.
+
+A pool's membership is an immutable tuple replaced in one assignment, so a
+request reads one consistent snapshot without locks. In-flight counts change
+only through `Lease`, whose `release()` is idempotent and is called in `finally`
+on every path of the flow.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+
+class Role(str, enum.Enum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+class State(str, enum.Enum):
+    """Where an upstream stands; only some states are routable."""
+
+    UNKNOWN = "unknown"  # configured, not probed yet: routable so start-up never blocks
+    HEALTHY = "healthy"
+    UNHEALTHY = "unhealthy"
+    EJECTED = "ejected"
+    DRAINING = "draining"
+
+
+ROUTABLE_STATES = frozenset({State.UNKNOWN, State.HEALTHY})
+
+
+def normalize_url(address: str) -> str:
+    """`host:port` or `http(s)://host:port[/]` → `scheme://host:port`; ValueError when it is not one."""
+    text = address.strip()
+    if not text:
+        raise ValueError("empty upstream address")
+    if "://" not in text:
+        text = "http://" + text
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"upstream {address!r}: scheme must be http or https")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError(f"upstream {address!r}: give only scheme://host:port")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"upstream {address!r}: port must be 1-65535") from None
+    if not parts.hostname:
+        raise ValueError(f"upstream {address!r}: missing host")
+    if port is None:
+        raise ValueError(f"upstream {address!r}: missing port")
+    if not 1 <= port <= 65535:
+        raise ValueError(f"upstream {address!r}: port must be 1-65535")
+    host = parts.hostname
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{parts.scheme}://{host}:{port}"
+
+
+_ids = itertools.count(1)
+
+
+@dataclass(slots=True, eq=False)
+class Upstream:
+    """One API server of a role. Mutable runtime state; identity is the object itself."""
+
+    role: Role
+    url: str
+    weight: int = 1
+    state: State = State.UNKNOWN
+    in_flight: int = 0
+    served: int = 0
+    last_error: str | None = None
+    id: str = field(default_factory=lambda: f"u{next(_ids)}")
+
+    @property
+    def routable(self) -> bool:
+        return self.state in ROUTABLE_STATES
+
+
+class Lease:
+    """One request's claim on an upstream: counted from the routing decision until released."""
+
+    __slots__ = ("_released", "upstream")
+
+    def __init__(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+        self._released = False
+        upstream.in_flight += 1
+
+    def release(self) -> None:
+        """Give the slot back; safe to call more than once."""
+        if not self._released:
+            self._released = True
+            self.upstream.in_flight -= 1
+            self.upstream.served += 1
+
+
+class UpstreamPool:
+    """The upstreams of one role; `members` is an immutable snapshot."""
+
+    def __init__(self, role: Role, members: Iterable[Upstream] = ()) -> None:
+        self.role = role
+        self.members: tuple[Upstream, ...] = tuple(members)
+
+    def routable(self) -> tuple[Upstream, ...]:
+        """The upstreams a policy may choose from (health is filtered here and only here)."""
+        return tuple(u for u in self.members if u.routable)
+
+    def find(self, url: str) -> Upstream | None:
+        return next((u for u in self.members if u.url == url), None)
+
+    def add(self, upstream: Upstream) -> None:
+        self.members = (*self.members, upstream)
+
+    def remove(self, upstream: Upstream) -> None:
+        self.members = tuple(u for u in self.members if u is not upstream)
+
+    def total_in_flight(self) -> int:
+        return sum(u.in_flight for u in self.members)

@@ -1,0 +1,153 @@
+"""Shared fixtures: real mock engines and a real proxy, all on loopback port 0."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from pdproxy.app import FLOW, METRICS, build_app, start_server
+from pdproxy.flow import PDFlow
+from pdproxy.metrics import Metrics
+from pdproxy.mock import MockConfig, MockEngine, start_mock
+from pdproxy.settings import Settings
+from pdproxy.upstreams import Upstream
+
+
+def closed_port_url() -> str:
+    """A loopback URL where nothing listens (connection refused)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+@dataclass
+class Cluster:
+    """Mock P and D engines behind a running proxy."""
+
+    prefill: list[MockEngine]
+    decode: list[MockEngine]
+    url: str
+    app: web.Application
+    prefill_urls: list[str]
+    decode_urls: list[str]
+    runners: list[web.AppRunner] = field(default_factory=list)
+
+    @property
+    def flow(self) -> PDFlow:
+        return self.app[FLOW]
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.app[METRICS]
+
+    def upstreams(self) -> list[Upstream]:
+        return [*self.flow.prefill_pool.members, *self.flow.decode_pool.members]
+
+    def upstream(self, url: str) -> Upstream:
+        return next(u for u in self.upstreams() if u.url == url)
+
+    def metric(self, name: str, **labels: str) -> float:
+        value = self.metrics.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else value
+
+    async def assert_no_leaks(self) -> None:
+        """Every request finished and every lease was released."""
+        await asyncio.wait_for(self.flow.wait_idle(), 5)
+        leaked = {u.url: u.in_flight for u in self.upstreams() if u.in_flight}
+        assert not leaked, f"in-flight leases leaked: {leaked}"
+        assert self.flow.in_flight == 0
+        assert self.metric("pdproxy_requests_in_flight") == 0
+
+
+ClusterFactory = Callable[..., Awaitable[Cluster]]
+
+
+@pytest.fixture
+async def cluster_factory() -> AsyncIterator[ClusterFactory]:
+    """Build clusters; after the test, check no lease leaked and stop everything."""
+    clusters: list[Cluster] = []
+
+    async def make(
+        n_prefill: int = 2,
+        n_decode: int = 1,
+        *,
+        prefill_config: MockConfig | None = None,
+        decode_config: MockConfig | None = None,
+        extra_prefill: tuple[str, ...] = (),
+        extra_decode: tuple[str, ...] = (),
+        seed: int = 0,
+        **settings: Any,
+    ) -> Cluster:
+        runners: list[web.AppRunner] = []
+        prefill, prefill_urls, decode, decode_urls = [], list(extra_prefill), [], list(extra_decode)
+        for engines, urls, count, config in (
+            (prefill, prefill_urls, n_prefill, prefill_config or MockConfig(role="prefill")),
+            (decode, decode_urls, n_decode, decode_config or MockConfig(role="decode")),
+        ):
+            for _ in range(count):
+                engine, runner, url = await start_mock(config)
+                engines.append(engine)
+                urls.append(url)
+                runners.append(runner)
+        app = build_app(
+            Settings(prefill_servers=",".join(prefill_urls), decode_servers=",".join(decode_urls),
+                     access_log=False, **settings),
+            rng=random.Random(seed),
+        )
+        proxy_runner, url = await start_server(app, "127.0.0.1", 0)
+        cluster = Cluster(prefill, decode, url, app, prefill_urls, decode_urls, [proxy_runner, *runners])
+        clusters.append(cluster)
+        return cluster
+
+    yield make
+    try:
+        for cluster in clusters:
+            await cluster.assert_no_leaks()
+    finally:
+        for cluster in clusters:
+            for runner in cluster.runners:
+                await runner.cleanup()
+
+
+@pytest.fixture
+async def cluster(cluster_factory: ClusterFactory) -> Cluster:
+    """The default shape: 2 prefill engines and 1 decode engine."""
+    return await cluster_factory()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.fixture
+async def serve_app() -> AsyncIterator[Callable[[web.Application], Awaitable[str]]]:
+    """Serve hand-written upstream apps (protocol corner cases the mock does not cover) on port 0."""
+    runners: list[web.AppRunner] = []
+
+    async def start(app: web.Application) -> str:
+        runner = web.AppRunner(app, handler_cancellation=True)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        return f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+def sse_events(raw: bytes) -> list[bytes]:
+    """The `data:` payloads of an SSE body, in order."""
+    return [line[len(b"data: "):] for line in raw.split(b"\n") if line.startswith(b"data: ")]
