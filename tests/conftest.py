@@ -84,6 +84,7 @@ async def cluster_factory() -> AsyncIterator[ClusterFactory]:
         decode_config: MockConfig | None = None,
         extra_prefill: tuple[str, ...] = (),
         extra_decode: tuple[str, ...] = (),
+        prefill_weights: tuple[int, ...] = (),
         seed: int = 0,
         **settings: Any,
     ) -> Cluster:
@@ -98,8 +99,9 @@ async def cluster_factory() -> AsyncIterator[ClusterFactory]:
                 engines.append(engine)
                 urls.append(url)
                 runners.append(runner)
+        weighted = [f"{url}={weight}" for url, weight in zip(prefill_urls, prefill_weights)]
         app = build_app(
-            Settings(prefill_servers=",".join(prefill_urls), decode_servers=",".join(decode_urls),
+            Settings(prefill_servers=",".join(weighted + prefill_urls[len(weighted):]), decode_servers=",".join(decode_urls),
                      access_log=False, **settings),
             rng=random.Random(seed),
         )

@@ -175,10 +175,10 @@ def _is_int(value: Any) -> bool:
 def _parse_prompt(body: dict[str, Any]) -> str:
     """Completions prompt -> text (token ids become space-separated words, one per id)."""
     prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str):
         return prompt
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        return prompt[0]
     if isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
         return " ".join(map(str, prompt))
     raise _BadRequest("`prompt` must be a string or a non-empty list of token ids.", "prompt")

@@ -1,0 +1,256 @@
+"""Every error path: a clear OpenAI-shaped error, the right status, and no leaked lease."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from tests.conftest import Cluster, ClusterFactory, closed_port_url, sse_events
+
+PROMPT = {"model": "mock", "prompt": "hello", "max_tokens": 4}
+
+
+async def post(http: aiohttp.ClientSession, cluster: Cluster, body: Any = PROMPT, path: str = "/v1/completions",
+               **kwargs: Any) -> tuple[int, dict[str, Any]]:
+    async with http.post(cluster.url + path, json=body, **kwargs) as resp:
+        return resp.status, await resp.json(content_type=None)
+
+
+def assert_openai_error(payload: dict[str, Any], status: int, contains: str) -> None:
+    error = payload["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == status
+    assert contains in error["message"], error["message"]
+
+
+# -- the client's mistakes ---------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("path", "raw", "contains", "param"),
+    [
+        ("/v1/completions", b"{not json", "not valid JSON", None),
+        ("/v1/completions", b"", "body is empty", None),
+        ("/v1/completions", b"[1, 2]", "must be a JSON object", None),
+        ("/v1/completions", b'{"model": "m"}', "'prompt' is required", "prompt"),
+        ("/v1/completions", b'{"prompt": 7}', "'prompt' must be a string", "prompt"),
+        ("/v1/completions", b'{"prompt": ["a", "b"]}', "list of prompts", "prompt"),
+        ("/v1/completions", b'{"prompt": [[1, 2], [3]]}', "list of prompts", "prompt"),
+        ("/v1/completions", b'{"prompt": "a", "stream": "yes"}', "'stream' must be true or false", "stream"),
+        ("/v1/completions", b'{"prompt": "a", "n": 2}', "'n' > 1 is not supported", "n"),
+        ("/v1/completions", b'{"prompt": "a", "best_of": 3}', "'best_of' > 1", "best_of"),
+        ("/v1/completions", b'{"prompt": "a", "n": "2"}', "'n' must be a positive integer", "n"),
+        ("/v1/chat/completions", b'{"model": "m"}', "'messages' is required", "messages"),
+        ("/v1/chat/completions", b'{"messages": "hi"}', "non-empty list", "messages"),
+        ("/v1/chat/completions", b'{"messages": []}', "non-empty list", "messages"),
+        ("/v1/chat/completions", b'{"messages": [{"content": "x"}]}', "string 'role'", "messages[0]"),
+    ],
+)
+async def test_bad_requests_get_400(cluster: Cluster, http: aiohttp.ClientSession, path: str, raw: bytes,
+                                    contains: str, param: str | None) -> None:
+    async with http.post(cluster.url + path, data=raw, headers={"Content-Type": "application/json"}) as resp:
+        assert resp.status == 400
+        payload = await resp.json()
+    assert_openai_error(payload, 400, contains)
+    assert payload["error"]["param"] == param
+    assert payload["error"]["type"] == "invalid_request_error"
+    assert not any(e.requests for e in [*cluster.prefill, *cluster.decode])  # nothing went upstream
+    assert cluster.metric("pdproxy_requests_total", endpoint=path, status="400") == 1
+
+
+async def test_single_prompt_forms_are_accepted(cluster: Cluster, http: aiohttp.ClientSession) -> None:
+    for prompt in ("text", [1, 2, 3], ["text"], [[1, 2, 3]]):
+        status, payload = await post(http, cluster, {"model": "mock", "prompt": prompt, "max_tokens": 2})
+        assert status == 200, payload
+
+
+async def test_body_over_the_limit_gets_413(cluster_factory: ClusterFactory, http: aiohttp.ClientSession) -> None:
+    cluster = await cluster_factory(max_body_bytes=4096)
+    status, payload = await post(http, cluster, {"model": "mock", "prompt": "x" * 5000})
+    assert status == 413
+    assert_openai_error(payload, 413, "larger than the limit of 4096 bytes")
+
+    async def chunked():  # no Content-Length: the limit holds while reading too
+        yield b'{"prompt": "' + b"x" * 8000 + b'"}'
+
+    async with http.post(cluster.url + "/v1/completions", data=chunked()) as resp:
+        assert resp.status == 413
+        assert_openai_error(await resp.json(), 413, "larger than the limit")
+
+
+async def test_unknown_route_404_and_wrong_method_405(cluster: Cluster, http: aiohttp.ClientSession) -> None:
+    async with http.get(cluster.url + "/v1/nope") as resp:
+        assert resp.status == 404
+        assert_openai_error(await resp.json(), 404, "unknown route: GET /v1/nope")
+    async with http.get(cluster.url + "/v1/completions") as resp:
+        assert resp.status == 405
+        assert resp.headers["Allow"] == "POST"
+        assert_openai_error(await resp.json(), 405, "method GET is not allowed on /v1/completions")
+
+
+# -- prefill failures ----------------------------------------------------------------------------
+
+async def test_prefill_connect_error_fails_over(cluster_factory: ClusterFactory,
+                                                http: aiohttp.ClientSession) -> None:
+    dead = closed_port_url()
+    # round_robin tries the first listed server first: the dead one.
+    cluster = await cluster_factory(n_prefill=1, extra_prefill=(dead,), prefill_policy="round_robin")
+    status, payload = await post(http, cluster)
+    assert status == 200, payload
+    assert cluster.metric("pdproxy_prefill_retries_total") == 1
+    assert "cannot connect" in (cluster.upstream(dead).last_error or "")
+    assert cluster.metric("pdproxy_upstream_requests_total", role="prefill", upstream=dead,
+                          outcome="connect_error") == 1
+
+
+async def test_all_prefill_servers_unreachable_gives_502(cluster_factory: ClusterFactory,
+                                                         http: aiohttp.ClientSession) -> None:
+    cluster = await cluster_factory(n_prefill=0, extra_prefill=(closed_port_url(), closed_port_url()))
+    status, payload = await post(http, cluster)
+    assert status == 502
+    assert_openai_error(payload, 502, "cannot connect to prefill upstream")
+    assert not cluster.decode[0].requests
+
+
+@pytest.mark.parametrize("fault", ["fail_next", "garbage_next", "drop_next"])
+async def test_prefill_failure_is_retried_on_another_server(
+    cluster_factory: ClusterFactory, http: aiohttp.ClientSession, fault: str
+) -> None:
+    cluster = await cluster_factory(prefill_policy="round_robin")
+    getattr(cluster.prefill[0], fault)()
+    status, payload = await post(http, cluster)
+    assert status == 200, payload
+    assert [len(e.requests) for e in cluster.prefill] == [1, 1]
+    assert cluster.decode[0].stats.decodes_with_valid_handle == 1
+
+
+@pytest.mark.parametrize(("fault", "contains"), [
+    ("fail_next", "answered 500"),
+    ("garbage_next", "not a JSON object"),
+    ("drop_next", "prefill upstream"),
+])
+async def test_prefill_failing_everywhere_gives_502(
+    cluster_factory: ClusterFactory, http: aiohttp.ClientSession, fault: str, contains: str
+) -> None:
+    cluster = await cluster_factory(n_prefill=3, prefill_retries=2)
+    for engine in cluster.prefill:
+        getattr(engine, fault)()
+    status, payload = await post(http, cluster)
+    assert status == 502
+    assert_openai_error(payload, 502, contains)
+    assert [len(e.requests) for e in cluster.prefill] == [1, 1, 1]  # each server tried once
+    assert cluster.metric("pdproxy_prefill_retries_total") == 2
+
+
+async def test_prefill_retries_are_bounded(cluster_factory: ClusterFactory, http: aiohttp.ClientSession) -> None:
+    cluster = await cluster_factory(n_prefill=3, prefill_retries=1)
+    for engine in cluster.prefill:
+        engine.fail_next(503)
+    status, _ = await post(http, cluster)
+    assert status == 502
+    assert sum(len(e.requests) for e in cluster.prefill) == 2
+
+
+async def test_prefill_timeout_fails_over_then_504(cluster_factory: ClusterFactory,
+                                                   http: aiohttp.ClientSession) -> None:
+    cluster = await cluster_factory(prefill_timeout=0.2, prefill_policy="round_robin")
+    cluster.prefill[0].hang_next()
+    status, payload = await post(http, cluster)
+    assert status == 200, payload
+    for engine in cluster.prefill:
+        engine.hang_next()
+    status, payload = await post(http, cluster)
+    assert status == 504
+    assert_openai_error(payload, 504, "timed out")
+    assert payload["error"]["type"] == "upstream_timeout"
+    assert cluster.metric("pdproxy_timeouts_total", stage="prefill") == 1
+
+
+async def test_prefill_4xx_is_relayed_unchanged_and_not_retried(cluster: Cluster,
+                                                                 http: aiohttp.ClientSession) -> None:
+    body = b'{"object":"error","message":"This model\'s maximum context length is 8192 tokens","code":400}'
+    for engine in cluster.prefill:
+        engine.fail_next(400, body=body)
+    async with http.post(cluster.url + "/v1/completions", json=PROMPT, headers={"X-Request-Id": "r4"}) as resp:
+        assert resp.status == 400
+        assert await resp.read() == body
+        assert resp.headers["X-Request-Id"] == "r4"
+    assert sum(len(e.requests) for e in cluster.prefill) == 1
+    assert not cluster.decode[0].requests
+    assert cluster.metric("pdproxy_prefill_retries_total") == 0
+
+
+# -- decode failures -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(("fault", "contains"), [
+    ("fail_next", "decode upstream"),
+    ("drop_next", "decode upstream"),
+])
+async def test_decode_failing_before_its_first_byte_gives_502(
+    cluster: Cluster, http: aiohttp.ClientSession, fault: str, contains: str, stream: bool
+) -> None:
+    getattr(cluster.decode[0], fault)()
+    status, payload = await post(http, cluster, PROMPT | {"stream": stream})
+    assert status == 502
+    assert_openai_error(payload, 502, contains)
+
+
+async def test_decode_unreachable_gives_502(cluster_factory: ClusterFactory, http: aiohttp.ClientSession) -> None:
+    cluster = await cluster_factory(n_decode=0, extra_decode=(closed_port_url(),))
+    status, payload = await post(http, cluster)
+    assert status == 502
+    assert_openai_error(payload, 502, "cannot connect to decode upstream")
+
+
+async def test_decode_4xx_is_relayed_unchanged(cluster: Cluster, http: aiohttp.ClientSession) -> None:
+    cluster.decode[0].fail_next(422, body=b'{"detail": "unprocessable"}')
+    async with http.post(cluster.url + "/v1/completions", json=PROMPT | {"stream": True}) as resp:
+        assert resp.status == 422
+        assert await resp.read() == b'{"detail": "unprocessable"}'
+
+
+async def test_decode_dying_mid_stream_ends_with_an_sse_error_event(cluster: Cluster,
+                                                                    http: aiohttp.ClientSession) -> None:
+    cluster.decode[0].die_after(2)
+    async with http.post(cluster.url + "/v1/completions", json=PROMPT | {"max_tokens": 16, "stream": True}) as resp:
+        assert resp.status == 200
+        events = sse_events(await resp.read())
+    assert len(events) == 3
+    assert [orjson.loads(e)["choices"][0]["text"] for e in events[:2]] == [" tok0", " tok1"]
+    error = orjson.loads(events[-1])["error"]
+    assert "decode stream broke" in error["message"] and error["code"] == 502
+    assert cluster.metric("pdproxy_upstream_requests_total", role="decode", upstream=cluster.decode_urls[0],
+                          outcome="broken") == 1
+
+
+async def test_decode_stalling_mid_stream_times_out_with_an_sse_error_event(
+    cluster_factory: ClusterFactory, http: aiohttp.ClientSession
+) -> None:
+    cluster = await cluster_factory(stream_idle_timeout=0.2)
+    cluster.decode[0].stall_after(1)
+    async with http.post(cluster.url + "/v1/completions", json=PROMPT | {"stream": True}) as resp:
+        events = sse_events(await resp.read())
+    assert len(events) == 2
+    assert "timed out" in orjson.loads(events[-1])["error"]["message"]
+    assert cluster.metric("pdproxy_timeouts_total", stage="stream") == 1
+
+
+async def test_no_routable_upstream_fails_fast_with_503(cluster: Cluster, http: aiohttp.ClientSession) -> None:
+    from pdproxy.upstreams import State
+
+    for upstream in cluster.flow.decode_pool.members:
+        upstream.state = State.UNHEALTHY
+    status, payload = await post(http, cluster)
+    assert status == 503
+    assert_openai_error(payload, 503, "no routable decode upstream")
+    async with http.get(cluster.url + "/health") as resp:
+        assert resp.status == 503
+        assert (await resp.json())["reason"] == "no routable decode upstream"
+    for upstream in cluster.flow.prefill_pool.members:
+        upstream.state = State.UNHEALTHY
+    status, payload = await post(http, cluster)
+    assert status == 503
+    assert_openai_error(payload, 503, "no routable prefill upstream")
