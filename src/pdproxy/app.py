@@ -123,7 +123,7 @@ async def serve(app: web.Application, settings: Settings) -> None:
     """Run the proxy until SIGINT/SIGTERM."""
     runner, url = await start_server(app, settings.host, settings.port)
     log.info(
-        "pdproxy listening on %s:%s (prefill: %s; decode: %s)",
+        "pdproxy listening on http://%s:%s (prefill: %s; decode: %s)",
         settings.host, url.rsplit(":", 1)[1],
         ", ".join(s.url for s in settings.prefill_servers),
         ", ".join(s.url for s in settings.decode_servers),

@@ -114,12 +114,32 @@ def main(argv: Sequence[str] | None = None) -> None:
         _setup_logging(args.log_level)
         _run_or_fail(run, run_demo(args.host, args.port, args.prefill_policy))
     else:
-        from pdproxy.mock import MockConfig, serve_mock
+        from pdproxy.mock import MockConfig
 
         _setup_logging(args.log_level)
-        config = MockConfig(role=args.role, ttft_ms=args.ttft_ms, itl_ms=args.itl_ms, tokens=args.tokens,
-                            model=args.model)
-        _run_or_fail(run, serve_mock(config, args.host, args.port))
+        try:
+            config = MockConfig(role=args.role, ttft_ms=args.ttft_ms, itl_ms=args.itl_ms, tokens=args.tokens,
+                                model=args.model)
+        except ValueError as exc:
+            _fail(str(exc))
+        _run_or_fail(run, _serve_mock(config, args.host, args.port))
+
+
+async def _serve_mock(config: Any, host: str, port: int) -> None:
+    """Run a mock engine until SIGINT/SIGTERM."""
+    import asyncio
+
+    from pdproxy.app import wait_for_signal
+    from pdproxy.mock import serve_mock
+
+    engine = asyncio.ensure_future(serve_mock(config, host, port))
+    stop = asyncio.ensure_future(wait_for_signal())
+    await asyncio.wait((engine, stop), return_when=asyncio.FIRST_COMPLETED)
+    for task in (engine, stop):
+        task.cancel()
+    await asyncio.gather(engine, stop, return_exceptions=True)
+    if engine.done() and not engine.cancelled() and engine.exception():
+        raise engine.exception()  # type: ignore[misc]
 
 
 def _run_or_fail(run: Any, coroutine: Any) -> None:

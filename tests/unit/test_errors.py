@@ -1,0 +1,199 @@
+"""The error tree: statuses, the OpenAI error shape, SSE error events, client-exception translation."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp.client_reqrep import ConnectionKey
+
+from pdproxy import errors
+from pdproxy.errors import (
+    ClientError,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    ProxyError,
+    Unavailable,
+    UpstreamBadResponse,
+    UpstreamBadStatus,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamRejected,
+    UpstreamStreamBroken,
+    UpstreamTimeout,
+    from_client_exception,
+)
+
+UPSTREAM = "http://10.0.0.1:8100"
+
+# class -> (status, OpenAI type, retryable)
+EXPECTED: dict[type[ProxyError], tuple[int, str, bool]] = {
+    ProxyError: (500, "internal_error", False),
+    ClientError: (400, "invalid_request_error", False),
+    InvalidRequest: (400, "invalid_request_error", False),
+    NotFound: (404, "invalid_request_error", False),
+    MethodNotAllowed: (405, "invalid_request_error", False),
+    PayloadTooLarge: (413, "invalid_request_error", False),
+    Unavailable: (503, "service_unavailable", False),
+    UpstreamError: (502, "upstream_error", True),
+    UpstreamConnectError: (502, "upstream_error", True),
+    UpstreamBadStatus: (502, "upstream_error", True),
+    UpstreamBadResponse: (502, "upstream_error", True),
+    UpstreamTimeout: (504, "upstream_timeout", True),
+    UpstreamStreamBroken: (502, "upstream_error", False),
+}
+
+
+def all_subclasses(cls: type) -> set[type]:
+    found = set()
+    for sub in cls.__subclasses__():
+        found |= {sub, *all_subclasses(sub)}
+    return found
+
+
+def make(cls: type[ProxyError]) -> ProxyError:
+    if issubclass(cls, UpstreamError):
+        return cls("it broke", side="decode", upstream=UPSTREAM)
+    return cls("it broke", param="prompt")
+
+
+def test_every_error_class_is_covered() -> None:
+    """A new error class must get its row here (and in the tree at the top of errors.py)."""
+    tree = {c for c in all_subclasses(ProxyError) if c.__module__ == errors.__name__} | {ProxyError}
+    assert tree - {UpstreamRejected} == set(EXPECTED)
+    for cls in tree:
+        assert cls.__name__ in errors.__doc__
+
+
+@pytest.mark.parametrize("cls", list(EXPECTED), ids=lambda c: c.__name__)
+def test_status_and_openai_shape(cls: type[ProxyError]) -> None:
+    status, error_type, retryable = EXPECTED[cls]
+    error = make(cls)
+    assert error.status == status
+    assert error.retryable is retryable
+    payload = orjson.loads(error.body())
+    assert list(payload) == ["error"]
+    assert set(payload["error"]) == {"message", "type", "param", "code"}
+    assert payload["error"]["message"] == "it broke"
+    assert payload["error"]["type"] == error_type
+    assert payload["error"]["code"] == status
+    expected_param = None if issubclass(cls, UpstreamError) else "prompt"
+    assert payload["error"]["param"] == expected_param
+
+
+@pytest.mark.parametrize("cls", list(EXPECTED), ids=lambda c: c.__name__)
+def test_response_carries_status_body_and_request_id(cls: type[ProxyError]) -> None:
+    error = make(cls)
+    response = error.response("req-42")
+    assert response.status == EXPECTED[cls][0]
+    assert response.content_type == "application/json"
+    assert response.body == error.body()
+    assert response.headers["X-Request-Id"] == "req-42"
+    assert "X-Request-Id" not in make(cls).response().headers
+
+
+def test_sides() -> None:
+    assert InvalidRequest("x").side == "client"
+    assert Unavailable("x").side == "internal"
+    assert UpstreamTimeout("x", side="prefill", upstream=UPSTREAM).side == "prefill"
+    assert UpstreamConnectError("x", side="decode", upstream=UPSTREAM).upstream == UPSTREAM
+    assert Unavailable("x", side="decode").side == "decode"
+    assert Unavailable("x").side == "internal"  # an instance override does not leak into the class
+
+
+def test_message_with_quotes_and_unicode_is_valid_json() -> None:
+    error = InvalidRequest('bad "prompt" — ünïcode\n', param="prompt")
+    assert orjson.loads(error.body())["error"]["message"] == 'bad "prompt" — ünïcode\n'
+
+
+@pytest.mark.parametrize("cls", list(EXPECTED), ids=lambda c: c.__name__)
+def test_sse_event(cls: type[ProxyError]) -> None:
+    error = make(cls)
+    event = error.sse_event()
+    assert event.startswith(b"data: ")
+    assert event.endswith(b"\n\n")
+    assert event.count(b"\n") == 2  # one event, one line
+    assert orjson.loads(event[len(b"data: "):-2]) == orjson.loads(error.body())
+
+
+# ---------------------------------------------------------------- UpstreamRejected
+
+
+@pytest.mark.parametrize(("status", "content_type", "payload"), [
+    (400, "application/json", b'{"object":"error","message":"max_tokens too large","code":400}'),
+    (422, "application/json; charset=utf-8", b'{"detail":[{"loc":["body","model"]}]}'),
+    (404, "text/plain", b"Not Found"),
+    (429, "text/html; charset=iso-8859-1", b"<h1>slow down</h1>"),
+])
+def test_upstream_rejected_relays_body_and_content_type(status: int, content_type: str, payload: bytes) -> None:
+    error = UpstreamRejected(status, content_type, payload, UPSTREAM)
+    assert error.status == status
+    assert error.side == "client"
+    assert error.retryable is False
+    assert error.body() == payload
+    assert error.sse_event() == b"data: " + payload + b"\n\n"
+    response = error.response("req-9")
+    assert response.status == status
+    assert response.body == payload
+    assert response.headers["Content-Type"] == content_type
+    assert response.headers["X-Request-Id"] == "req-9"
+    assert "X-Request-Id" not in error.response().headers
+    assert UPSTREAM in str(error)
+
+
+# ---------------------------------------------------------------- from_client_exception
+
+
+def connection_key() -> ConnectionKey:
+    fields = {"host": "10.0.0.1", "port": 8100, "is_ssl": False, "ssl": True}
+    return ConnectionKey(*(fields.get(name) for name in ConnectionKey._fields))
+
+
+@pytest.mark.parametrize("exc", [
+    asyncio.TimeoutError(),
+    TimeoutError("read timed out"),
+    aiohttp.ServerTimeoutError("Timeout on reading data from socket"),
+    aiohttp.ConnectionTimeoutError("Connection timeout to host"),
+], ids=type)
+def test_timeouts_become_504(exc: BaseException) -> None:
+    error = from_client_exception(exc, side="prefill", upstream=UPSTREAM, stage="prefill")
+    assert type(error) is UpstreamTimeout
+    assert error.status == 504
+    assert error.side == "prefill"
+    assert error.upstream == UPSTREAM
+    assert error.retryable is True
+    assert UPSTREAM in error.message and "prefill" in error.message
+
+
+def test_connector_error_becomes_connect_error() -> None:
+    exc = aiohttp.ClientConnectorError(connection_key(), ConnectionRefusedError(111, "Connection refused"))
+    error = from_client_exception(exc, side="decode", upstream=UPSTREAM, stage="connect")
+    assert type(error) is UpstreamConnectError
+    assert error.status == 502
+    assert error.side == "decode"
+    assert error.upstream == UPSTREAM
+    assert error.retryable is True
+    assert UPSTREAM in error.message
+    assert "Connection refused" in error.message
+
+
+@pytest.mark.parametrize("exc", [
+    aiohttp.ServerDisconnectedError(),
+    aiohttp.ClientPayloadError("Response payload is not completed"),
+    aiohttp.ClientOSError(104, "Connection reset by peer"),
+    aiohttp.ClientError(),
+], ids=type)
+def test_other_client_errors_become_connect_errors(exc: aiohttp.ClientError) -> None:
+    error = from_client_exception(exc, side="prefill", upstream=UPSTREAM, stage="read body")
+    assert type(error) is UpstreamConnectError
+    assert error.status == 502
+    assert error.side == "prefill"
+    assert error.upstream == UPSTREAM
+    assert "read body" in error.message
+    assert error.message.strip()  # never an empty reason, even when str(exc) is empty
+    payload = orjson.loads(error.body())["error"]
+    assert payload["code"] == 502 and payload["type"] == "upstream_error"
