@@ -171,6 +171,8 @@ class PDFlow:
             access_log.info(trace.log_line(total))
 
     async def _run(self, request: web.Request, preq: ProxyRequest, trace: Trace) -> web.StreamResponse:
+        if not self.decode_pool.routable():  # fail before P computes KV that no D could take
+            raise Unavailable("no routable decode upstream", side="decode")
         prefill_answer = await self._prefill(preq, trace)
         decode_body, has_handle = self.kv.decode_body(preq.body, prefill_answer)
         if not has_handle:

@@ -246,9 +246,12 @@ async def test_no_routable_upstream_fails_fast_with_503(cluster: Cluster, http: 
     status, payload = await post(http, cluster)
     assert status == 503
     assert_openai_error(payload, 503, "no routable decode upstream")
+    assert not any(e.requests for e in cluster.prefill)  # no prefill whose KV no decoder could take
     async with http.get(cluster.url + "/health") as resp:
         assert resp.status == 503
         assert (await resp.json())["reason"] == "no routable decode upstream"
+    for upstream in cluster.flow.decode_pool.members:
+        upstream.state = State.HEALTHY
     for upstream in cluster.flow.prefill_pool.members:
         upstream.state = State.UNHEALTHY
     status, payload = await post(http, cluster)
