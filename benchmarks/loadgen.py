@@ -1,9 +1,12 @@
 """A small, bounded load generator for an OpenAI-compatible endpoint (streaming or not).
 
     python benchmarks/loadgen.py --url http://127.0.0.1:8000 --requests 2000 --concurrency 64
+    python benchmarks/loadgen.py --direct-pd P1,P2 --decode D --requests 2000   # no proxy: the floor
 
 Sends exactly --requests requests (never more, and stops at --max-seconds), counts errors,
 and prints one JSON line: requests, errors, throughput, TTFT and end-to-end percentiles.
+With --direct-pd the generator itself does what a PD proxy does (prefill on P, round robin,
+then decode on D with the handle), which is the floor any PD proxy is measured against.
 """
 
 from __future__ import annotations
@@ -34,13 +37,28 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     deadline = time.perf_counter() + args.max_seconds
     done = 0
 
+    prefill_urls = args.direct_pd.split(",") if args.direct_pd else []
+    prefill_body = {**body, "stream": False, "max_tokens": 1,
+                    "kv_transfer_params": {"do_remote_decode": True, "do_remote_prefill": False}}
+    target = (args.decode if prefill_urls else args.url) + "/v1/completions"
+    sent = 0
+
+    async def decode_body(http: aiohttp.ClientSession) -> dict[str, object]:
+        """Direct PD: run the prefill here and return the decode body (the client body + handle)."""
+        nonlocal sent
+        sent += 1
+        async with http.post(prefill_urls[sent % len(prefill_urls)] + "/v1/completions", json=prefill_body) as p:
+            answer = await p.json()
+        return {**body, "kv_transfer_params": answer["kv_transfer_params"]}
+
     async def worker(http: aiohttp.ClientSession) -> None:
         nonlocal remaining, done
         while remaining > 0 and time.perf_counter() < deadline:
             remaining -= 1
             start = time.perf_counter()
             try:
-                async with http.post(args.url + "/v1/completions", json=body) as resp:
+                payload_body = await decode_body(http) if prefill_urls else body
+                async with http.post(target, json=payload_body) as resp:
                     first = await resp.content.readany()
                     ttft = time.perf_counter() - start
                     rest = await resp.read()
@@ -91,8 +109,12 @@ def main() -> None:
     parser.add_argument("--prompt-words", type=int, default=128)
     parser.add_argument("--max-seconds", type=float, default=120)
     parser.add_argument("--no-stream", action="store_true")
+    parser.add_argument("--direct-pd", metavar="P_URLS", help="comma list of prefill URLs: no proxy in between")
+    parser.add_argument("--decode", metavar="D_URL", help="decode URL, with --direct-pd")
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args()
+    if bool(args.direct_pd) != bool(args.decode):
+        parser.error("--direct-pd and --decode go together")
     print(json.dumps(asyncio.run(run(args))))
 
 

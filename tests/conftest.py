@@ -99,9 +99,10 @@ async def cluster_factory() -> AsyncIterator[ClusterFactory]:
                 engines.append(engine)
                 urls.append(url)
                 runners.append(runner)
-        weighted = [f"{url}={weight}" for url, weight in zip(prefill_urls, prefill_weights)]
+        servers = [f"{url}={weight}" for url, weight in zip(prefill_urls, prefill_weights, strict=False)]
+        servers += prefill_urls[len(servers):]
         app = build_app(
-            Settings(prefill_servers=",".join(weighted + prefill_urls[len(weighted):]), decode_servers=",".join(decode_urls),
+            Settings(prefill_servers=",".join(servers), decode_servers=",".join(decode_urls),
                      access_log=False, **settings),
             rng=random.Random(seed),
         )

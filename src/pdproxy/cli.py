@@ -24,9 +24,12 @@ SERVE_OPTIONS: tuple[tuple[tuple[str, ...], str, dict[str, Any], str], ...] = (
     (("--port", "--listen-port"), "port", {"type": int}, "port to listen on (default 8000)"),
     (("--prefill-policy",), "prefill_policy", {},
      "prefill load balancing: least_conn (default), prefix_hash, round_robin"),
-    (("--decode-policy",), "decode_policy", {}, "decode load balancing: least_conn (default), round_robin"),
+    (("--decode-policy",), "decode_policy", {},
+     "decode load balancing: least_conn (default), round_robin, prefix_hash"),
     (("--prefix-hash-chars",), "prefix_hash_chars", {"type": int},
      "prefix_hash: leading prompt characters hashed (default 1024)"),
+    (("--prefix-hash-vnodes",), "prefix_hash_vnodes", {"type": int},
+     "prefix_hash: ring points per unit of weight (default 160)"),
     (("--prefix-hash-load-factor",), "prefix_hash_load_factor", {"type": float},
      "prefix_hash: a server over (1+F) x its share of in-flight requests passes requests on (default 0.25)"),
     (("--prefill-retries",), "prefill_retries", {"type": int},
@@ -46,19 +49,26 @@ SERVE_OPTIONS: tuple[tuple[tuple[str, ...], str, dict[str, Any], str], ...] = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as one `pdproxy: …` line and exit code 2, like every other start-up error."""
+
+    def error(self, message: str) -> NoReturn:
+        _fail(f"{message} (see {self.prog} --help)")
+
+
 def _serve_parser(parser: argparse.ArgumentParser) -> None:
     for flags, dest, options, help_text in SERVE_OPTIONS:
         parser.add_argument(*flags, dest=dest, default=argparse.SUPPRESS, help=help_text, **options)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pdproxy",
         description="Global proxy for prefill/decode disaggregated LLM serving. "
         "`pdproxy --prefill-servers … --decode-servers …` runs the proxy (the `serve` command).",
     )
     parser.add_argument("--version", action="version", version=f"pdproxy {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="{serve,demo,mock}")
+    commands = parser.add_subparsers(dest="command", metavar="{serve,demo,mock}", parser_class=_Parser)
     _serve_parser(commands.add_parser("serve", help="run the proxy (default command)"))
 
     demo = commands.add_parser("demo", help="run the proxy in front of 2 mock prefill + 1 mock decode engines")

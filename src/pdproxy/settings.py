@@ -56,7 +56,7 @@ class UpstreamSpec(BaseModel):
         address, sep, weight = text.strip().rpartition("=")
         if not sep:
             return cls(url=text)
-        if not weight.isdigit():
+        if not (weight.isascii() and weight.isdigit()):
             raise ValueError(f"upstream {text!r}: weight after '=' must be a whole number")
         return cls(url=address, weight=int(weight))
 
@@ -151,17 +151,19 @@ class ConfigFileSource(PydanticBaseSettingsSource):
 
 def read_config_file(path: Path) -> dict[str, Any]:
     """Load a config file into a dict of settings; ConfigError says what is wrong with it."""
+    suffix = path.suffix.lower()
+    if path.is_dir():
+        raise ConfigError(f"cannot read config file {path}: it is a directory")
+    if suffix not in (".toml", ".yaml", ".yml"):
+        raise ConfigError(f"config file {path}: use a .yaml, .yml or .toml file")
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid UTF-8: {exc.reason} at byte {exc.start}") from None
     try:
-        if path.suffix.lower() == ".toml":
-            data = tomllib.loads(text)
-        elif path.suffix.lower() in (".yaml", ".yml", ""):
-            data = yaml.safe_load(text) or {}
-        else:
-            raise ConfigError(f"config file {path}: use a .yaml, .yml or .toml file")
+        data = tomllib.loads(text) if suffix == ".toml" else yaml.safe_load(text) or {}
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
         detail = " ".join(str(exc).split())
         raise ConfigError(f"config file {path} is not valid: {detail}") from None
