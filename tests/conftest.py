@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,6 +20,14 @@ from pdproxy.metrics import Metrics
 from pdproxy.mock import MockConfig, MockEngine, start_mock
 from pdproxy.settings import Settings
 from pdproxy.upstreams import Upstream
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No PDPROXY_* settings leak in from the developer's shell."""
+    for name in list(os.environ):
+        if name.upper().startswith("PDPROXY_"):
+            monkeypatch.delenv(name)
 
 
 def closed_port_url() -> str:

@@ -24,14 +24,6 @@ REPO = Path(__file__).resolve().parents[2]
 SERVERS = ["--prefill-servers", "p1:8100,p2:8100=2", "--decode-servers", "d1:8200"]
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in list(os.environ):
-        if name.upper().startswith("PDPROXY_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
-
-
 @pytest.fixture
 def served(monkeypatch: pytest.MonkeyPatch) -> list[Settings]:
     """Replace the server loop: `main` builds the app for real, then records the settings it would serve."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -18,15 +17,6 @@ EXAMPLE_YAML = REPO / "config" / "pdproxy.example.yaml"
 EXAMPLE_TOML = REPO / "config" / "pdproxy.example.toml"
 
 SERVERS = {"prefill_servers": "p1:8100", "decode_servers": "d1:8200"}
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No PDPROXY_* from the developer's shell, and a scratch working directory."""
-    for name in list(os.environ):
-        if name.upper().startswith("PDPROXY_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:
