@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -12,6 +13,9 @@ from aiohttp import web
 from pdproxy.errors import InvalidRequest, MethodNotAllowed, NotFound, PayloadTooLarge, ProxyError
 from pdproxy.flow import PDFlow
 from pdproxy.request import ProxyRequest
+from pdproxy.upstreams import Upstream
+
+log = logging.getLogger("pdproxy")
 
 COMPLETIONS = "/v1/completions"
 CHAT_COMPLETIONS = "/v1/chat/completions"
@@ -61,18 +65,24 @@ class OpenAIApi:
             return exc.response(request_id)
 
     async def health(self, request: web.Request) -> web.Response:
-        """200 when at least one P and one D are routable; 503 with the reason otherwise."""
-        roles = {}
-        missing = []
-        for pool in (self.flow.prefill_pool, self.flow.decode_pool):
+        """200 when at least one P and one D are routable and the proxy is not draining, else 503 with
+        the reason. `?verbose=1` lists every upstream."""
+        flow = self.flow
+        body: dict[str, Any] = {}
+        problems = ["draining: pdproxy is shutting down"] if flow.draining else []
+        for pool in (flow.prefill_pool, flow.decode_pool):
             routable = len(pool.routable())
-            roles[pool.role.value] = {"routable": routable, "total": len(pool.members)}
+            body[pool.role.value] = {"routable": routable, "total": len(pool.members)}
             if not routable:
-                missing.append(f"no routable {pool.role.value} upstream")
-        if missing:
-            body = {"status": "unavailable", "reason": "; ".join(missing), **roles}
-            return web.json_response(body, status=503, dumps=_dumps)
-        return web.json_response({"status": "ok", **roles}, dumps=_dumps)
+                problems.append(f"no routable {pool.role.value} upstream")
+        if request.query.get("verbose", "0") not in ("0", "false", ""):
+            body["upstreams"] = [_describe(u) for pool in (flow.prefill_pool, flow.decode_pool) for u in pool.members]
+            body["in_flight"] = flow.in_flight
+            body["queued"] = flow.admission.waiting
+        if problems:
+            return web.json_response({"status": "unavailable", "reason": "; ".join(problems), **body}, status=503,
+                                     dumps=_dumps)
+        return web.json_response({"status": "ok", **body}, dumps=_dumps)
 
     async def _read_json(self, request: web.Request) -> dict[str, Any]:
         limit = f"the request body is larger than the limit of {self.max_body_bytes} bytes"
@@ -102,6 +112,20 @@ class OpenAIApi:
             if value:
                 headers[name] = value
         return headers
+
+
+def _describe(upstream: Upstream) -> dict[str, Any]:
+    return {
+        "id": upstream.id,
+        "role": upstream.role.value,
+        "url": upstream.url,
+        "weight": upstream.weight,
+        "state": upstream.state.value,
+        "in_flight": upstream.in_flight,
+        "max_in_flight": upstream.max_in_flight,
+        "served": upstream.served,
+        "last_error": upstream.last_error,
+    }
 
 
 def _dumps(value: Any) -> str:
@@ -187,3 +211,8 @@ async def openai_errors(
         return response
     except web.HTTPRequestEntityTooLarge:
         return PayloadTooLarge("the request body is too large").response()
+    except web.HTTPException:
+        raise
+    except Exception:  # a bug: say so in the log with its traceback, and in OpenAI's shape to the client
+        log.exception("internal error on %s %s", request.method, request.path)
+        return ProxyError("internal error in pdproxy; its log has the details").response()

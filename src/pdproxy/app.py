@@ -6,17 +6,21 @@ import asyncio
 import logging
 import random
 import signal
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
+from pdproxy.admission import AdmissionQueue
 from pdproxy.api import OpenAIApi, openai_errors
 from pdproxy.balancers import make_balancer
-from pdproxy.flow import FlowTimeouts, PDFlow
+from pdproxy.flow import FlowLimits, FlowTimeouts, PDFlow
+from pdproxy.health import ActiveHealthChecker, StateBoard, http_probe
 from pdproxy.kv import make_adapter
 from pdproxy.metrics import CONTENT_TYPE, Metrics
+from pdproxy.outlier import ConsecutiveFailureDetector, NoOutlierDetection, OutlierDetector
 from pdproxy.settings import Settings
 from pdproxy.upstreams import Role, State, Upstream, UpstreamPool
 
@@ -24,14 +28,17 @@ log = logging.getLogger("pdproxy")
 
 FLOW = web.AppKey("flow", PDFlow)
 METRICS = web.AppKey("metrics", Metrics)
+BOARD = web.AppKey("board", StateBoard)
 LISTEN_BACKLOG = 2048
+SHUTDOWN_GRACE = 1.0  # seconds aiohttp waits for handlers at cleanup, after our own drain
 
 
 def build_app(settings: Settings, *, rng: random.Random | None = None) -> web.Application:
-    """Wire pools, policies, the flow and the routes; ValueError names a wrong policy or adapter."""
+    """Wire pools, policies, health, the flow and the routes; ValueError names a wrong policy or adapter."""
     rng = rng or random.Random()
+    caps = {Role.PREFILL: settings.prefill_max_in_flight, Role.DECODE: settings.decode_max_in_flight}
     pools = {
-        role: UpstreamPool(role, (Upstream(role, spec.url, spec.weight) for spec in specs))
+        role: UpstreamPool(role, (Upstream(role, spec.url, spec.weight, caps[role]) for spec in specs))
         for role, specs in ((Role.PREFILL, settings.prefill_servers), (Role.DECODE, settings.decode_servers))
     }
     policy_options = {
@@ -41,14 +48,30 @@ def build_app(settings: Settings, *, rng: random.Random | None = None) -> web.Ap
         "load_factor": settings.prefix_hash_load_factor,
     }
     metrics = Metrics()
+    board = StateBoard()
+    admission = AdmissionQueue(settings.queue_size, settings.queue_timeout)
+    health_on = settings.health_interval > 0
+    outlier: OutlierDetector = NoOutlierDetection()
+    if settings.eject_after:
+        outlier = ConsecutiveFailureDetector(
+            board, pools, eject_after=settings.eject_after, base_time=settings.eject_base_time,
+            max_time=settings.eject_max_time, max_share=settings.eject_max_share, return_on_expiry=not health_on,
+            clock=time.monotonic,
+        )
     flow = PDFlow(
         prefill_pool=pools[Role.PREFILL],
         decode_pool=pools[Role.DECODE],
         prefill_policy=make_balancer(settings.prefill_policy, **policy_options),
         decode_policy=make_balancer(settings.decode_policy, **policy_options),
         kv=make_adapter(settings.kv_adapter),
-        timeouts=FlowTimeouts(settings.connect_timeout, settings.prefill_timeout, settings.stream_idle_timeout),
-        prefill_retries=settings.prefill_retries,
+        timeouts=FlowTimeouts(
+            connect=settings.connect_timeout, prefill=settings.prefill_timeout,
+            prefill_deadline=settings.prefill_deadline, decode_first_byte=settings.decode_first_byte_timeout,
+            stream_idle=settings.stream_idle_timeout, decode_total=settings.decode_timeout,
+        ),
+        limits=FlowLimits(settings.prefill_retries, settings.flow_retries, settings.max_concurrency),
+        admission=admission,
+        outlier=outlier,
         metrics=metrics,
         access_log_enabled=settings.access_log,
     )
@@ -57,15 +80,25 @@ def build_app(settings: Settings, *, rng: random.Random | None = None) -> web.Ap
         for pool in pools.values():
             yield from pool.members
 
+    def on_transition(upstream: Upstream, old: State, new: State, reason: str) -> None:
+        if new is State.EJECTED:
+            metrics.ejections.labels(upstream.role.value, upstream.url).inc()
+        admission.wake()  # a recovered upstream may let a queued request go; a lost one may fail it fast
+
+    board.listen(on_transition)
     metrics.watch_upstreams(all_upstreams, (state.value for state in State))
+    metrics.queue_waiting.set_function(lambda: admission.waiting)
 
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[openai_errors])
     app[FLOW] = flow
     app[METRICS] = metrics
+    app[BOARD] = board
     api_key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
     OpenAIApi(flow, max_body_bytes=settings.max_body_bytes, upstream_api_key=api_key).add_routes(app)
     app.router.add_get("/metrics", _metrics_handler(metrics))
     app.cleanup_ctx.append(_client_session(flow))
+    if health_on:
+        app.cleanup_ctx.append(_health_checks(settings, flow, board, outlier, all_upstreams, rng))
     return app
 
 
@@ -74,6 +107,28 @@ def _metrics_handler(metrics: Metrics) -> Callable[[web.Request], Awaitable[web.
         return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
     return handler
+
+
+def _health_checks(
+    settings: Settings, flow: PDFlow, board: StateBoard, outlier: OutlierDetector,
+    upstreams: Callable[[], Iterator[Upstream]], rng: random.Random,
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """Active probes run while the application runs (after the client session exists)."""
+
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        assert flow.session is not None
+        checker = ActiveHealthChecker(
+            board, http_probe(flow.session, settings.health_path, settings.health_timeout),
+            interval=settings.health_interval, rise=settings.health_rise, fall=settings.health_fall,
+            ejection_over=outlier.ejection_over, rng=rng,
+        )
+        checker.start(upstreams())
+        try:
+            yield
+        finally:
+            await checker.stop()
+
+    return context
 
 
 def _client_session(flow: PDFlow) -> Callable[[web.Application], AsyncIterator[None]]:
@@ -95,7 +150,8 @@ def _client_session(flow: PDFlow) -> Callable[[web.Application], AsyncIterator[N
 
 async def start_server(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, str]:
     """Start `app` on host:port (0 picks a free port); returns the runner and the base URL."""
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    # The drain happens before cleanup; what is left by then is cut after a short grace period.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE)
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=LISTEN_BACKLOG)
     await site.start()
@@ -120,7 +176,8 @@ async def wait_for_signal() -> None:
 
 
 async def serve(app: web.Application, settings: Settings) -> None:
-    """Run the proxy until SIGINT/SIGTERM."""
+    """Run the proxy until SIGINT/SIGTERM, then drain: /health and new requests get 503 at once,
+    requests in flight run to completion for up to `drain_timeout` seconds."""
     runner, url = await start_server(app, settings.host, settings.port)
     log.info(
         "pdproxy listening on http://%s:%s (prefill: %s; decode: %s)",
@@ -130,9 +187,21 @@ async def serve(app: web.Application, settings: Settings) -> None:
     )
     try:
         await wait_for_signal()
+        await drain(app[FLOW], settings.drain_timeout)
     finally:
-        log.info("pdproxy shutting down")
         await runner.cleanup()
+        log.info("pdproxy stopped")
+
+
+async def drain(flow: PDFlow, timeout: float) -> None:
+    """Refuse new requests and wait up to `timeout` seconds for those in flight."""
+    flow.start_drain()
+    log.info("draining: %d requests in flight, waiting up to %gs (a second signal stops at once)",
+             flow.in_flight, timeout)
+    try:
+        await asyncio.wait_for(flow.wait_idle(), timeout)
+    except asyncio.TimeoutError:
+        log.warning("drain timeout: cutting %d requests still in flight", flow.in_flight)
 
 
 def run(main: Coroutine[Any, Any, None]) -> None:

@@ -41,6 +41,7 @@ class ProxyError(Exception):
         super().__init__(message)
         self.message = message
         self.param = param
+        self.headers: dict[str, str] = {}
         if side is not None:
             self.side = side
 
@@ -53,7 +54,7 @@ class ProxyError(Exception):
 
     def response(self, request_id: str | None = None) -> web.Response:
         """An HTTP response carrying this error."""
-        headers = {"X-Request-Id": request_id} if request_id else None
+        headers = {**self.headers, "X-Request-Id": request_id} if request_id else self.headers
         return web.Response(status=self.status, body=self.body(), content_type="application/json",
                             headers=headers)
 
@@ -87,10 +88,16 @@ class PayloadTooLarge(ClientError):
 
 
 class Unavailable(ProxyError):
-    """No upstream of a role can take the request right now."""
+    """No upstream of a role can take the request, the proxy is full, or it is shutting down."""
 
     status = 503
     error_type = "service_unavailable"
+
+    def __init__(self, message: str, *, param: str | None = None, side: str | None = None,
+                 retry_after: int | None = None) -> None:
+        super().__init__(message, param=param, side=side)
+        if retry_after is not None:
+            self.headers["Retry-After"] = str(retry_after)
 
 
 class UpstreamError(ProxyError):
@@ -100,9 +107,10 @@ class UpstreamError(ProxyError):
     error_type = "upstream_error"
     retryable = True
 
-    def __init__(self, message: str, *, side: str, upstream: str) -> None:
+    def __init__(self, message: str, *, side: str, upstream: str, stage: str = "") -> None:
         super().__init__(message, side=side)
         self.upstream = upstream
+        self.stage = stage  # where it happened: connect, prefill, decode_first_byte, stream_idle, ...
 
 
 class UpstreamConnectError(UpstreamError):
@@ -150,13 +158,20 @@ class UpstreamRejected(ProxyError):
         return web.Response(status=self.status, body=self.payload, headers=headers)
 
 
-def from_client_exception(exc: BaseException, *, side: str, upstream: str, stage: str) -> UpstreamError:
+def from_client_exception(
+    exc: BaseException, *, side: str, upstream: str, stage: str, timeout: float | None = None
+) -> UpstreamError:
     """Translate an aiohttp/asyncio client failure into the error tree (the one boundary that does)."""
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return UpstreamTimeout(f"connecting to {side} upstream {upstream} timed out", side=side, upstream=upstream,
+                               stage="connect")
     if isinstance(exc, asyncio.TimeoutError):
-        return UpstreamTimeout(f"{side} upstream {upstream} timed out ({stage})", side=side, upstream=upstream)
+        after = f" after {timeout:g}s" if timeout else ""
+        return UpstreamTimeout(f"{side} upstream {upstream} timed out ({stage.replace('_', ' ')}{after})",
+                               side=side, upstream=upstream, stage=stage)
     if isinstance(exc, aiohttp.ClientConnectorError):
         return UpstreamConnectError(f"cannot connect to {side} upstream {upstream}: {exc.os_error}",
-                                    side=side, upstream=upstream)
+                                    side=side, upstream=upstream, stage="connect")
     reason = str(exc) or type(exc).__name__
-    return UpstreamConnectError(f"{side} upstream {upstream} failed ({stage}): {reason}",
-                                side=side, upstream=upstream)
+    return UpstreamConnectError(f"{side} upstream {upstream} failed ({stage.replace('_', ' ')}): {reason}",
+                                side=side, upstream=upstream, stage=stage)

@@ -1,13 +1,17 @@
-"""The PD flow: prefill on a P (with failover), hand the KV handle to a D, relay D's bytes.
+"""The PD flow: admit, prefill on a P (with failover), hand the KV handle to a D, relay D's bytes.
 
 Invariants:
-- one parse of the client body (in `api`), one prefill call per attempt, one decode call;
-- the decode request is sent as soon as the prefill answer is parsed: nothing else is
-  awaited in between, because P holds the KV blocks only for a short lease;
-- streamed bytes are relayed as read, never parsed, re-serialised or logged per chunk;
-- every lease is released in `finally`, whatever ends the request (error, timeout,
-  client gone: aiohttp cancels the handler, and the cancellation closes the upstream
-  connection, which makes vLLM abort and free the request).
+- one parse of the client body (in `api`), one prefill call per attempt, one decode call per attempt;
+- a request is admitted with its decode server already leased, so nothing is awaited between
+  the prefill answer and the decode request: P holds the KV blocks only for a short lease;
+- streamed bytes are relayed as read, never parsed, re-serialised or logged per chunk; the
+  only per-chunk work beyond the write is one clock read for the idle watchdog;
+- nothing reaches the client before D's first byte, so until then a failed decode is retried
+  by running the whole flow again (fresh prefill, fresh handle: the old KV may be freed);
+  after it, a failure ends the stream with an SSE error event and is never retried;
+- every lease is released in `finally`, whatever ends the request (error, timeout, client
+  gone: aiohttp cancels the handler, and the cancellation closes the upstream connection,
+  which makes vLLM abort and free the request).
 """
 
 from __future__ import annotations
@@ -15,13 +19,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import orjson
 from aiohttp import web
 
+from pdproxy.admission import AdmissionQueue, QueueFull, QueueTimeout, deadline
 from pdproxy.balancers import Balancer
 from pdproxy.errors import (
     ProxyError,
@@ -37,12 +43,15 @@ from pdproxy.errors import (
 )
 from pdproxy.kv import KvAdapter
 from pdproxy.metrics import Metrics
+from pdproxy.outlier import OutlierDetector
 from pdproxy.request import ProxyRequest
 from pdproxy.upstreams import Lease, Upstream, UpstreamPool
 
 access_log = logging.getLogger("pdproxy.access")
 
+T = TypeVar("T")
 CLIENT_CLOSED = 499  # nginx's status for "client closed the request", for logs and metrics only
+RETRY_AFTER_SECONDS = 1
 _UPSTREAM_FAILURES = (aiohttp.ClientError, asyncio.TimeoutError)
 
 
@@ -58,11 +67,23 @@ _NO_PROMPT = _NoPrompt()
 
 @dataclass(slots=True, frozen=True)
 class FlowTimeouts:
-    """Seconds; see Settings for what each one bounds."""
+    """Seconds; see Settings for what each one bounds. `decode_total` 0 means no cap."""
 
     connect: float
     prefill: float
+    prefill_deadline: float
+    decode_first_byte: float
     stream_idle: float
+    decode_total: float = 0.0
+
+
+@dataclass(slots=True, frozen=True)
+class FlowLimits:
+    """Failover and overload bounds. 0 means no cap for `max_concurrency`."""
+
+    prefill_retries: int
+    flow_retries: int
+    max_concurrency: int = 0
 
 
 @dataclass(slots=True)
@@ -80,7 +101,7 @@ class Trace:
     retries: int = 0
     bytes_out: int = 0
     error: str = ""
-    stage: str = "prefill"
+    stage: str = "queue"
 
     def log_line(self, total_s: float) -> str:
         return (
@@ -95,6 +116,44 @@ def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.1f}"
 
 
+class _StreamWatchdog:
+    """Closes a decode response that goes quiet for `idle` seconds or runs past `end` (loop time).
+
+    One timer per stream, re-armed lazily: a chunk costs only `self.last = loop.time()`.
+    Closing the response makes the pending read fail, which the relay reports as `fired`.
+    """
+
+    __slots__ = ("_end", "_handle", "_idle", "_loop", "_resp", "fired", "last")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, resp: aiohttp.ClientResponse, idle: float,
+                 end: float | None) -> None:
+        self._loop = loop
+        self._resp = resp
+        self._idle = idle
+        self._end = end
+        self.fired: str | None = None
+        self.last = loop.time()
+        self._handle = loop.call_at(self._next(), self._check)
+
+    def _next(self) -> float:
+        due = self.last + self._idle
+        return due if self._end is None else min(due, self._end)
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        if self._end is not None and now >= self._end:
+            self.fired = "decode_total"
+        elif now - self.last >= self._idle:
+            self.fired = "stream_idle"
+        else:
+            self._handle = self._loop.call_at(self._next(), self._check)
+            return
+        self._resp.close()
+
+    def cancel(self) -> None:
+        self._handle.cancel()
+
+
 class PDFlow:
     """Runs one client request through prefill and decode. One instance per application."""
 
@@ -107,7 +166,9 @@ class PDFlow:
         decode_policy: Balancer,
         kv: KvAdapter,
         timeouts: FlowTimeouts,
-        prefill_retries: int,
+        limits: FlowLimits,
+        admission: AdmissionQueue,
+        outlier: OutlierDetector,
         metrics: Metrics,
         access_log_enabled: bool = True,
     ) -> None:
@@ -116,23 +177,32 @@ class PDFlow:
         self.prefill_policy = prefill_policy
         self.decode_policy = decode_policy
         self.kv = kv
-        self.prefill_retries = prefill_retries
+        self.timeouts = timeouts
+        self.limits = limits
+        self.admission = admission
+        self.outlier = outlier
         self.metrics = metrics
         self.access_log_enabled = access_log_enabled
         self.session: aiohttp.ClientSession | None = None  # set by the app's cleanup context
-        self.in_flight = 0
+        self.draining = False
+        self.in_flight = 0  # requests in the handler, queued ones included
+        self.admitted = 0  # requests holding a concurrency slot
         self._idle = asyncio.Event()
         self._idle.set()
         self._prefill_timeout = aiohttp.ClientTimeout(total=timeouts.prefill, sock_connect=timeouts.connect)
-        # No total cap on a decode: long generations are legitimate; bound the gaps instead.
-        self._decode_timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=timeouts.connect, sock_read=timeouts.stream_idle
-        )
+        # Decode reads are bounded by the first-byte deadline and the stream watchdog, not by aiohttp.
+        self._decode_timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect)
+        first_byte = timeouts.decode_first_byte
+        self._first_byte_timeout = min(first_byte, timeouts.decode_total) if timeouts.decode_total else first_byte
 
     async def wait_idle(self) -> None:
         """Return once no request is in flight (all leases released)."""
         while self.in_flight:
             await self._idle.wait()
+
+    def start_drain(self) -> None:
+        """Refuse new requests from now on; those in flight go on."""
+        self.draining = True
 
     async def handle(self, request: web.Request, preq: ProxyRequest) -> web.StreamResponse:
         """Serve one request; errors before the first byte become OpenAI error responses."""
@@ -141,13 +211,18 @@ class PDFlow:
         self._idle.clear()
         self.metrics.requests_in_flight.inc()
         try:
-            response = await self._run(request, preq, trace)
+            decode_lease = await self._admit(preq)
+            try:
+                response = await self._run(request, preq, trace, decode_lease)
+            finally:
+                self.admitted -= 1
+                self.admission.wake()
             trace.status = response.status
             return response
         except ProxyError as exc:
             trace.status, trace.error = exc.status, exc.message
             if isinstance(exc, UpstreamTimeout):
-                self.metrics.timeouts.labels(trace.stage).inc()
+                self.metrics.timeouts.labels(exc.stage).inc()
             return exc.response(preq.request_id)
         except (asyncio.CancelledError, ConnectionResetError):
             trace.status, trace.error = CLIENT_CLOSED, "client disconnected"
@@ -170,26 +245,81 @@ class PDFlow:
         if self.access_log_enabled:
             access_log.info(trace.log_line(total))
 
-    async def _run(self, request: web.Request, preq: ProxyRequest, trace: Trace) -> web.StreamResponse:
-        if not self.decode_pool.routable():  # fail before P computes KV that no D could take
-            raise Unavailable("no routable decode upstream", side="decode")
-        prefill_answer = await self._prefill(preq, trace)
-        decode_body, has_handle = self.kv.decode_body(preq.body, prefill_answer)
-        if not has_handle:
-            self.metrics.kv_handoff_missing.inc()
-        trace.stage = "decode"
-        return await self._decode(request, preq, orjson.dumps(decode_body), trace)
+    # -- admission ---------------------------------------------------------------------------
 
-    # -- prefill ---------------------------------------------------------------------------
+    async def _admit(self, preq: ProxyRequest) -> Lease:
+        """A concurrency slot and a decode lease, at once or after waiting in the queue."""
+        if self.draining:
+            raise Unavailable("pdproxy is shutting down; retry on another instance",
+                              retry_after=RETRY_AFTER_SECONDS)
+        try:
+            return await self.admission.admit(lambda: self._try_admit(preq))
+        except QueueFull:
+            self.metrics.queue_rejections.labels("full").inc()
+            raise Unavailable("pdproxy is at capacity and its queue is full", retry_after=RETRY_AFTER_SECONDS) from None
+        except QueueTimeout:
+            self.metrics.queue_rejections.labels("timeout").inc()
+            raise Unavailable(f"pdproxy is at capacity: no slot within {self.admission.timeout:g}s",
+                              retry_after=RETRY_AFTER_SECONDS) from None
+
+    def _try_admit(self, preq: ProxyRequest) -> Lease | None:
+        """Grant a slot and lease a decode server, None when all are busy; 503 when none can serve."""
+        if not self.decode_pool.routable():  # before P computes KV that no D could take
+            raise Unavailable("no routable decode upstream", side="decode")
+        if not self.prefill_pool.routable():
+            raise Unavailable("no routable prefill upstream", side="prefill")
+        if self.limits.max_concurrency and self.admitted >= self.limits.max_concurrency:
+            return None
+        decode = self.decode_pool.available()
+        if not decode or not self.prefill_pool.available():
+            return None
+        self.admitted += 1
+        return Lease(self.decode_policy.choose(decode, preq), self.admission.wake)
+
+    # -- the flow ----------------------------------------------------------------------------
+
+    async def _run(
+        self, request: web.Request, preq: ProxyRequest, trace: Trace, decode_lease: Lease
+    ) -> web.StreamResponse:
+        """Prefill then decode; a decode that fails before its first byte reruns the whole flow."""
+        failed_decoders: list[Upstream] = []
+        last_error: UpstreamError | None = None
+        for attempt in range(1 + self.limits.flow_retries):
+            if attempt:
+                candidates = self.decode_pool.available(failed_decoders)
+                if not candidates:
+                    break
+                decode_lease = Lease(self.decode_policy.choose(candidates, preq), self.admission.wake)
+                trace.retries += 1
+                self.metrics.flow_retries.inc()
+            try:
+                trace.stage = "prefill"
+                prefill_answer = await self._prefill(preq, trace)
+                decode_body, has_handle = self.kv.decode_body(preq.body, prefill_answer)
+                if not has_handle:
+                    self.metrics.kv_handoff_missing.inc()
+                trace.stage = "decode"
+                return await self._decode(request, preq, orjson.dumps(decode_body), trace, decode_lease.upstream)
+            except UpstreamError as exc:
+                if exc.side != "decode" or not exc.retryable:
+                    raise
+                last_error = exc
+                failed_decoders.append(decode_lease.upstream)
+            finally:
+                decode_lease.release()
+        assert last_error is not None
+        raise last_error
 
     async def _prefill(self, preq: ProxyRequest, trace: Trace) -> dict[str, Any]:
         """Run the prefill, failing over to another P on connect errors, 5xx, garbage or timeouts."""
         body = orjson.dumps(self.kv.prefill_body(preq.body))
         tried: list[Upstream] = []
         last_error: UpstreamError | None = None
-        for attempt in range(1 + self.prefill_retries):
-            candidates = [u for u in self.prefill_pool.routable() if u not in tried]
-            if not candidates:
+        started = time.perf_counter()
+        for attempt in range(1 + self.limits.prefill_retries):
+            remaining = self.timeouts.prefill_deadline - (time.perf_counter() - started)
+            candidates = self.prefill_pool.available(tried)
+            if not candidates or remaining <= 0:
                 break
             upstream = self.prefill_policy.choose(candidates, preq)
             tried.append(upstream)
@@ -197,15 +327,15 @@ class PDFlow:
             if attempt:
                 trace.retries += 1
                 self.metrics.prefill_retries.inc()
-            lease = Lease(upstream)
+            lease = Lease(upstream, self.admission.wake)
             try:
-                answer = await self._call_prefill(upstream, body, preq)
+                answer = await self._call_prefill(upstream, body, preq, remaining)
             except UpstreamError as exc:
                 last_error = exc
-                self._report(upstream, _outcome(exc), exc)
+                self._report(upstream, _outcome(exc), exc.message)
                 continue
-            except UpstreamRejected as exc:
-                self._report(upstream, "rejected", exc)
+            except UpstreamRejected:
+                self._report(upstream, "rejected")
                 raise
             except asyncio.CancelledError:
                 self._report(upstream, "cancelled")
@@ -217,20 +347,26 @@ class PDFlow:
             return answer
         if last_error is not None:
             raise last_error
-        raise Unavailable("no routable prefill upstream", side="prefill")
+        raise Unavailable("no prefill upstream available", side="prefill")
 
-    async def _call_prefill(self, upstream: Upstream, body: bytes, preq: ProxyRequest) -> dict[str, Any]:
+    async def _call_prefill(
+        self, upstream: Upstream, body: bytes, preq: ProxyRequest, remaining: float
+    ) -> dict[str, Any]:
         assert self.session is not None
+        timeout = self._prefill_timeout
+        if remaining < self.timeouts.prefill:  # the last attempts share what is left of the deadline
+            timeout = aiohttp.ClientTimeout(total=remaining, sock_connect=self.timeouts.connect)
         started = time.perf_counter()
         try:
             async with self.session.post(
-                upstream.url + preq.endpoint, data=body, headers=preq.headers, timeout=self._prefill_timeout
+                upstream.url + preq.endpoint, data=body, headers=preq.headers, timeout=timeout
             ) as resp:
                 payload = await resp.read()
                 status = resp.status
                 content_type = resp.headers.get("Content-Type", "application/json")
         except _UPSTREAM_FAILURES as exc:
-            raise from_client_exception(exc, side="prefill", upstream=upstream.url, stage="prefill") from exc
+            raise from_client_exception(exc, side="prefill", upstream=upstream.url, stage="prefill",
+                                        timeout=timeout.total) from exc
         self.metrics.prefill_duration.labels(upstream.url).observe(time.perf_counter() - started)
         if 400 <= status < 500:
             raise UpstreamRejected(status, content_type, payload, upstream.url)
@@ -246,55 +382,48 @@ class PDFlow:
                                       "a JSON object", side="prefill", upstream=upstream.url)
         return answer
 
-    # -- decode ----------------------------------------------------------------------------
-
     async def _decode(
-        self, request: web.Request, preq: ProxyRequest, body: bytes, trace: Trace
+        self, request: web.Request, preq: ProxyRequest, body: bytes, trace: Trace, upstream: Upstream
     ) -> web.StreamResponse:
         assert self.session is not None
-        candidates = self.decode_pool.routable()
-        if not candidates:
-            raise Unavailable("no routable decode upstream", side="decode")
-        upstream = self.decode_policy.choose(candidates, preq)
         trace.decode_upstream = upstream.url
-        lease = Lease(upstream)
         sent = time.perf_counter()
         if trace.prefill_s is not None:
             self.metrics.handoff_gap.observe(sent - trace.start - trace.prefill_s)
-        error: ProxyError | None = None
+        resp: aiohttp.ClientResponse | None = None
+        reason: str | None = None
         outcome = "cancelled"  # unless the call ends otherwise: the client went away
         try:
             try:
-                resp = await self.session.post(
-                    upstream.url + preq.endpoint, data=body, headers=preq.headers, timeout=self._decode_timeout
-                )
-            except _UPSTREAM_FAILURES as exc:
-                raise from_client_exception(exc, side="decode", upstream=upstream.url, stage="decode") from exc
-            try:
-                if resp.status >= 300 or not preq.stream:
-                    response = await self._decode_whole(resp, upstream, preq, trace)
-                else:
-                    response = await self._relay(request, resp, upstream, preq, trace)
-            finally:
-                resp.release()  # closes the connection unless the body was read to the end
-            outcome = "broken" if trace.error else "ok"
+                async with deadline(self._first_byte_timeout):
+                    resp = await _translated(self.session.post(
+                        upstream.url + preq.endpoint, data=body, headers=preq.headers, timeout=self._decode_timeout
+                    ), upstream)
+                    whole = resp.status >= 300 or not preq.stream
+                    first = await _translated(resp.read() if whole else resp.content.readany(), upstream)
+            except asyncio.TimeoutError:  # the deadline (aiohttp's own errors are translated inside)
+                raise UpstreamTimeout(
+                    f"decode upstream {upstream.url} sent no first byte within {self._first_byte_timeout:g}s",
+                    side="decode", upstream=upstream.url, stage="decode_first_byte") from None
+            if whole:
+                response = self._answer_whole(resp, first, upstream, preq, trace)
+            else:
+                response = await self._relay(request, resp, first, upstream, preq, trace, sent)
+            outcome, reason = ("broken", trace.error) if trace.error else ("ok", None)
             self.metrics.decode_duration.observe(time.perf_counter() - sent)
             return response
         except ProxyError as exc:
-            error, outcome = exc, _outcome(exc)
+            outcome, reason = _outcome(exc), exc.message
             raise
         finally:
-            lease.release()
-            self._report(upstream, outcome, error)
+            if resp is not None:
+                resp.release()  # closes the connection unless the body was read to the end
+            self._report(upstream, outcome, reason)
 
-    async def _decode_whole(
-        self, resp: aiohttp.ClientResponse, upstream: Upstream, preq: ProxyRequest, trace: Trace
+    def _answer_whole(
+        self, resp: aiohttp.ClientResponse, payload: bytes, upstream: Upstream, preq: ProxyRequest, trace: Trace
     ) -> web.Response:
-        """A non-streamed answer (or an error status): read it all, then answer byte for byte."""
-        try:
-            payload = await resp.read()
-        except _UPSTREAM_FAILURES as exc:
-            raise from_client_exception(exc, side="decode", upstream=upstream.url, stage="decode") from exc
+        """A non-streamed answer (or an error status), byte for byte."""
         content_type = resp.headers.get("Content-Type", "application/json")
         if 400 <= resp.status < 500:
             raise UpstreamRejected(resp.status, content_type, payload, upstream.url)
@@ -310,17 +439,13 @@ class PDFlow:
         self,
         request: web.Request,
         resp: aiohttp.ClientResponse,
+        chunk: bytes,
         upstream: Upstream,
         preq: ProxyRequest,
         trace: Trace,
+        sent: float,
     ) -> web.StreamResponse:
-        """Relay D's stream. Nothing is sent to the client before D's first byte, so a D that fails
-        before it still becomes a clean 502 (and a future retry stays possible)."""
-        content = resp.content
-        try:
-            chunk = await content.readany()
-        except _UPSTREAM_FAILURES as exc:
-            raise from_client_exception(exc, side="decode", upstream=upstream.url, stage="first byte") from exc
+        """Relay D's stream from its first chunk on."""
         if not chunk:
             raise UpstreamBadResponse(f"decode upstream {upstream.url} closed the stream before any data",
                                       side="decode", upstream=upstream.url)
@@ -334,27 +459,42 @@ class PDFlow:
         )
         await out.prepare(request)
         trace.ttft_s = time.perf_counter() - trace.start
-        sent = 0
+        loop = asyncio.get_running_loop()
+        total = self.timeouts.decode_total
+        end = loop.time() - (time.perf_counter() - sent) + total if total else None
+        watchdog = _StreamWatchdog(loop, resp, self.timeouts.stream_idle, end)
+        content = resp.content
+        written = 0
         # From here on the client has bytes: failures end the stream with an SSE error event.
         try:
             while chunk:
                 await out.write(chunk)
-                sent += len(chunk)
+                written += len(chunk)
                 try:
                     chunk = await content.readany()
                 except _UPSTREAM_FAILURES as exc:
-                    broken = from_client_exception(exc, side="decode", upstream=upstream.url, stage="stream")
-                    error = UpstreamStreamBroken(f"decode stream broke: {broken.message}",
-                                                 side="decode", upstream=upstream.url)
-                    trace.error = error.message
-                    if isinstance(broken, UpstreamTimeout):
-                        self.metrics.timeouts.labels("stream").inc()
-                    await out.write(error.sse_event())
+                    await out.write(self._broken_stream(exc, watchdog.fired, upstream, trace).sse_event())
                     break
+                watchdog.last = loop.time()
             await out.write_eof()
         finally:
-            trace.bytes_out = sent
+            watchdog.cancel()
+            trace.bytes_out = written
         return out
+
+    def _broken_stream(
+        self, exc: BaseException, fired: str | None, upstream: Upstream, trace: Trace
+    ) -> UpstreamStreamBroken:
+        if fired is not None:
+            self.metrics.timeouts.labels(fired).inc()
+            limit = self.timeouts.stream_idle if fired == "stream_idle" else self.timeouts.decode_total
+            cause = f"{fired.replace('_', ' ')} timeout ({limit:g}s)"
+        else:
+            cause = from_client_exception(exc, side="decode", upstream=upstream.url, stage="stream").message
+        error = UpstreamStreamBroken(f"decode stream broke: {cause}", side="decode", upstream=upstream.url,
+                                     stage=fired or "stream")
+        trace.error = error.message
+        return error
 
     # -- side routes ---------------------------------------------------------------------
 
@@ -365,10 +505,11 @@ class PDFlow:
         if not candidates:
             raise Unavailable("no routable decode upstream", side="decode")
         upstream = self.decode_policy.choose(candidates, _NO_PROMPT)
-        lease = Lease(upstream)
+        lease = Lease(upstream, self.admission.wake)
         try:
-            async with self.session.get(upstream.url + "/v1/models", headers=headers,
-                                        timeout=self._decode_timeout) as resp:
+            async with deadline(self.timeouts.decode_first_byte), self.session.get(
+                upstream.url + "/v1/models", headers=headers, timeout=self._decode_timeout
+            ) as resp:
                 payload = await resp.read()
                 status = resp.status
                 content_type = resp.headers.get("Content-Type", "application/json")
@@ -384,11 +525,22 @@ class PDFlow:
 
     # -- outcomes --------------------------------------------------------------------------
 
-    def _report(self, upstream: Upstream, outcome: str, error: ProxyError | None = None) -> None:
-        """Record one upstream call's outcome (health logic will listen here)."""
-        if error is not None and not isinstance(error, UpstreamRejected):
-            upstream.last_error = error.message
+    def _report(self, upstream: Upstream, outcome: str, reason: str | None = None) -> None:
+        """Record one upstream call's outcome; the outlier detector decides what it means."""
         self.metrics.upstream_requests.labels(upstream.role.value, upstream.url, outcome).inc()
+        if outcome == "ok":
+            self.outlier.report(upstream, None)
+        elif outcome in _FAILURE_OUTCOMES:
+            upstream.last_error = reason or outcome
+            self.outlier.report(upstream, upstream.last_error)
+
+
+async def _translated(call: Awaitable[T], upstream: Upstream) -> T:
+    """Await a decode-side call, translating aiohttp failures into the error tree."""
+    try:
+        return await call
+    except _UPSTREAM_FAILURES as exc:
+        raise from_client_exception(exc, side="decode", upstream=upstream.url, stage="decode") from exc
 
 
 def _outcome(error: ProxyError) -> str:
@@ -407,3 +559,5 @@ _OUTCOMES: tuple[tuple[type[ProxyError], str], ...] = (
     (UpstreamBadResponse, "bad_response"),
     (UpstreamStreamBroken, "broken"),
 )
+# Outcomes that count against an upstream (a 4xx is the client's mistake; a cancel is the client's doing).
+_FAILURE_OUTCOMES = frozenset({"timeout", "connect_error", "bad_status", "bad_response", "broken"})

@@ -89,6 +89,15 @@ class Metrics:
                                          ("role", "upstream", "outcome"), registry=registry)
         self.prefill_retries = Counter("pdproxy_prefill_retries", "Prefills re-run on another server.",
                                        registry=registry)
+        self.flow_retries = Counter("pdproxy_flow_retries",
+                                    "Whole PD flows re-run after a decode failed before its first byte.",
+                                    registry=registry)
+        self.ejections = Counter("pdproxy_upstream_ejections", "Passive ejections (outlier detection).",
+                                 ("role", "upstream"), registry=registry)
+        self.queue_rejections = Counter("pdproxy_queue_rejections",
+                                        "Requests refused with 503 at admission (queue full or wait too long).",
+                                        ("reason",), registry=registry)
+        self.queue_waiting = Gauge("pdproxy_queue_waiting", "Requests waiting for a slot.", registry=registry)
         self.timeouts = Counter("pdproxy_timeouts", "Upstream timeouts by stage.", ("stage",),
                                 registry=registry)
         self.client_disconnects = Counter("pdproxy_client_disconnects",

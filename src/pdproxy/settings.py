@@ -89,10 +89,35 @@ class Settings(BaseSettings):
     prefix_hash_vnodes: int = Field(160, ge=1, le=10000)
     prefix_hash_load_factor: float = Field(0.25, gt=0)
     kv_adapter: str = "vllm"
+    # Failover
     prefill_retries: int = Field(2, ge=0, le=16)
-    connect_timeout: float = Field(10.0, gt=0)
-    prefill_timeout: float = Field(600.0, gt=0)
-    stream_idle_timeout: float = Field(600.0, gt=0)
+    flow_retries: int = Field(1, ge=0, le=8)
+    # Timeouts (seconds)
+    connect_timeout: float = Field(5.0, gt=0)
+    prefill_timeout: float = Field(300.0, gt=0)
+    prefill_deadline: float = Field(600.0, gt=0)
+    decode_first_byte_timeout: float = Field(300.0, gt=0)
+    stream_idle_timeout: float = Field(300.0, gt=0)
+    decode_timeout: float = Field(0.0, ge=0)
+    # Active health checks
+    health_path: str = "/health"
+    health_interval: float = Field(5.0, ge=0)
+    health_timeout: float = Field(2.0, gt=0)
+    health_rise: int = Field(2, ge=1, le=100)
+    health_fall: int = Field(3, ge=1, le=100)
+    # Passive ejection
+    eject_after: int = Field(3, ge=0, le=1000)
+    eject_base_time: float = Field(30.0, gt=0)
+    eject_max_time: float = Field(300.0, gt=0)
+    eject_max_share: float = Field(0.5, gt=0, le=1)
+    # Overload protection
+    prefill_max_in_flight: int = Field(0, ge=0)
+    decode_max_in_flight: int = Field(0, ge=0)
+    max_concurrency: int = Field(0, ge=0)
+    queue_size: int = Field(1024, ge=0)
+    queue_timeout: float = Field(30.0, gt=0)
+    # Lifecycle and limits
+    drain_timeout: float = Field(60.0, ge=0)
     max_body_bytes: int = Field(100 * 1024 * 1024, ge=1024)
     upstream_api_key: SecretStr | None = None
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
@@ -102,6 +127,13 @@ class Settings(BaseSettings):
     @classmethod
     def _split(cls, value: Any) -> Any:
         return _split_servers(value)
+
+    @field_validator("health_path")
+    @classmethod
+    def _absolute_path(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("must start with '/'")
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -120,6 +152,10 @@ class Settings(BaseSettings):
             duplicates = sorted({u for u in urls if urls.count(u) > 1})
             if duplicates:
                 raise ValueError(f"{role} server listed twice: {', '.join(duplicates)}")
+        if self.prefill_deadline < self.prefill_timeout:
+            raise ValueError("prefill_deadline (all prefill attempts) must be >= prefill_timeout (one attempt)")
+        if self.eject_max_time < self.eject_base_time:
+            raise ValueError("eject_max_time must be >= eject_base_time")
         return self
 
     @classmethod

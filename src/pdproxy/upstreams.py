@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import itertools
-from collections.abc import Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -71,6 +71,7 @@ class Upstream:
     role: Role
     url: str
     weight: int = 1
+    max_in_flight: int = 0  # 0: no cap
     state: State = State.UNKNOWN
     in_flight: int = 0
     served: int = 0
@@ -81,23 +82,31 @@ class Upstream:
     def routable(self) -> bool:
         return self.state in ROUTABLE_STATES
 
+    @property
+    def full(self) -> bool:
+        """At its concurrency cap: every policy skips it until a lease comes back."""
+        return 0 < self.max_in_flight <= self.in_flight
+
 
 class Lease:
     """One request's claim on an upstream: counted from the routing decision until released."""
 
-    __slots__ = ("_released", "upstream")
+    __slots__ = ("_on_release", "_released", "upstream")
 
-    def __init__(self, upstream: Upstream) -> None:
+    def __init__(self, upstream: Upstream, on_release: Callable[[], None] | None = None) -> None:
         self.upstream = upstream
+        self._on_release = on_release
         self._released = False
         upstream.in_flight += 1
 
     def release(self) -> None:
-        """Give the slot back; safe to call more than once."""
+        """Give the slot back (and tell whoever waits for one); safe to call more than once."""
         if not self._released:
             self._released = True
             self.upstream.in_flight -= 1
             self.upstream.served += 1
+            if self._on_release is not None:
+                self._on_release()
 
 
 class UpstreamPool:
@@ -108,8 +117,12 @@ class UpstreamPool:
         self.members: tuple[Upstream, ...] = tuple(members)
 
     def routable(self) -> tuple[Upstream, ...]:
-        """The upstreams a policy may choose from (health is filtered here and only here)."""
+        """Upstreams whose state allows traffic (health is filtered here and only here)."""
         return tuple(u for u in self.members if u.routable)
+
+    def available(self, exclude: Collection[Upstream] = ()) -> list[Upstream]:
+        """What a policy may choose from: routable, under its cap, and not in `exclude`."""
+        return [u for u in self.members if u.routable and not u.full and u not in exclude]
 
     def find(self, url: str) -> Upstream | None:
         return next((u for u in self.members if u.url == url), None)

@@ -234,8 +234,8 @@ async def test_decode_stalling_mid_stream_times_out_with_an_sse_error_event(
     async with http.post(cluster.url + "/v1/completions", json=PROMPT | {"stream": True}) as resp:
         events = sse_events(await resp.read())
     assert len(events) == 2
-    assert "timed out" in orjson.loads(events[-1])["error"]["message"]
-    assert cluster.metric("pdproxy_timeouts_total", stage="stream") == 1
+    assert orjson.loads(events[-1])["error"]["message"] == "decode stream broke: stream idle timeout (0.2s)"
+    assert cluster.metric("pdproxy_timeouts_total", stage="stream_idle") == 1
 
 
 async def test_no_routable_upstream_fails_fast_with_503(cluster: Cluster, http: aiohttp.ClientSession) -> None:

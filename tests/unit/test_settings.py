@@ -47,9 +47,19 @@ def test_defaults() -> None:
     assert settings.prefix_hash_load_factor == 0.25
     assert settings.kv_adapter == "vllm"
     assert settings.prefill_retries == 2
-    assert settings.connect_timeout == 10.0
-    assert settings.prefill_timeout == 600.0
-    assert settings.stream_idle_timeout == 600.0
+    assert settings.flow_retries == 1
+    assert settings.connect_timeout == 5.0
+    assert settings.prefill_timeout == 300.0
+    assert settings.prefill_deadline == 600.0
+    assert settings.decode_first_byte_timeout == 300.0
+    assert settings.stream_idle_timeout == 300.0
+    assert settings.decode_timeout == 0.0
+    assert (settings.health_path, settings.health_interval, settings.health_timeout) == ("/health", 5.0, 2.0)
+    assert (settings.health_rise, settings.health_fall) == (2, 3)
+    assert (settings.eject_after, settings.eject_base_time, settings.eject_max_time) == (3, 30.0, 300.0)
+    assert settings.eject_max_share == 0.5
+    assert (settings.prefill_max_in_flight, settings.decode_max_in_flight, settings.max_concurrency) == (0, 0, 0)
+    assert (settings.queue_size, settings.queue_timeout, settings.drain_timeout) == (1024, 30.0, 60.0)
     assert settings.max_body_bytes == 100 * 1024 * 1024
     assert settings.upstream_api_key is None
     assert settings.log_level == "info"
@@ -304,7 +314,7 @@ def test_precedence_cli_over_env_over_file_over_defaults(config_file: Path, monk
     assert [s.url for s in settings.decode_servers] == ["http://env-d:5"]  # env list replaces the file's
     assert settings.log_level == "warning"  # file beats default
     assert len(settings.prefill_servers) == 2  # file only
-    assert settings.connect_timeout == 10.0  # default
+    assert settings.connect_timeout == 5.0  # default
 
 
 def test_cli_config_beats_env_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
