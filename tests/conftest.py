@@ -14,12 +14,12 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from pdproxy.app import FLOW, METRICS, build_app, start_server
+from pdproxy.app import BOARD, FLOW, METRICS, build_app, start_server
 from pdproxy.flow import PDFlow
 from pdproxy.metrics import Metrics
 from pdproxy.mock import MockConfig, MockEngine, start_mock
 from pdproxy.settings import Settings
-from pdproxy.upstreams import Upstream
+from pdproxy.upstreams import State, Upstream
 
 
 @pytest.fixture(autouse=True)
@@ -49,6 +49,36 @@ class Cluster:
     prefill_urls: list[str]
     decode_urls: list[str]
     runners: list[web.AppRunner] = field(default_factory=list)
+    engine_runners: dict[int, web.AppRunner] = field(default_factory=dict)  # id(engine) -> its runner
+
+    async def kill(self, engine: MockEngine) -> None:
+        """Stop an engine: its open connections drop, its port refuses."""
+        await self.engine_runners.pop(id(engine)).cleanup()
+
+    async def revive(self, engine: MockEngine) -> MockEngine:
+        """Start a fresh engine with the same config on the killed one's port; it takes its place."""
+        engines = self.prefill if engine in self.prefill else self.decode
+        urls = self.prefill_urls if engines is self.prefill else self.decode_urls
+        index = engines.index(engine)
+        port = int(urls[index].rsplit(":", 1)[1])
+        fresh, runner, _ = await start_mock(engine.config, port=port)
+        engines[index] = fresh
+        self.engine_runners[id(fresh)] = runner
+        return fresh
+
+    async def wait_any_prefill(self, n: int = 1) -> int:
+        """Wait until some prefill engine received `n` requests; return its index."""
+        waits = [asyncio.ensure_future(e.wait_for_requests(n)) for e in self.prefill]
+        _, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED, timeout=5)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        return next(i for i, e in enumerate(self.prefill) if len(e.requests) >= n)
+
+    async def wait_state(self, url: str, *states: State, timeout: float = 5) -> None:
+        """Wait until the upstream at `url` is in one of `states` (woken by every state change)."""
+        upstream = self.upstream(url)
+        await self.app[BOARD].wait_for(lambda: upstream.state in states, timeout)
 
     @property
     def flow(self) -> PDFlow:
@@ -97,7 +127,7 @@ async def cluster_factory() -> AsyncIterator[ClusterFactory]:
         seed: int = 0,
         **settings: Any,
     ) -> Cluster:
-        runners: list[web.AppRunner] = []
+        engine_runners: dict[int, web.AppRunner] = {}
         prefill, prefill_urls, decode, decode_urls = [], list(extra_prefill), [], list(extra_decode)
         for engines, urls, count, config in (
             (prefill, prefill_urls, n_prefill, prefill_config or MockConfig(role="prefill")),
@@ -107,7 +137,7 @@ async def cluster_factory() -> AsyncIterator[ClusterFactory]:
                 engine, runner, url = await start_mock(config)
                 engines.append(engine)
                 urls.append(url)
-                runners.append(runner)
+                engine_runners[id(engine)] = runner
         servers = [f"{url}={weight}" for url, weight in zip(prefill_urls, prefill_weights, strict=False)]
         servers += prefill_urls[len(servers):]
         app = build_app(
@@ -116,7 +146,7 @@ async def cluster_factory() -> AsyncIterator[ClusterFactory]:
             rng=random.Random(seed),
         )
         proxy_runner, url = await start_server(app, "127.0.0.1", 0)
-        cluster = Cluster(prefill, decode, url, app, prefill_urls, decode_urls, [proxy_runner, *runners])
+        cluster = Cluster(prefill, decode, url, app, prefill_urls, decode_urls, [proxy_runner], engine_runners)
         clusters.append(cluster)
         return cluster
 
@@ -126,7 +156,7 @@ async def cluster_factory() -> AsyncIterator[ClusterFactory]:
             await cluster.assert_no_leaks()
     finally:
         for cluster in clusters:
-            for runner in cluster.runners:
+            for runner in [*cluster.runners, *cluster.engine_runners.values()]:
                 await runner.cleanup()
 
 

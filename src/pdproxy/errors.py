@@ -166,7 +166,7 @@ def from_client_exception(
         return UpstreamTimeout(f"connecting to {side} upstream {upstream} timed out", side=side, upstream=upstream,
                                stage="connect")
     if isinstance(exc, asyncio.TimeoutError):
-        after = f" after {timeout:g}s" if timeout else ""
+        after = f" after {round(timeout, 2):g}s" if timeout else ""
         return UpstreamTimeout(f"{side} upstream {upstream} timed out ({stage.replace('_', ' ')}{after})",
                                side=side, upstream=upstream, stage=stage)
     if isinstance(exc, aiohttp.ClientConnectorError):

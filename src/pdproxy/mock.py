@@ -236,6 +236,8 @@ class MockEngine:
         self._faults: deque[_Fault] = deque()
         self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.healthy = True  # False: /health answers 503 (as an engine still loading or failing would)
+        self.health_probes = 0
 
     # ------------------------------------------------------------------ app
 
@@ -338,7 +340,8 @@ class MockEngine:
     # ------------------------------------------------------------ handlers
 
     async def _handle_health(self, _request: web.Request) -> web.Response:
-        return web.Response(status=200)
+        self.health_probes += 1
+        return web.Response(status=200 if self.healthy else 503)
 
     async def _handle_models(self, _request: web.Request) -> web.Response:
         model = self.config.model

@@ -102,7 +102,7 @@ async def test_prefix_hash_moves_away_from_an_overloaded_server(cluster_factory:
         engine.hang_next(times=5)
     prompt = "the same long shared prefix"
     tasks = [await hold(http, cluster, prompt)]
-    home = await first_engine_with_requests(cluster, 1)
+    home = await cluster.wait_any_prefill()
     tasks.append(await hold(http, cluster, prompt))
     await cluster.prefill[home].wait_for_requests(2)  # 2 in flight vs 0: within (1+0.25) x the mean share
     other = 1 - home
@@ -111,16 +111,6 @@ async def test_prefix_hash_moves_away_from_an_overloaded_server(cluster_factory:
     await cluster.prefill[other].wait_for_requests(1)
     assert len(cluster.prefill[home].requests) == 2
     await release(tasks)
-
-
-async def first_engine_with_requests(cluster: Cluster, n: int) -> int:
-    waits = [asyncio.create_task(e.wait_for_requests(n)) for e in cluster.prefill]
-    done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED, timeout=5)
-    for task in pending:
-        task.cancel()
-    await asyncio.gather(*pending, return_exceptions=True)
-    assert done
-    return next(i for i, e in enumerate(cluster.prefill) if len(e.requests) >= n)
 
 
 async def test_round_robin_alternates(cluster_factory: ClusterFactory, http: aiohttp.ClientSession) -> None:

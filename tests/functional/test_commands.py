@@ -25,23 +25,21 @@ async def spawn(*args: str) -> asyncio.subprocess.Process:
     )
 
 
-async def read_url(process: asyncio.subprocess.Process, marker: bytes) -> str:
-    """Read the process's output until the line with `marker`; return the URL on it."""
+async def read_line(process: asyncio.subprocess.Process, marker: bytes) -> bytes:
+    """Read the process's output until a line containing `marker`, and return that line."""
     assert process.stdout is not None
-    async with asyncio.timeout(20) if sys.version_info >= (3, 11) else _no_timeout():
-        while True:
-            line = await process.stdout.readline()
-            assert line, f"process exited before printing {marker!r}"
-            if marker in line and (match := URL.search(line)):
-                return match.group(1).decode()
+    while True:
+        line = await asyncio.wait_for(process.stdout.readline(), 20)
+        assert line, f"process exited before printing {marker!r}"
+        if marker in line:
+            return line
 
 
-class _no_timeout:  # Python 3.10 has no asyncio.timeout; the test's own timeout still applies
-    async def __aenter__(self) -> None:
-        return None
-
-    async def __aexit__(self, *exc: object) -> None:
-        return None
+async def read_url(process: asyncio.subprocess.Process, marker: bytes) -> str:
+    """The URL on the first output line containing `marker`."""
+    match = URL.search(await read_line(process, marker))
+    assert match, f"no URL on the {marker!r} line"
+    return match.group(1).decode()
 
 
 @pytest.fixture
@@ -100,3 +98,39 @@ async def test_invalid_settings_exit_2_with_one_line() -> None:
     assert process.returncode == 2
     lines = output.decode().strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("pdproxy: invalid settings: decode_servers")
+
+
+async def test_sigterm_drains_open_streams_and_refuses_new_ones(
+    processes: list[asyncio.subprocess.Process],
+) -> None:
+    from pdproxy.mock import MockConfig, start_mock
+
+    engines = [await start_mock(MockConfig(role=role, itl_ms=25)) for role in ("prefill", "decode")]
+    try:
+        proxy = await spawn("--prefill-servers", engines[0][2], "--decode-servers", engines[1][2],
+                            "--host", "127.0.0.1", "--port", "0", "--drain-timeout", "20")
+        processes.append(proxy)
+        url = await read_url(proxy, b"pdproxy listening on")
+        async with aiohttp.ClientSession() as http:
+            async def stream() -> bytes:
+                async with http.post(url + "/v1/completions", json={
+                    "model": "mock", "prompt": "hi", "max_tokens": 40, "stream": True}) as resp:
+                    return await resp.read()
+
+            streams = [asyncio.create_task(stream()) for _ in range(3)]
+            decode = engines[1][0]
+            await decode.wait_until(lambda stats: stats.in_flight == 3)
+            proxy.send_signal(signal.SIGTERM)
+            await read_line(proxy, b"draining")
+            async with http.get(url + "/health") as resp:
+                assert resp.status == 503
+            async with http.post(url + "/v1/completions", json={"model": "mock", "prompt": "x"}) as resp:
+                assert resp.status == 503
+                assert "shutting down" in (await resp.json())["error"]["message"]
+            bodies = await asyncio.gather(*streams)
+        assert all(body.count(b"data: ") == 41 and body.endswith(b"data: [DONE]\n\n") for body in bodies)
+        assert await asyncio.wait_for(proxy.wait(), 10) == 0
+        assert decode.stats.completed == 3 and decode.stats.aborted == 0
+    finally:
+        for _, runner, _ in engines:
+            await runner.cleanup()

@@ -17,7 +17,7 @@ async def test_disconnect_during_prefill_cancels_the_prefill(cluster: Cluster) -
     request = asyncio.ensure_future(
         session.post(cluster.url + "/v1/completions", json={"model": "mock", "prompt": "hi", "max_tokens": 4})
     )
-    await asyncio.wait_for(_any_request(cluster), 5)
+    await cluster.wait_any_prefill()
     assert cluster.flow.in_flight == 1
     request.cancel()
     await session.close()  # the client is gone
@@ -64,12 +64,3 @@ async def test_many_disconnects_leak_nothing(cluster_factory: ClusterFactory) ->
     await asyncio.wait_for(cluster.flow.wait_idle(), 5)
     await cluster.decode[0].wait_idle()
     assert all(u.in_flight == 0 for u in cluster.upstreams())
-
-
-async def _any_request(cluster: Cluster) -> None:
-    while not any(e.requests for e in cluster.prefill):
-        waits = [asyncio.create_task(e.wait_for_requests(1)) for e in cluster.prefill]
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        for task in waits:
-            task.cancel()
-        await asyncio.gather(*waits, return_exceptions=True)
