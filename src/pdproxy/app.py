@@ -73,7 +73,7 @@ def build_app(settings: Settings, *, rng: random.Random | None = None) -> web.Ap
         admission=admission,
         outlier=outlier,
         metrics=metrics,
-        access_log_enabled=settings.access_log,
+        access_log=settings.access_log_format if settings.access_log else "off",
     )
 
     def all_upstreams() -> Iterator[Upstream]:
@@ -95,10 +95,18 @@ def build_app(settings: Settings, *, rng: random.Random | None = None) -> web.Ap
     app[BOARD] = board
     api_key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
     OpenAIApi(flow, max_body_bytes=settings.max_body_bytes, upstream_api_key=api_key).add_routes(app)
-    app.router.add_get("/metrics", _metrics_handler(metrics))
+    if settings.metrics_port is None:
+        app.router.add_get("/metrics", _metrics_handler(metrics))
     app.cleanup_ctx.append(_client_session(flow))
     if health_on:
         app.cleanup_ctx.append(_health_checks(settings, flow, board, outlier, all_upstreams, rng))
+    return app
+
+
+def build_metrics_app(metrics: Metrics) -> web.Application:
+    """`/metrics` alone, for a separate listener (`--metrics-port`)."""
+    app = web.Application()
+    app.router.add_get("/metrics", _metrics_handler(metrics))
     return app
 
 
@@ -178,18 +186,25 @@ async def wait_for_signal() -> None:
 async def serve(app: web.Application, settings: Settings) -> None:
     """Run the proxy until SIGINT/SIGTERM, then drain: /health and new requests get 503 at once,
     requests in flight run to completion for up to `drain_timeout` seconds."""
-    runner, url = await start_server(app, settings.host, settings.port)
-    log.info(
-        "pdproxy listening on http://%s:%s (prefill: %s; decode: %s)",
-        settings.host, url.rsplit(":", 1)[1],
-        ", ".join(s.url for s in settings.prefill_servers),
-        ", ".join(s.url for s in settings.decode_servers),
-    )
+    runners = []
     try:
+        runner, url = await start_server(app, settings.host, settings.port)
+        runners.append(runner)
+        log.info(
+            "pdproxy listening on http://%s:%s (prefill: %s; decode: %s)",
+            settings.host, url.rsplit(":", 1)[1],
+            ", ".join(s.url for s in settings.prefill_servers),
+            ", ".join(s.url for s in settings.decode_servers),
+        )
+        if settings.metrics_port is not None:
+            runner, _ = await start_server(build_metrics_app(app[METRICS]), settings.host, settings.metrics_port)
+            runners.append(runner)
+            log.info("metrics on http://%s:%s/metrics", settings.host, settings.metrics_port)
         await wait_for_signal()
         await drain(app[FLOW], settings.drain_timeout)
     finally:
-        await runner.cleanup()
+        for runner in runners:
+            await runner.cleanup()
         log.info("pdproxy stopped")
 
 

@@ -83,6 +83,10 @@ SERVE_OPTIONS: tuple[tuple[tuple[str, ...], str, dict[str, Any], str], ...] = (
     (("--log-level",), "log_level", {"choices": LOG_LEVELS}, "log level (default info)"),
     (("--access-log",), "access_log", {"action": argparse.BooleanOptionalAction},
      "one log line per request (default on)"),
+    (("--access-log-format",), "access_log_format", {"choices": ("text", "json")},
+     "access log lines as text or as one JSON object each (default text)"),
+    (("--metrics-port",), "metrics_port", {"type": int},
+     "serve /metrics on this port (same --host) instead of the main port (default: the main port)"),
     (("--config",), "config", {"metavar": "FILE"}, "YAML or TOML config file (env: PDPROXY_CONFIG)"),
 )
 
@@ -132,8 +136,14 @@ def _fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(level: str, access_log_format: str = "text") -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if access_log_format == "json":  # each line one JSON object, with no prefix
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access = logging.getLogger("pdproxy.access")
+        access.addHandler(handler)
+        access.propagate = False
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -154,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             app = build_app(settings)  # a wrong policy or adapter name fails here, before binding
         except (ConfigError, ValueError) as exc:
             _fail(str(exc))
-        _setup_logging(settings.log_level)
+        _setup_logging(settings.log_level, settings.access_log_format)
         _run_or_fail(run, serve(app, settings))
     elif args.command == "demo":
         from pdproxy.demo import run_demo

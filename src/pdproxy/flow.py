@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any, TypeVar
 
 import aiohttp
@@ -52,6 +54,7 @@ access_log = logging.getLogger("pdproxy.access")
 T = TypeVar("T")
 CLIENT_CLOSED = 499  # nginx's status for "client closed the request", for logs and metrics only
 RETRY_AFTER_SECONDS = 1
+INTER_CHUNK_SAMPLE_EVERY = 8  # one stream in 8 records its chunk gaps: the cost stays off most streams
 _UPSTREAM_FAILURES = (aiohttp.ClientError, asyncio.TimeoutError)
 
 
@@ -93,6 +96,7 @@ class Trace:
     request_id: str
     endpoint: str
     start: float
+    client: str = "-"
     prefill_upstream: str = "-"
     decode_upstream: str = "-"
     status: int = 0
@@ -103,17 +107,58 @@ class Trace:
     error: str = ""
     stage: str = "queue"
 
-    def log_line(self, total_s: float) -> str:
+    def as_text(self, total_s: float) -> str:
         return (
-            f"{self.request_id} {self.endpoint} {self.status} P={self.prefill_upstream} "
+            f"{self.request_id} {self.client} {self.endpoint} {self.status} P={self.prefill_upstream} "
             f"D={self.decode_upstream} prefill_ms={_ms(self.prefill_s)} ttft_ms={_ms(self.ttft_s)} "
             f"total_ms={_ms(total_s)} bytes={self.bytes_out} retries={self.retries}"
             + (f' error="{self.error}"' if self.error else "")
         )
 
+    def as_json(self, total_s: float) -> str:
+        return orjson.dumps({
+            "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            "request_id": self.request_id,
+            "endpoint": self.endpoint,
+            "client": self.client,
+            "prefill_upstream": self.prefill_upstream,
+            "decode_upstream": self.decode_upstream,
+            "status": self.status,
+            "prefill_ms": _round_ms(self.prefill_s),
+            "ttft_ms": _round_ms(self.ttft_s),
+            "total_ms": _round_ms(total_s),
+            "bytes_out": self.bytes_out,
+            "retries": self.retries,
+            "error": self.error or None,
+        }).decode()
+
 
 def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.1f}"
+
+
+def _round_ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+_PROMPT_TOKENS = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
+_COMPLETION_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
+
+
+def reported_usage(data: bytes) -> tuple[int, int] | None:
+    """(prompt, completion) tokens from the last `"usage"` object in `data`, if any.
+
+    A byte search, not a JSON parse: it runs once per response, on the non-streamed body or
+    on the final chunks of a stream (where `include_usage` puts it).
+    """
+    at = data.rfind(b'"usage"')
+    if at < 0:
+        return None
+    prompt = _PROMPT_TOKENS.search(data, at)
+    completion = _COMPLETION_TOKENS.search(data, at)
+    if prompt is None or completion is None:
+        return None
+    return int(prompt.group(1)), int(completion.group(1))
 
 
 class _StreamWatchdog:
@@ -170,7 +215,7 @@ class PDFlow:
         admission: AdmissionQueue,
         outlier: OutlierDetector,
         metrics: Metrics,
-        access_log_enabled: bool = True,
+        access_log: str = "text",
     ) -> None:
         self.prefill_pool = prefill_pool
         self.decode_pool = decode_pool
@@ -182,7 +227,8 @@ class PDFlow:
         self.admission = admission
         self.outlier = outlier
         self.metrics = metrics
-        self.access_log_enabled = access_log_enabled
+        self._log_format = {"text": Trace.as_text, "json": Trace.as_json, "off": None}[access_log]
+        self._streams = 0
         self.session: aiohttp.ClientSession | None = None  # set by the app's cleanup context
         self.draining = False
         self.in_flight = 0  # requests in the handler, queued ones included
@@ -206,7 +252,7 @@ class PDFlow:
 
     async def handle(self, request: web.Request, preq: ProxyRequest) -> web.StreamResponse:
         """Serve one request; errors before the first byte become OpenAI error responses."""
-        trace = Trace(preq.request_id, preq.endpoint, time.perf_counter())
+        trace = Trace(preq.request_id, preq.endpoint, time.perf_counter(), request.remote or "-")
         self.in_flight += 1
         self._idle.clear()
         self.metrics.requests_in_flight.inc()
@@ -242,8 +288,8 @@ class PDFlow:
         metrics.request_duration.labels(trace.endpoint).observe(total)
         if trace.ttft_s is not None:
             metrics.ttft.observe(trace.ttft_s)
-        if self.access_log_enabled:
-            access_log.info(trace.log_line(total))
+        if self._log_format is not None:
+            access_log.info(self._log_format(trace, total))
 
     # -- admission ---------------------------------------------------------------------------
 
@@ -432,6 +478,7 @@ class PDFlow:
                                     side="decode", upstream=upstream.url)
         trace.ttft_s = time.perf_counter() - trace.start
         trace.bytes_out = len(payload)
+        self._count_usage(payload)
         return web.Response(status=resp.status, body=payload,
                             headers={"Content-Type": content_type, "X-Request-Id": preq.request_id})
 
@@ -463,24 +510,40 @@ class PDFlow:
         total = self.timeouts.decode_total
         end = loop.time() - (time.perf_counter() - sent) + total if total else None
         watchdog = _StreamWatchdog(loop, resp, self.timeouts.stream_idle, end)
+        self._streams += 1
+        sample_gaps = self._streams % INTER_CHUNK_SAMPLE_EVERY == 0
+        inter_chunk = self.metrics.inter_token
         content = resp.content
         written = 0
+        previous = last = b""
         # From here on the client has bytes: failures end the stream with an SSE error event.
         try:
             while chunk:
                 await out.write(chunk)
                 written += len(chunk)
+                previous, last = chunk, previous
                 try:
                     chunk = await content.readany()
                 except _UPSTREAM_FAILURES as exc:
                     await out.write(self._broken_stream(exc, watchdog.fired, upstream, trace).sse_event())
                     break
-                watchdog.last = loop.time()
+                now = loop.time()
+                if sample_gaps:
+                    inter_chunk.observe(now - watchdog.last)
+                watchdog.last = now
+            else:
+                self._count_usage(last[-256:] + previous)  # include_usage puts it in the last chunks
             await out.write_eof()
         finally:
             watchdog.cancel()
             trace.bytes_out = written
         return out
+
+    def _count_usage(self, data: bytes) -> None:
+        usage = reported_usage(data)
+        if usage is not None:
+            self.metrics.prompt_tokens.inc(usage[0])
+            self.metrics.completion_tokens.inc(usage[1])
 
     def _broken_stream(
         self, exc: BaseException, fired: str | None, upstream: Upstream, trace: Trace

@@ -80,6 +80,14 @@ class Metrics:
         self.decode_duration = Histogram("pdproxy_decode_duration_seconds",
                                          "Decode request sent to the end of its response.",
                                          buckets=LATENCY_BUCKETS, registry=registry)
+        self.inter_token = Histogram("pdproxy_inter_token_seconds",
+                                     "Gaps between decode stream chunks (a sample of streams; a chunk may "
+                                     "carry several tokens).", buckets=(*SMALL_BUCKETS, 2.5, 5, 10, 30),
+                                     registry=registry)
+        self.prompt_tokens = Counter("pdproxy_prompt_tokens", "Prompt tokens, as reported in the engines' usage.",
+                                     registry=registry)
+        self.completion_tokens = Counter("pdproxy_completion_tokens",
+                                         "Completion tokens, as reported in the engines' usage.", registry=registry)
         self.handoff_gap = Histogram("pdproxy_handoff_gap_seconds",
                                      "Prefill answer read to decode request sent (must stay tiny).",
                                      buckets=SMALL_BUCKETS, registry=registry)

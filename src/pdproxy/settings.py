@@ -122,6 +122,8 @@ class Settings(BaseSettings):
     upstream_api_key: SecretStr | None = None
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     access_log: bool = True
+    access_log_format: Literal["text", "json"] = "text"
+    metrics_port: int | None = Field(None, ge=1, le=65535)
 
     @field_validator("prefill_servers", "decode_servers", mode="before")
     @classmethod

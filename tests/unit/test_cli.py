@@ -41,7 +41,7 @@ def served(monkeypatch: pytest.MonkeyPatch) -> list[Settings]:
 
     monkeypatch.setattr(app_module, "serve", recording_serve)
     monkeypatch.setattr(app_module, "run", fake_run)
-    monkeypatch.setattr(cli, "_setup_logging", lambda level: None)
+    monkeypatch.setattr(cli, "_setup_logging", lambda *args: None)
     return captured
 
 
