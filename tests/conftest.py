@@ -75,6 +75,10 @@ class Cluster:
         await asyncio.gather(*pending, return_exceptions=True)
         return next(i for i, e in enumerate(self.prefill) if len(e.requests) >= n)
 
+    async def wait_for(self, check: Callable[[], bool], timeout: float = 5) -> None:
+        """Wait until `check()` holds, re-checked on every upstream state or membership change."""
+        await self.app[BOARD].wait_for(check, timeout)
+
     async def wait_state(self, url: str, *states: State, timeout: float = 5) -> None:
         """Wait until the upstream at `url` is in one of `states` (woken by every state change)."""
         upstream = self.upstream(url)

@@ -13,7 +13,6 @@ from aiohttp import web
 from pdproxy.errors import InvalidRequest, MethodNotAllowed, NotFound, PayloadTooLarge, ProxyError
 from pdproxy.flow import PDFlow
 from pdproxy.request import ProxyRequest
-from pdproxy.upstreams import Upstream
 
 log = logging.getLogger("pdproxy")
 
@@ -76,7 +75,7 @@ class OpenAIApi:
             if not routable:
                 problems.append(f"no routable {pool.role.value} upstream")
         if request.query.get("verbose", "0") not in ("0", "false", ""):
-            body["upstreams"] = [_describe(u) for pool in (flow.prefill_pool, flow.decode_pool) for u in pool.members]
+            body["upstreams"] = [u.describe() for pool in (flow.prefill_pool, flow.decode_pool) for u in pool.members]
             body["in_flight"] = flow.in_flight
             body["queued"] = flow.admission.waiting
         if problems:
@@ -112,20 +111,6 @@ class OpenAIApi:
             if value:
                 headers[name] = value
         return headers
-
-
-def _describe(upstream: Upstream) -> dict[str, Any]:
-    return {
-        "id": upstream.id,
-        "role": upstream.role.value,
-        "url": upstream.url,
-        "weight": upstream.weight,
-        "state": upstream.state.value,
-        "in_flight": upstream.in_flight,
-        "max_in_flight": upstream.max_in_flight,
-        "served": upstream.served,
-        "last_error": upstream.last_error,
-    }
 
 
 def _dumps(value: Any) -> str:

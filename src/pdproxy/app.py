@@ -7,18 +7,20 @@ import logging
 import random
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
+from pdproxy.admin import AdminApi
 from pdproxy.admission import AdmissionQueue
 from pdproxy.api import OpenAIApi, openai_errors
 from pdproxy.balancers import make_balancer
 from pdproxy.flow import FlowLimits, FlowTimeouts, PDFlow
 from pdproxy.health import ActiveHealthChecker, StateBoard, http_probe
 from pdproxy.kv import make_adapter
+from pdproxy.membership import Hooks, Membership, read_state_file
 from pdproxy.metrics import CONTENT_TYPE, Metrics
 from pdproxy.outlier import ConsecutiveFailureDetector, NoOutlierDetection, OutlierDetector
 from pdproxy.settings import Settings
@@ -29,18 +31,23 @@ log = logging.getLogger("pdproxy")
 FLOW = web.AppKey("flow", PDFlow)
 METRICS = web.AppKey("metrics", Metrics)
 BOARD = web.AppKey("board", StateBoard)
+MEMBERSHIP = web.AppKey("membership", Membership)
+ADMIN = web.AppKey("admin", AdminApi)  # present when the admin API has its own listener
 LISTEN_BACKLOG = 2048
 SHUTDOWN_GRACE = 1.0  # seconds aiohttp waits for handlers at cleanup, after our own drain
 
 
 def build_app(settings: Settings, *, rng: random.Random | None = None) -> web.Application:
-    """Wire pools, policies, health, the flow and the routes; ValueError names a wrong policy or adapter."""
+    """Wire pools, policies, health, membership, the flow and the routes.
+
+    ValueError names a wrong policy or adapter; StateFileError a state file that cannot be restored.
+    """
     rng = rng or random.Random()
     caps = {Role.PREFILL: settings.prefill_max_in_flight, Role.DECODE: settings.decode_max_in_flight}
-    pools = {
-        role: UpstreamPool(role, (Upstream(role, spec.url, spec.weight, caps[role]) for spec in specs))
-        for role, specs in ((Role.PREFILL, settings.prefill_servers), (Role.DECODE, settings.decode_servers))
-    }
+    pools = {role: UpstreamPool(role, members) for role, members in _initial_members(settings, caps).items()}
+    for role, pool in pools.items():
+        if not pool.members:
+            raise ValueError(f"no {role.value} servers (the state file {settings.state_file} lists none)")
     policy_options = {
         "rng": rng,
         "prefix_chars": settings.prefix_hash_chars,
@@ -58,6 +65,12 @@ def build_app(settings: Settings, *, rng: random.Random | None = None) -> web.Ap
             max_time=settings.eject_max_time, max_share=settings.eject_max_share, return_on_expiry=not health_on,
             clock=time.monotonic,
         )
+    membership = Membership(pools, board, warmup=health_on, state_file=settings.state_file)
+
+    def on_release(upstream: Upstream) -> None:
+        admission.wake()
+        membership.lease_released(upstream)
+
     flow = PDFlow(
         prefill_pool=pools[Role.PREFILL],
         decode_pool=pools[Role.DECODE],
@@ -74,11 +87,21 @@ def build_app(settings: Settings, *, rng: random.Random | None = None) -> web.Ap
         outlier=outlier,
         metrics=metrics,
         access_log=settings.access_log_format if settings.access_log else "off",
+        on_release=on_release,
     )
-
-    def all_upstreams() -> Iterator[Upstream]:
-        for pool in pools.values():
-            yield from pool.members
+    checker = ActiveHealthChecker(
+        board, http_probe(lambda: flow.session, settings.health_path, settings.health_timeout),
+        interval=settings.health_interval, rise=settings.health_rise, fall=settings.health_fall,
+        ejection_over=outlier.ejection_over, rng=rng,
+    ) if health_on else None
+    membership.hooks = Hooks(
+        cut_streams=flow.cut_streams,
+        forget=lambda upstream: metrics.forget_upstream(upstream.role.value, upstream.url),
+        changed=lambda action: metrics.admin_changes.labels(action).inc(),
+    )
+    if checker is not None:
+        membership.hooks.watch, membership.hooks.unwatch = checker.watch, checker.unwatch
+    membership.save_now()  # the state file reflects what runs from the start
 
     def on_transition(upstream: Upstream, old: State, new: State, reason: str) -> None:
         if new is State.EJECTED:
@@ -86,20 +109,53 @@ def build_app(settings: Settings, *, rng: random.Random | None = None) -> web.Ap
         admission.wake()  # a recovered upstream may let a queued request go; a lost one may fail it fast
 
     board.listen(on_transition)
-    metrics.watch_upstreams(all_upstreams, (state.value for state in State))
+    metrics.watch_upstreams(membership.members, (state.value for state in State))
     metrics.queue_waiting.set_function(lambda: admission.waiting)
 
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[openai_errors])
     app[FLOW] = flow
     app[METRICS] = metrics
     app[BOARD] = board
+    app[MEMBERSHIP] = membership
     api_key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
     OpenAIApi(flow, max_body_bytes=settings.max_body_bytes, upstream_api_key=api_key).add_routes(app)
     if settings.metrics_port is None:
         app.router.add_get("/metrics", _metrics_handler(metrics))
+    admin = _admin_api(settings, membership, caps)
+    if settings.admin_port is None:
+        admin.add_routes(app)
+    else:
+        app[ADMIN] = admin
     app.cleanup_ctx.append(_client_session(flow))
-    if health_on:
-        app.cleanup_ctx.append(_health_checks(settings, flow, board, outlier, all_upstreams, rng))
+    if checker is not None:
+        app.cleanup_ctx.append(_health_checks(checker, membership))
+    return app
+
+
+def _initial_members(settings: Settings, caps: dict[Role, int]) -> dict[Role, list[Upstream]]:
+    """The state file's membership when it exists (it holds runtime changes), else the configured one."""
+    members: dict[Role, list[Upstream]] = {Role.PREFILL: [], Role.DECODE: []}
+    saved = read_state_file(settings.state_file) if settings.state_file else None
+    if saved is not None:
+        log.info("restoring %d upstreams from the state file %s", len(saved), settings.state_file)
+        for spec in saved:
+            state = State.DRAINING if spec.drained else State.UNKNOWN
+            members[spec.role].append(Upstream(spec.role, spec.url, spec.weight, spec.max_in_flight, state=state))
+        return members
+    for role, specs in ((Role.PREFILL, settings.prefill_servers), (Role.DECODE, settings.decode_servers)):
+        members[role] = [Upstream(role, spec.url, spec.weight, caps[role]) for spec in specs]
+    return members
+
+
+def _admin_api(settings: Settings, membership: Membership, caps: dict[Role, int]) -> AdminApi:
+    token = settings.admin_token.get_secret_value() if settings.admin_token else None
+    return AdminApi(membership, token=token, default_caps=caps)
+
+
+def build_admin_app(admin: AdminApi) -> web.Application:
+    """The admin routes alone, for a separate listener (`--admin-port`)."""
+    app = web.Application(middlewares=[openai_errors])
+    admin.add_routes(app)
     return app
 
 
@@ -118,19 +174,12 @@ def _metrics_handler(metrics: Metrics) -> Callable[[web.Request], Awaitable[web.
 
 
 def _health_checks(
-    settings: Settings, flow: PDFlow, board: StateBoard, outlier: OutlierDetector,
-    upstreams: Callable[[], Iterator[Upstream]], rng: random.Random,
+    checker: ActiveHealthChecker, membership: Membership
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     """Active probes run while the application runs (after the client session exists)."""
 
     async def context(app: web.Application) -> AsyncIterator[None]:
-        assert flow.session is not None
-        checker = ActiveHealthChecker(
-            board, http_probe(flow.session, settings.health_path, settings.health_timeout),
-            interval=settings.health_interval, rise=settings.health_rise, fall=settings.health_fall,
-            ejection_over=outlier.ejection_over, rng=rng,
-        )
-        checker.start(upstreams())
+        checker.start(membership.members())
         try:
             yield
         finally:
@@ -200,6 +249,11 @@ async def serve(app: web.Application, settings: Settings) -> None:
             runner, _ = await start_server(build_metrics_app(app[METRICS]), settings.host, settings.metrics_port)
             runners.append(runner)
             log.info("metrics on http://%s:%s/metrics", settings.host, settings.metrics_port)
+        if ADMIN in app:
+            runner, admin_url = await start_server(build_admin_app(app[ADMIN]), settings.admin_host,
+                                                   settings.admin_port or 0)
+            runners.append(runner)
+            log.info("admin API on %s/admin/upstreams", admin_url)
         await wait_for_signal()
         await drain(app[FLOW], settings.drain_timeout)
     finally:

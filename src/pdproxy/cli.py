@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from pdproxy import __version__
 
-COMMANDS = ("serve", "demo", "mock")
+COMMANDS = ("serve", "demo", "mock", "upstreams")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 # (flags, settings field, argparse options, help). Flags map one to one onto Settings fields;
@@ -87,6 +88,14 @@ SERVE_OPTIONS: tuple[tuple[tuple[str, ...], str, dict[str, Any], str], ...] = (
      "access log lines as text or as one JSON object each (default text)"),
     (("--metrics-port",), "metrics_port", {"type": int},
      "serve /metrics on this port (same --host) instead of the main port (default: the main port)"),
+    (("--admin-token",), "admin_token", {"metavar": "TOKEN"},
+     "bearer token for /admin/upstreams; without one the admin API answers loopback clients only "
+     "(env PDPROXY_ADMIN_TOKEN is the safer place)"),
+    (("--admin-port",), "admin_port", {"type": int},
+     "serve the admin API on this port of --admin-host instead of the main port (default: the main port)"),
+    (("--admin-host",), "admin_host", {}, "address of the admin listener (default 127.0.0.1)"),
+    (("--state-file",), "state_file", {"metavar": "PATH"},
+     "keep membership changes in this file and restore them at start-up (default: none)"),
     (("--config",), "config", {"metavar": "FILE"}, "YAML or TOML config file (env: PDPROXY_CONFIG)"),
 )
 
@@ -110,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         "`pdproxy --prefill-servers … --decode-servers …` runs the proxy (the `serve` command).",
     )
     parser.add_argument("--version", action="version", version=f"pdproxy {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="{serve,demo,mock}", parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", metavar="{serve,demo,mock,upstreams}", parser_class=_Parser)
     _serve_parser(commands.add_parser("serve", help="run the proxy (default command)"))
 
     demo = commands.add_parser("demo", help="run the proxy in front of 2 mock prefill + 1 mock decode engines")
@@ -128,6 +137,26 @@ def build_parser() -> argparse.ArgumentParser:
     mock.add_argument("--tokens", type=int, default=16, help="tokens generated when the request sets no max_tokens")
     mock.add_argument("--model", default="mock")
     mock.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+
+    upstreams = commands.add_parser("upstreams", help="list, add, remove or drain upstreams of a running proxy")
+    upstreams.add_argument("--admin-url", default=os.environ.get("PDPROXY_ADMIN_URL", "http://127.0.0.1:8000"),
+                           help="the proxy's admin address (env PDPROXY_ADMIN_URL; default http://127.0.0.1:8000)")
+    upstreams.add_argument("--token", default=os.environ.get("PDPROXY_ADMIN_TOKEN"),
+                           help="admin token (env PDPROXY_ADMIN_TOKEN)")
+    actions = upstreams.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    actions.add_parser("list", help="a table of every upstream")
+    add = actions.add_parser("add", help="add an upstream (traffic once its first health probe passes)")
+    add.add_argument("role", choices=("prefill", "decode"))
+    add.add_argument("url", help="host:port or http(s)://host:port")
+    add.add_argument("--weight", type=int, default=1)
+    add.add_argument("--skip-warmup", action="store_true", help="route to it at once, before any probe")
+    for name, help_text in (("remove", "drain an upstream, then remove it"),
+                            ("drain", "stop sending it new requests, keep it listed"),
+                            ("undrain", "send it requests again")):
+        action = actions.add_parser(name, help=help_text)
+        action.add_argument("target", help="an upstream id (from list), or ROLE URL", nargs="+")
+        if name == "remove":
+            action.add_argument("--force", action="store_true", help="remove now, cutting its open streams")
     return parser
 
 
@@ -156,16 +185,24 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     if args.command == "serve":
         from pdproxy.app import build_app, serve
+        from pdproxy.membership import StateFileError
         from pdproxy.settings import ConfigError, load_settings
 
         values = {k: v for k, v in vars(args).items() if k != "command"}
         try:
             settings = load_settings(values)
             app = build_app(settings)  # a wrong policy or adapter name fails here, before binding
-        except (ConfigError, ValueError) as exc:
+        except (ConfigError, StateFileError, ValueError) as exc:
             _fail(str(exc))
         _setup_logging(settings.log_level, settings.access_log_format)
         _run_or_fail(run, serve(app, settings))
+    elif args.command == "upstreams":
+        from pdproxy.admin_client import AdminClientError, run_command
+
+        try:
+            print(run_command(args))
+        except AdminClientError as exc:
+            _fail(str(exc))
     elif args.command == "demo":
         from pdproxy.demo import run_demo
 

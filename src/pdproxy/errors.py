@@ -3,6 +3,8 @@
     ProxyError                      status  side      retry  OpenAI type
     ├── ClientError                 4xx     client    no     invalid_request_error
     │   ├── InvalidRequest          400
+    │   ├── Unauthorized            401     (admin API: missing or wrong token)
+    │   ├── Forbidden               403     (admin API: not loopback and no token configured)
     │   ├── NotFound                404
     │   ├── MethodNotAllowed        405
     │   └── PayloadTooLarge         413
@@ -73,6 +75,20 @@ class ClientError(ProxyError):
 
 class InvalidRequest(ClientError):
     status = 400
+
+
+class Unauthorized(ClientError):
+    status = 401
+    error_type = "authentication_error"
+
+    def __init__(self, message: str, *, param: str | None = None, side: str | None = None) -> None:
+        super().__init__(message, param=param, side=side)
+        self.headers["WWW-Authenticate"] = "Bearer"
+
+
+class Forbidden(ClientError):
+    status = 403
+    error_type = "permission_error"
 
 
 class NotFound(ClientError):

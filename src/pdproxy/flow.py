@@ -20,7 +20,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, TypeVar
@@ -162,7 +162,8 @@ def reported_usage(data: bytes) -> tuple[int, int] | None:
 
 
 class _StreamWatchdog:
-    """Closes a decode response that goes quiet for `idle` seconds or runs past `end` (loop time).
+    """Closes a decode response that goes quiet for `idle` seconds, runs past `end` (loop time),
+    or is cut by an operator.
 
     One timer per stream, re-armed lazily: a chunk costs only `self.last = loop.time()`.
     Closing the response makes the pending read fail, which the relay reports as `fired`.
@@ -195,6 +196,11 @@ class _StreamWatchdog:
             return
         self._resp.close()
 
+    def fire(self, reason: str) -> None:
+        """End the stream now, for `reason`."""
+        self.fired = reason
+        self._resp.close()
+
     def cancel(self) -> None:
         self._handle.cancel()
 
@@ -216,6 +222,7 @@ class PDFlow:
         outlier: OutlierDetector,
         metrics: Metrics,
         access_log: str = "text",
+        on_release: Callable[[Upstream], None] | None = None,
     ) -> None:
         self.prefill_pool = prefill_pool
         self.decode_pool = decode_pool
@@ -229,6 +236,8 @@ class PDFlow:
         self.metrics = metrics
         self._log_format = {"text": Trace.as_text, "json": Trace.as_json, "off": None}[access_log]
         self._streams = 0
+        self._open_streams: dict[str, set[_StreamWatchdog]] = {}  # upstream id -> its relayed streams
+        self._on_release = on_release or (lambda upstream: admission.wake())
         self.session: aiohttp.ClientSession | None = None  # set by the app's cleanup context
         self.draining = False
         self.in_flight = 0  # requests in the handler, queued ones included
@@ -245,6 +254,13 @@ class PDFlow:
         """Return once no request is in flight (all leases released)."""
         while self.in_flight:
             await self._idle.wait()
+
+    def cut_streams(self, upstream: Upstream, reason: str) -> int:
+        """End every stream relayed from `upstream` now (each client gets an SSE error event)."""
+        watchdogs = self._open_streams.pop(upstream.id, set())
+        for watchdog in watchdogs:
+            watchdog.fire(reason)
+        return len(watchdogs)
 
     def start_drain(self) -> None:
         """Refuse new requests from now on; those in flight go on."""
@@ -320,7 +336,7 @@ class PDFlow:
         if not decode or not self.prefill_pool.available():
             return None
         self.admitted += 1
-        return Lease(self.decode_policy.choose(decode, preq), self.admission.wake)
+        return Lease(self.decode_policy.choose(decode, preq), self._on_release)
 
     # -- the flow ----------------------------------------------------------------------------
 
@@ -335,7 +351,7 @@ class PDFlow:
                 candidates = self.decode_pool.available(failed_decoders)
                 if not candidates:
                     break
-                decode_lease = Lease(self.decode_policy.choose(candidates, preq), self.admission.wake)
+                decode_lease = Lease(self.decode_policy.choose(candidates, preq), self._on_release)
                 trace.retries += 1
                 self.metrics.flow_retries.inc()
             try:
@@ -373,7 +389,7 @@ class PDFlow:
             if attempt:
                 trace.retries += 1
                 self.metrics.prefill_retries.inc()
-            lease = Lease(upstream, self.admission.wake)
+            lease = Lease(upstream, self._on_release)
             try:
                 answer = await self._call_prefill(upstream, body, preq, remaining)
             except UpstreamError as exc:
@@ -510,6 +526,8 @@ class PDFlow:
         total = self.timeouts.decode_total
         end = loop.time() - (time.perf_counter() - sent) + total if total else None
         watchdog = _StreamWatchdog(loop, resp, self.timeouts.stream_idle, end)
+        open_streams = self._open_streams.setdefault(upstream.id, set())
+        open_streams.add(watchdog)
         self._streams += 1
         sample_gaps = self._streams % INTER_CHUNK_SAMPLE_EVERY == 0
         inter_chunk = self.metrics.inter_token
@@ -536,6 +554,7 @@ class PDFlow:
             await out.write_eof()
         finally:
             watchdog.cancel()
+            open_streams.discard(watchdog)
             trace.bytes_out = written
         return out
 
@@ -548,14 +567,16 @@ class PDFlow:
     def _broken_stream(
         self, exc: BaseException, fired: str | None, upstream: Upstream, trace: Trace
     ) -> UpstreamStreamBroken:
-        if fired is not None:
+        if fired in ("stream_idle", "decode_total"):
             self.metrics.timeouts.labels(fired).inc()
             limit = self.timeouts.stream_idle if fired == "stream_idle" else self.timeouts.decode_total
             cause = f"{fired.replace('_', ' ')} timeout ({limit:g}s)"
+        elif fired is not None:
+            cause = fired
         else:
             cause = from_client_exception(exc, side="decode", upstream=upstream.url, stage="stream").message
         error = UpstreamStreamBroken(f"decode stream broke: {cause}", side="decode", upstream=upstream.url,
-                                     stage=fired or "stream")
+                                     stage="stream")
         trace.error = error.message
         return error
 
@@ -568,7 +589,7 @@ class PDFlow:
         if not candidates:
             raise Unavailable("no routable decode upstream", side="decode")
         upstream = self.decode_policy.choose(candidates, _NO_PROMPT)
-        lease = Lease(upstream, self.admission.wake)
+        lease = Lease(upstream, self._on_release)
         try:
             async with deadline(self.timeouts.decode_first_byte), self.session.get(
                 upstream.url + "/v1/models", headers=headers, timeout=self._decode_timeout

@@ -44,13 +44,18 @@ class StateBoard:
                 state.value, reason)
         for listener in self._listeners:
             listener(upstream, old, state, reason)
+        self.notify()
+        return True
+
+    def notify(self) -> None:
+        """Re-check waiters: a state or the membership changed."""
         for check, future in self._waiters:
             if not future.done() and check():
                 future.set_result(None)
-        return True
 
     async def wait_for(self, check: Callable[[], bool], timeout: float) -> None:
-        """Return once `check()` holds, re-checked after every state change; TimeoutError otherwise."""
+        """Return once `check()` holds, re-checked after every state or membership change;
+        TimeoutError otherwise."""
         if check():
             return
         entry = (check, asyncio.get_running_loop().create_future())
@@ -87,6 +92,7 @@ class ActiveHealthChecker:
     """Probes every upstream every `interval` seconds (±10% jitter so probes don't align).
 
     unknown --ok--> healthy; unknown --fail--> unhealthy (a new server that is down gets no traffic);
+    warming --ok--> healthy (failures while an engine loads its weights are expected: no change);
     healthy --`fall` fails--> unhealthy --`rise` oks--> healthy;
     ejected --ok, once its ejection time is over--> healthy; ejected --`fall` fails--> unhealthy.
     Draining upstreams are probed but their state is the operator's.
@@ -122,6 +128,13 @@ class ActiveHealthChecker:
         if upstream.id not in self._tasks:
             self._tasks[upstream.id] = asyncio.create_task(self._run(upstream), name=f"health {upstream.url}")
 
+    def unwatch(self, upstream: Upstream) -> None:
+        """Stop probing a removed upstream."""
+        task = self._tasks.pop(upstream.id, None)
+        if task is not None:
+            task.cancel()
+        self._counters.pop(upstream.id, None)
+
     async def stop(self) -> None:
         tasks = list(self._tasks.values())
         self._tasks.clear()
@@ -148,6 +161,9 @@ class ActiveHealthChecker:
                 self._board.set(upstream, State.HEALTHY, "health probe ok")
             else:
                 self._board.set(upstream, State.UNHEALTHY, f"first health probe failed: {error}")
+        elif state is State.WARMING:
+            if error is None:
+                self._board.set(upstream, State.HEALTHY, "first good health probe: warm-up done")
         elif state is State.HEALTHY and verdict is False:
             self._board.set(upstream, State.UNHEALTHY, f"{counter.failures} health probes failed, last: {error}")
         elif state is State.UNHEALTHY and verdict is True:
@@ -160,13 +176,15 @@ class ActiveHealthChecker:
                                 f"{counter.failures} health probes failed while ejected, last: {error}")
 
 
-def http_probe(session: aiohttp.ClientSession, path: str, timeout: float) -> Probe:
-    """GET <upstream><path>: any 2xx within `timeout` is healthy."""
+def http_probe(session: Callable[[], aiohttp.ClientSession | None], path: str, timeout: float) -> Probe:
+    """GET <upstream><path> with the app's client session: any 2xx within `timeout` is healthy."""
     client_timeout = aiohttp.ClientTimeout(total=timeout)
 
     async def probe(upstream: Upstream) -> str | None:
+        client = session()
+        assert client is not None, "probes run only while the application runs"
         try:
-            async with session.get(upstream.url + path, timeout=client_timeout) as resp:
+            async with client.get(upstream.url + path, timeout=client_timeout) as resp:
                 await resp.read()
                 return None if 200 <= resp.status < 300 else f"GET {path} answered {resp.status}"
         except asyncio.TimeoutError:

@@ -105,6 +105,8 @@ class Metrics:
         self.queue_rejections = Counter("pdproxy_queue_rejections",
                                         "Requests refused with 503 at admission (queue full or wait too long).",
                                         ("reason",), registry=registry)
+        self.admin_changes = Counter("pdproxy_admin_changes", "Membership changes through the admin API.",
+                                     ("action",), registry=registry)
         self.queue_waiting = Gauge("pdproxy_queue_waiting", "Requests waiting for a slot.", registry=registry)
         self.timeouts = Counter("pdproxy_timeouts", "Upstream timeouts by stage.", ("stage",),
                                 registry=registry)
@@ -118,6 +120,15 @@ class Metrics:
     def watch_upstreams(self, upstreams: Callable[[], Iterable[Any]], states: Iterable[str]) -> None:
         """Expose the pools' live state at scrape time."""
         self.registry.register(UpstreamCollector(upstreams, states))  # type: ignore[arg-type]
+
+    def forget_upstream(self, role: str, url: str) -> None:
+        """Drop a removed upstream's series, so label sets stay bounded."""
+        for metric in (self.upstream_requests, self.ejections):
+            for labels in list(metric._metrics):  # prometheus-client has no public way to list children
+                if labels[:2] == (role, url):
+                    metric.remove(*labels)
+        if role == "prefill" and (url,) in self.prefill_duration._metrics:
+            self.prefill_duration.remove(url)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -24,14 +24,13 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
-from pdproxy.upstreams import normalize_url
+from pdproxy.upstreams import MAX_WEIGHT, normalize_url
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-MAX_WEIGHT = 1000
 
 
 class ConfigError(Exception):
@@ -124,6 +123,11 @@ class Settings(BaseSettings):
     access_log: bool = True
     access_log_format: Literal["text", "json"] = "text"
     metrics_port: int | None = Field(None, ge=1, le=65535)
+    # Admin API and runtime membership
+    admin_token: SecretStr | None = None
+    admin_port: int | None = Field(None, ge=0, le=65535)
+    admin_host: str = "127.0.0.1"
+    state_file: Path | None = None
 
     @field_validator("prefill_servers", "decode_servers", mode="before")
     @classmethod
@@ -144,11 +148,12 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_servers(self) -> Settings:
+        restoring = self.state_file is not None and self.state_file.exists()
         for role, servers in (("prefill", self.prefill_servers), ("decode", self.decode_servers)):
-            if not servers:
+            if not servers and not restoring:
                 raise ValueError(
                     f"no {role} servers: set --{role}-servers, PDPROXY_{role.upper()}_SERVERS "
-                    f"or {role}_servers in the config file"
+                    f"or {role}_servers in the config file (or restore them with --state-file)"
                 )
             urls = [s.url for s in servers]
             duplicates = sorted({u for u in urls if urls.count(u) > 1})
@@ -220,6 +225,11 @@ def load_settings(cli_values: dict[str, Any]) -> Settings:
 
 def format_validation_error(exc: ValidationError) -> str:
     """Pydantic's multi-line report as one operator-readable line."""
+    return "invalid settings: " + describe_validation_error(exc)
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """Every problem pydantic found, as `field: problem; …` on one line."""
     problems = []
     for error in exc.errors():
         where = ".".join(str(part) for part in error["loc"] if not isinstance(part, int)) or "settings"
@@ -227,4 +237,4 @@ def format_validation_error(exc: ValidationError) -> str:
         if error["type"] == "extra_forbidden":
             message = "unknown setting"
         problems.append(f"{where}: {message}")
-    return "invalid settings: " + "; ".join(problems)
+    return "; ".join(problems)

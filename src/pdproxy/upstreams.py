@@ -24,6 +24,7 @@ class State(str, enum.Enum):
     """Where an upstream stands; only some states are routable."""
 
     UNKNOWN = "unknown"  # configured, not probed yet: routable so start-up never blocks
+    WARMING = "warming"  # added at runtime: no traffic before its first good probe (weights may be loading)
     HEALTHY = "healthy"
     UNHEALTHY = "unhealthy"
     EJECTED = "ejected"
@@ -31,6 +32,7 @@ class State(str, enum.Enum):
 
 
 ROUTABLE_STATES = frozenset({State.UNKNOWN, State.HEALTHY})
+MAX_WEIGHT = 1000
 
 
 def normalize_url(address: str) -> str:
@@ -82,6 +84,20 @@ class Upstream:
     def routable(self) -> bool:
         return self.state in ROUTABLE_STATES
 
+    def describe(self) -> dict[str, object]:
+        """A JSON-ready view for operators (/health?verbose=1, the admin API)."""
+        return {
+            "id": self.id,
+            "role": self.role.value,
+            "url": self.url,
+            "weight": self.weight,
+            "max_in_flight": self.max_in_flight,
+            "state": self.state.value,
+            "in_flight": self.in_flight,
+            "served": self.served,
+            "last_error": self.last_error,
+        }
+
     @property
     def full(self) -> bool:
         """At its concurrency cap: every policy skips it until a lease comes back."""
@@ -93,7 +109,7 @@ class Lease:
 
     __slots__ = ("_on_release", "_released", "upstream")
 
-    def __init__(self, upstream: Upstream, on_release: Callable[[], None] | None = None) -> None:
+    def __init__(self, upstream: Upstream, on_release: Callable[[Upstream], None] | None = None) -> None:
         self.upstream = upstream
         self._on_release = on_release
         self._released = False
@@ -106,7 +122,7 @@ class Lease:
             self.upstream.in_flight -= 1
             self.upstream.served += 1
             if self._on_release is not None:
-                self._on_release()
+                self._on_release(self.upstream)
 
 
 class UpstreamPool:

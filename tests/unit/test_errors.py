@@ -12,11 +12,13 @@ from aiohttp.client_reqrep import ConnectionKey
 from pdproxy import errors
 from pdproxy.errors import (
     ClientError,
+    Forbidden,
     InvalidRequest,
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
     ProxyError,
+    Unauthorized,
     Unavailable,
     UpstreamBadResponse,
     UpstreamBadStatus,
@@ -35,6 +37,8 @@ EXPECTED: dict[type[ProxyError], tuple[int, str, bool]] = {
     ProxyError: (500, "internal_error", False),
     ClientError: (400, "invalid_request_error", False),
     InvalidRequest: (400, "invalid_request_error", False),
+    Unauthorized: (401, "authentication_error", False),
+    Forbidden: (403, "permission_error", False),
     NotFound: (404, "invalid_request_error", False),
     MethodNotAllowed: (405, "invalid_request_error", False),
     PayloadTooLarge: (413, "invalid_request_error", False),
