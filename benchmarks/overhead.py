@@ -13,32 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-URL = re.compile(r"(http://127\.0\.0\.1:\d+)")
+sys.path.insert(0, str(HERE))
 
-
-def start(*args: str, marker: str) -> tuple[subprocess.Popen[str], str]:
-    process = subprocess.Popen([sys.executable, "-m", "pdproxy", *args], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-    assert process.stdout is not None
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        if marker in line and (match := URL.search(line)):
-            # Keep draining its output so a full pipe never blocks it.
-            threading.Thread(target=process.stdout.read, daemon=True).start()
-            return process, match.group(1)
-    process.kill()
-    raise RuntimeError(f"pdproxy {' '.join(args)} did not start")
+from processes import start, start_mock, stop_all  # noqa: E402
 
 
 def cpu_seconds(pid: int) -> float:
@@ -74,7 +57,7 @@ def main() -> None:
     try:
         urls = []
         for role in ("prefill", "prefill", "decode"):
-            process, url = start("mock", "--role", role, "--port", "0", marker="listening on")
+            process, url = start_mock(role)
             processes.append(process)
             urls.append(url)
         proxy, proxy_url = start("--prefill-servers", f"{urls[0]},{urls[1]}", "--decode-servers", urls[2],
@@ -97,10 +80,7 @@ def main() -> None:
         }
         print(json.dumps(result, indent=2))
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            process.wait(timeout=10)
+        stop_all(processes)
 
 
 if __name__ == "__main__":
