@@ -142,11 +142,11 @@ async def cluster_factory() -> AsyncIterator[ClusterFactory]:
                 engines.append(engine)
                 urls.append(url)
                 engine_runners[id(engine)] = runner
+        settings.setdefault("access_log", False)
         servers = [f"{url}={weight}" for url, weight in zip(prefill_urls, prefill_weights, strict=False)]
         servers += prefill_urls[len(servers):]
         app = build_app(
-            Settings(prefill_servers=",".join(servers), decode_servers=",".join(decode_urls),
-                     access_log=False, **settings),
+            Settings(prefill_servers=",".join(servers), decode_servers=",".join(decode_urls), **settings),
             rng=random.Random(seed),
         )
         proxy_runner, url = await start_server(app, "127.0.0.1", 0)

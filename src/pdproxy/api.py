@@ -51,17 +51,18 @@ class OpenAIApi:
             check(body)
             stream = _check_common(body)
         except ProxyError as exc:
-            self.flow.metrics.requests.labels(endpoint, str(exc.status)).inc()
-            return exc.response(request_id)
+            return self.flow.refuse(request, endpoint, request_id, exc)
         preq = ProxyRequest(endpoint, body, stream, request_id, self._upstream_headers(request, request_id))
         return await self.flow.handle(request, preq)
 
     async def models(self, request: web.Request) -> web.StreamResponse:
         request_id = _request_id(request)
         try:
-            return await self.flow.fetch_models(self._upstream_headers(request, request_id), request_id)
+            response = await self.flow.fetch_models(self._upstream_headers(request, request_id), request_id)
         except ProxyError as exc:
-            return exc.response(request_id)
+            response = exc.response(request_id)
+        self.flow.metrics.requests.labels("/v1/models", str(response.status)).inc()
+        return response
 
     async def health(self, request: web.Request) -> web.Response:
         """200 when at least one P and one D are routable and the proxy is not draining, else 503 with

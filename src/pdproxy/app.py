@@ -109,7 +109,7 @@ def build_app(settings: Settings, *, rng: random.Random | None = None) -> web.Ap
         admission.wake()  # a recovered upstream may let a queued request go; a lost one may fail it fast
 
     board.listen(on_transition)
-    metrics.watch_upstreams(membership.members, (state.value for state in State))
+    metrics.watch_upstreams(membership.members, (state.value for state in State if state is not State.REMOVED))
     metrics.queue_waiting.set_function(lambda: admission.waiting)
 
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[openai_errors])

@@ -47,7 +47,7 @@ from pdproxy.kv import KvAdapter
 from pdproxy.metrics import Metrics
 from pdproxy.outlier import OutlierDetector
 from pdproxy.request import ProxyRequest
-from pdproxy.upstreams import Lease, Upstream, UpstreamPool
+from pdproxy.upstreams import Lease, State, Upstream, UpstreamPool
 
 access_log = logging.getLogger("pdproxy.access")
 
@@ -112,7 +112,7 @@ class Trace:
             f"{self.request_id} {self.client} {self.endpoint} {self.status} P={self.prefill_upstream} "
             f"D={self.decode_upstream} prefill_ms={_ms(self.prefill_s)} ttft_ms={_ms(self.ttft_s)} "
             f"total_ms={_ms(total_s)} bytes={self.bytes_out} retries={self.retries}"
-            + (f' error="{self.error}"' if self.error else "")
+            + (f" error={orjson.dumps(self.error).decode()}" if self.error else "")
         )
 
     def as_json(self, total_s: float) -> str:
@@ -294,12 +294,19 @@ class PDFlow:
             self.in_flight -= 1
             if not self.in_flight:
                 self._idle.set()
+            self.metrics.requests_in_flight.dec()
             self._account(trace)
+
+    def refuse(self, request: web.Request, endpoint: str, request_id: str, error: ProxyError) -> web.Response:
+        """Answer a request refused before the flow (invalid, too large), with the same accounting."""
+        trace = Trace(request_id, endpoint, time.perf_counter(), request.remote or "-", status=error.status,
+                      error=error.message, stage="parse")
+        self._account(trace)
+        return error.response(request_id)
 
     def _account(self, trace: Trace) -> None:
         total = time.perf_counter() - trace.start
         metrics = self.metrics
-        metrics.requests_in_flight.dec()
         metrics.requests.labels(trace.endpoint, str(trace.status)).inc()
         metrics.request_duration.labels(trace.endpoint).observe(total)
         if trace.ttft_s is not None:
@@ -390,21 +397,20 @@ class PDFlow:
                 trace.retries += 1
                 self.metrics.prefill_retries.inc()
             lease = Lease(upstream, self._on_release)
+            outcome, reason = "cancelled", None  # unless the call ends otherwise: the client went away
             try:
                 answer = await self._call_prefill(upstream, body, preq, remaining)
+                outcome = "ok"
             except UpstreamError as exc:
                 last_error = exc
-                self._report(upstream, _outcome(exc), exc.message)
+                outcome, reason = _outcome(exc), exc.message
                 continue
             except UpstreamRejected:
-                self._report(upstream, "rejected")
-                raise
-            except asyncio.CancelledError:
-                self._report(upstream, "cancelled")
+                outcome = "rejected"
                 raise
             finally:
+                self._report(upstream, outcome, reason)  # before the release, which may remove the upstream
                 lease.release()
-            self._report(upstream, "ok")
             trace.prefill_s = time.perf_counter() - trace.start
             return answer
         if last_error is not None:
@@ -611,6 +617,8 @@ class PDFlow:
 
     def _report(self, upstream: Upstream, outcome: str, reason: str | None = None) -> None:
         """Record one upstream call's outcome; the outlier detector decides what it means."""
+        if upstream.state is State.REMOVED:  # its series are gone: recording would bring them back
+            return
         self.metrics.upstream_requests.labels(upstream.role.value, upstream.url, outcome).inc()
         if outcome == "ok":
             self.outlier.report(upstream, None)

@@ -137,7 +137,7 @@ class Membership:
     def _detach(self, upstream: Upstream, reason: str) -> None:
         self._removing.discard(upstream.id)
         self.pools[upstream.role].remove(upstream)
-        log.info("%s upstream %s %s", upstream.role.value, upstream.url, reason)
+        self._board.set(upstream, State.REMOVED, reason)
         self.hooks.unwatch(upstream)
         self.hooks.forget(upstream)
         self.save()

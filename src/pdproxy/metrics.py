@@ -14,6 +14,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    disable_created_metrics,
     generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily
@@ -61,6 +62,7 @@ class Metrics:
     """The proxy's metrics; one instance (and registry) per application."""
 
     def __init__(self) -> None:
+        disable_created_metrics()  # process-wide in prometheus-client: no `*_created` twin for every series
         self.registry = registry = CollectorRegistry()
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)

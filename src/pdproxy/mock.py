@@ -237,6 +237,8 @@ class MockEngine:
         self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self.healthy = True  # False: /health answers 503 (as an engine still loading or failing would)
+        self._gate = asyncio.Event()  # cleared by hold(): streams pause after their first token
+        self._gate.set()
         self.health_probes = 0
 
     # ------------------------------------------------------------------ app
@@ -292,6 +294,13 @@ class MockEngine:
         A non-streaming request hit by this fault hangs like :meth:`hang_next`.
         """
         self._script(_Fault("stall", n_chunks=n_chunks), times)
+
+    def hold(self) -> None:
+        """Pause every stream after its first token until `release()` (deterministic open streams)."""
+        self._gate.clear()
+
+    def release(self) -> None:
+        self._gate.set()
 
     def clear_faults(self) -> None:
         """Forget every scripted fault not yet consumed."""
@@ -673,6 +682,8 @@ class MockEngine:
                     await asyncio.sleep(wait)
                 elif i and i % _YIELD_EVERY == 0:
                     await asyncio.sleep(0)
+                if i and not self._gate.is_set():
+                    await self._gate.wait()
                 chunk = b'%s" tok%d"%s' % (prefix, i, last_suffix if i == n - 1 else suffix)
                 if i == 0 and first:
                     chunk = first + chunk

@@ -29,6 +29,7 @@ class State(str, enum.Enum):
     UNHEALTHY = "unhealthy"
     EJECTED = "ejected"
     DRAINING = "draining"
+    REMOVED = "removed"  # out of its pool; leases still out on it are only given back
 
 
 ROUTABLE_STATES = frozenset({State.UNKNOWN, State.HEALTHY})

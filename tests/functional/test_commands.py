@@ -105,7 +105,7 @@ async def test_sigterm_drains_open_streams_and_refuses_new_ones(
 ) -> None:
     from pdproxy.mock import MockConfig, start_mock
 
-    engines = [await start_mock(MockConfig(role=role, itl_ms=25)) for role in ("prefill", "decode")]
+    engines = [await start_mock(MockConfig(role=role)) for role in ("prefill", "decode")]
     try:
         proxy = await spawn("--prefill-servers", engines[0][2], "--decode-servers", engines[1][2],
                             "--host", "127.0.0.1", "--port", "0", "--drain-timeout", "20")
@@ -117,8 +117,9 @@ async def test_sigterm_drains_open_streams_and_refuses_new_ones(
                     "model": "mock", "prompt": "hi", "max_tokens": 40, "stream": True}) as resp:
                     return await resp.read()
 
-            streams = [asyncio.create_task(stream()) for _ in range(3)]
             decode = engines[1][0]
+            decode.hold()  # the streams stay open until the checks below are done
+            streams = [asyncio.create_task(stream()) for _ in range(3)]
             await decode.wait_until(lambda stats: stats.in_flight == 3)
             proxy.send_signal(signal.SIGTERM)
             await read_line(proxy, b"draining")
@@ -127,6 +128,7 @@ async def test_sigterm_drains_open_streams_and_refuses_new_ones(
             async with http.post(url + "/v1/completions", json={"model": "mock", "prompt": "x"}) as resp:
                 assert resp.status == 503
                 assert "shutting down" in (await resp.json())["error"]["message"]
+            decode.release()
             bodies = await asyncio.gather(*streams)
         assert all(body.count(b"data: ") == 41 and body.endswith(b"data: [DONE]\n\n") for body in bodies)
         assert await asyncio.wait_for(proxy.wait(), 10) == 0

@@ -275,7 +275,8 @@ async def test_drain_refuses_new_requests_and_finishes_open_streams(
 ) -> None:
     from pdproxy.app import drain
 
-    cluster = await cluster_factory(decode_config=MockConfig(role="decode", itl_ms=20))
+    cluster = await cluster_factory()
+    cluster.decode[0].hold()  # the streams stay open until the checks below are done
     open_streams = [asyncio.create_task(send(http, cluster, STREAM | {"max_tokens": 20})) for _ in range(4)]
     await cluster.decode[0].wait_until(lambda stats: stats.in_flight == 4)
     drained = asyncio.create_task(drain(cluster.flow, timeout=10))
@@ -284,6 +285,8 @@ async def test_drain_refuses_new_requests_and_finishes_open_streams(
         assert resp.status == 503
         assert "draining" in (await resp.json())["reason"]
     assert await send(http, cluster) == "status 503"
+    assert not drained.done()
+    cluster.decode[0].release()
     await drained
     assert await asyncio.gather(*open_streams) == ["ok"] * 4
 
