@@ -145,7 +145,10 @@ class ActiveHealthChecker:
     async def _run(self, upstream: Upstream) -> None:
         await asyncio.sleep(self._interval * self._rng.uniform(0, 0.1))
         while True:
-            await self.check(upstream)
+            try:
+                await self.check(upstream)
+            except Exception:  # a bug must not end this upstream's checks for good
+                log.exception("health check of %s failed unexpectedly", upstream.url)
             await asyncio.sleep(self._interval * self._rng.uniform(0.9, 1.1))
 
     async def check(self, upstream: Upstream) -> None:
@@ -190,6 +193,6 @@ def http_probe(session: Callable[[], aiohttp.ClientSession | None], path: str, t
         except asyncio.TimeoutError:
             return f"GET {path} timed out after {timeout:g}s"
         except aiohttp.ClientError as exc:
-            return f"GET {path} failed: {exc or type(exc).__name__}"
+            return f"GET {path} failed: {str(exc) or type(exc).__name__}"
 
     return probe

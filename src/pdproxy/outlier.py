@@ -106,5 +106,10 @@ class ConsecutiveFailureDetector:
             asyncio.get_running_loop().call_later(duration, self._expire, upstream)
 
     def _expire(self, upstream: Upstream) -> None:
-        if upstream.state is State.EJECTED and self.ejection_over(upstream):
+        if upstream.state is not State.EJECTED:
+            return
+        if self.ejection_over(upstream):
             self._board.set(upstream, State.HEALTHY, "ejection time over")
+        else:  # the loop's timer may fire a little before the clock says so (uvloop): look again then
+            remaining = self._records[upstream.id].until - self._clock()
+            asyncio.get_running_loop().call_later(max(remaining, 0.001), self._expire, upstream)
