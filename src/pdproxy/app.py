@@ -194,8 +194,10 @@ def _client_session(flow: PDFlow) -> Callable[[web.Application], AsyncIterator[N
     async def context(app: web.Application) -> AsyncIterator[None]:
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
         # auto_decompress off and no Accept-Encoding: upstream bytes reach the client as sent.
+        # No cookie jar: cookies one upstream sets must never ride along on other clients' requests.
         flow.session = aiohttp.ClientSession(
-            connector=connector, auto_decompress=False, skip_auto_headers=("Accept-Encoding", "User-Agent")
+            connector=connector, auto_decompress=False, skip_auto_headers=("Accept-Encoding", "User-Agent"),
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
         try:
             yield

@@ -209,3 +209,26 @@ async def test_decode_bytes_are_relayed_unchanged(
         assert resp.status == 200
         assert resp.headers["Content-Type"] == "application/json; charset=latin-1"
         assert await resp.read() == ODD_JSON
+
+
+async def test_upstream_cookies_never_reach_other_requests(
+    cluster_factory: ClusterFactory, serve_app: Callable[[web.Application], Awaitable[str]],
+    http: aiohttp.ClientSession,
+) -> None:
+    seen: list[str | None] = []
+
+    async def prefill(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Cookie"))
+        response = web.json_response({"choices": [{"text": "x"}], "kv_transfer_params": None})
+        response.set_cookie("session", "client-a-secret")
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", prefill)
+    # A host name, as in real deployments: aiohttp's default jar would ignore cookies from a bare IP.
+    url = (await serve_app(app)).replace("127.0.0.1", "localhost")
+    cluster = await cluster_factory(n_prefill=0, extra_prefill=(url,))
+    for _ in range(2):
+        async with http.post(cluster.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1}) as resp:
+            assert resp.status == 200
+    assert seen == [None, None]
