@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-import uuid
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -123,7 +123,7 @@ def _request_id(request: web.Request) -> str:
     given = request.headers.get("X-Request-Id")
     if given and len(given) <= MAX_REQUEST_ID_LENGTH and given.isascii() and given.isprintable():
         return given
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()
 
 
 def _check_common(body: dict[str, Any]) -> bool:
