@@ -16,13 +16,13 @@ from aiohttp import web
 from pdproxy.admin import AdminApi
 from pdproxy.admission import AdmissionQueue
 from pdproxy.api import OpenAIApi, openai_errors
-from pdproxy.balancers import make_balancer
 from pdproxy.flow import FlowLimits, FlowTimeouts, PDFlow
 from pdproxy.health import ActiveHealthChecker, StateBoard, http_probe
 from pdproxy.kv import make_adapter
 from pdproxy.membership import Hooks, Membership, read_state_file
 from pdproxy.metrics import CONTENT_TYPE, Metrics
 from pdproxy.outlier import ConsecutiveFailureDetector, NoOutlierDetection, OutlierDetector
+from pdproxy.policies import PolicyOptions, make_balancer
 from pdproxy.settings import Settings
 from pdproxy.upstreams import Role, State, Upstream, UpstreamPool
 
@@ -48,12 +48,13 @@ def build_app(settings: Settings, *, rng: random.Random | None = None) -> web.Ap
     for role, pool in pools.items():
         if not pool.members:
             raise ValueError(f"no {role.value} servers (the state file {settings.state_file} lists none)")
-    policy_options = {
-        "rng": rng,
-        "prefix_chars": settings.prefix_hash_chars,
-        "vnodes": settings.prefix_hash_vnodes,
-        "load_factor": settings.prefix_hash_load_factor,
-    }
+    policy_options = PolicyOptions(
+        prefix_chars=settings.prefix_hash_chars, vnodes=settings.prefix_hash_vnodes,
+        load_factor=settings.prefix_hash_load_factor, block_chars=settings.cache_block_chars,
+        index_max_blocks=settings.cache_index_max_blocks, cache_weight=settings.cache_aware_weight,
+        cache_load=settings.cache_aware_load, chars_per_token=settings.chars_per_token,
+        tokenizer=str(settings.tokenizer) if settings.tokenizer else None,
+    )
     metrics = Metrics()
     board = StateBoard()
     admission = AdmissionQueue(settings.queue_size, settings.queue_timeout)
@@ -74,8 +75,8 @@ def build_app(settings: Settings, *, rng: random.Random | None = None) -> web.Ap
     flow = PDFlow(
         prefill_pool=pools[Role.PREFILL],
         decode_pool=pools[Role.DECODE],
-        prefill_policy=make_balancer(settings.prefill_policy, **policy_options),
-        decode_policy=make_balancer(settings.decode_policy, **policy_options),
+        prefill_policy=make_balancer(settings.prefill_policy, policy_options, rng=rng),
+        decode_policy=make_balancer(settings.decode_policy, policy_options, rng=rng),
         kv=make_adapter(settings.kv_adapter),
         timeouts=FlowTimeouts(
             connect=settings.connect_timeout, prefill=settings.prefill_timeout,

@@ -24,15 +24,28 @@ SERVE_OPTIONS: tuple[tuple[tuple[str, ...], str, dict[str, Any], str], ...] = (
     (("--host",), "host", {}, "address to listen on (default 0.0.0.0)"),
     (("--port", "--listen-port"), "port", {"type": int}, "port to listen on (default 8000)"),
     (("--prefill-policy",), "prefill_policy", {},
-     "prefill load balancing: least_conn (default), prefix_hash, round_robin"),
+     "prefill load balancing: least_conn (default), cache_aware, least_tokens, prefix_hash, round_robin"),
     (("--decode-policy",), "decode_policy", {},
-     "decode load balancing: least_conn (default), round_robin, prefix_hash"),
+     "decode load balancing: least_conn (default), round_robin, prefix_hash, least_tokens, cache_aware"),
     (("--prefix-hash-chars",), "prefix_hash_chars", {"type": int},
      "prefix_hash: leading prompt characters hashed (default 1024)"),
     (("--prefix-hash-vnodes",), "prefix_hash_vnodes", {"type": int},
      "prefix_hash: ring points per unit of weight (default 160)"),
     (("--prefix-hash-load-factor",), "prefix_hash_load_factor", {"type": float},
      "prefix_hash: a server over (1+F) x its share of in-flight requests passes requests on (default 0.25)"),
+    (("--cache-block-chars",), "cache_block_chars", {"type": int},
+     "cache_aware: characters per block of its prefix index (default 128)"),
+    (("--cache-index-max-blocks",), "cache_index_max_blocks", {"type": int},
+     "cache_aware: blocks remembered per server, least recently used dropped first (default 32768)"),
+    (("--cache-aware-weight",), "cache_aware_weight", {"type": float},
+     "cache_aware: w in cost = w x uncached prompt tokens + load (default 2.0)"),
+    (("--cache-aware-load",), "cache_aware_load", {"choices": ("tokens", "requests")},
+     "cache_aware: load = in-flight uncached prompt tokens or in-flight requests (default tokens)"),
+    (("--chars-per-token",), "chars_per_token", {"type": float},
+     "cache_aware, least_tokens: prompt characters per estimated token without --tokenizer (default 4.0)"),
+    (("--tokenizer",), "tokenizer", {"metavar": "PATH"},
+     "cache_aware, least_tokens: count tokens with this local tokenizer.json (needs pdproxy[tokenizer]; "
+     "default: estimate from characters)"),
     (("--prefill-retries",), "prefill_retries", {"type": int},
      "other prefill servers tried after a failed prefill (default 2)"),
     (("--flow-retries",), "flow_retries", {"type": int},
@@ -136,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     mock.add_argument("--itl-ms", type=float, default=0.0, help="delay between streamed tokens")
     mock.add_argument("--tokens", type=int, default=16, help="tokens generated when the request sets no max_tokens")
     mock.add_argument("--model", default="mock")
+    mock.add_argument("--prefill-ms-per-token", type=float, default=0.0,
+                      help="prompt compute per uncached token, one prompt at a time (default 0: none)")
+    mock.add_argument("--cache-blocks", type=int, default=4096,
+                      help="prefix cache size in 16-token blocks; 0: no cache (default 4096)")
     mock.add_argument("--log-level", default="info", choices=LOG_LEVELS)
 
     upstreams = commands.add_parser("upstreams", help="list, add, remove or drain upstreams of a running proxy")
@@ -214,7 +231,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         _setup_logging(args.log_level)
         try:
             config = MockConfig(role=args.role, ttft_ms=args.ttft_ms, itl_ms=args.itl_ms, tokens=args.tokens,
-                                model=args.model)
+                                model=args.model, prefill_ms_per_token=args.prefill_ms_per_token,
+                                cache_blocks=args.cache_blocks)
         except ValueError as exc:
             _fail(str(exc))
         _run_or_fail(run, _serve_mock(config, args.host, args.port))

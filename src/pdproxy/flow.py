@@ -30,7 +30,6 @@ import orjson
 from aiohttp import web
 
 from pdproxy.admission import AdmissionQueue, QueueFull, QueueTimeout, deadline
-from pdproxy.balancers import Balancer
 from pdproxy.errors import (
     ProxyError,
     Unavailable,
@@ -46,6 +45,7 @@ from pdproxy.errors import (
 from pdproxy.kv import KvAdapter
 from pdproxy.metrics import Metrics
 from pdproxy.outlier import OutlierDetector
+from pdproxy.policies import Balancer
 from pdproxy.request import ProxyRequest
 from pdproxy.upstreams import Lease, State, Upstream, UpstreamPool
 

@@ -19,7 +19,7 @@ import hashlib
 import logging
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +33,7 @@ __all__ = [
     "MockConfig",
     "MockEngine",
     "MockStats",
+    "PrefixCache",
     "RecordedRequest",
     "block_ids_for",
     "serve_mock",
@@ -66,6 +67,11 @@ class MockConfig:
     engine_id: str = ""  # "" -> a fresh uuid4 hex when the engine is built
     side_channel_host: str = "127.0.0.1"
     side_channel_port: int = 5600
+    # Prefix cache model: an LRU of BLOCK_SIZE-token blocks; prompt tokens it holds are not computed again.
+    cache_blocks: int = 4096  # blocks the engine's prefix cache holds; 0: no cache
+    # Prefill compute: this many ms per uncached prompt token, one prompt at a time (FIFO), before
+    # ttft_ms. 0 (the default) adds no delay, so timing is ttft_ms alone.
+    prefill_ms_per_token: float = 0.0
 
     def __post_init__(self) -> None:
         """Reject nonsense early, so a typo in a demo config fails at start-up."""
@@ -73,6 +79,8 @@ class MockConfig:
             raise ValueError(f"role must be one of {_ROLES}, got {self.role!r}")
         if self.ttft_ms < 0 or self.itl_ms < 0:
             raise ValueError("ttft_ms and itl_ms must be >= 0")
+        if self.cache_blocks < 0 or self.prefill_ms_per_token < 0:
+            raise ValueError("cache_blocks and prefill_ms_per_token must be >= 0")
         if self.tokens < 1:
             raise ValueError("tokens must be >= 1")
 
@@ -111,6 +119,10 @@ class MockStats:
     in_flight: int = 0  # generation requests currently being served
     completed: int = 0
     aborted: int = 0  # generations cancelled or whose client went away mid-response
+    # Prefix cache, over every request that computes its prompt (all but decodes with a valid handle).
+    # Measurements, not outcomes: left out of ==, so comparing outcome counters stays exact.
+    prompt_tokens_hit: int = dataclasses.field(default=0, compare=False)  # found in the prefix cache
+    prompt_tokens_miss: int = dataclasses.field(default=0, compare=False)  # computed
 
 
 @dataclass(slots=True, frozen=True)
@@ -158,6 +170,49 @@ def block_ids_for(prompt_text: str) -> list[int]:
         int.from_bytes(hashlib.sha256(digest + i.to_bytes(4, "big")).digest()[:4], "big") & 0x7FFFFFFF
         for i in range(n_blocks)
     ]
+
+
+class PrefixCache:
+    """A bounded LRU of prompt blocks, as vLLM's automatic prefix caching keeps them.
+
+    A block is ``BLOCK_SIZE`` tokens (here: words); its key chains the previous key with the
+    block's words, so it stands for the whole prefix up to it. Only whole blocks are cached, and
+    at least the last prompt token is always computed. A prompt's blocks are touched from its end
+    to its start, so eviction removes the ends of prompts first and what is held stays a prefix.
+    """
+
+    __slots__ = ("_blocks",)
+
+    def __init__(self) -> None:
+        self._blocks: OrderedDict[int, None] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def lookup_and_insert(self, words: list[str], capacity: int) -> int:
+        """Tokens of ``words`` already cached; then cache all its whole blocks (bounded by ``capacity``)."""
+        if capacity <= 0:
+            self._blocks.clear()
+            return 0
+        keys: list[int] = []
+        key = 0
+        for end in range(BLOCK_SIZE, len(words) + 1, BLOCK_SIZE):
+            key = hash((key, *words[end - BLOCK_SIZE:end]))
+            keys.append(key)
+        blocks = self._blocks
+        hit = 0
+        for key in keys:
+            if key not in blocks:
+                break
+            hit += 1
+        for key in reversed(keys):
+            if key in blocks:
+                blocks.move_to_end(key)
+            else:
+                blocks[key] = None
+        for _ in range(len(blocks) - capacity):
+            blocks.popitem(last=False)
+        return min(hit * BLOCK_SIZE, max(len(words) - 1, 0))
 
 
 def _error_response(
@@ -240,6 +295,8 @@ class MockEngine:
         self._gate = asyncio.Event()  # cleared by hold(): streams pause after their first token
         self._gate.set()
         self.health_probes = 0
+        self.prefix_cache = PrefixCache()
+        self._compute_free_at = 0.0  # loop time when the prompt computed last is done (FIFO compute)
 
     # ------------------------------------------------------------------ app
 
@@ -424,6 +481,7 @@ class MockEngine:
             return await self._apply_fault(request, _Fault("drop" if fault.kind == "die" else "hang"))
 
         stats = self.stats
+        computes_prompt = True  # unless the KV arrives from a prefill engine
         if prefill:
             stats.prefills += 1
         else:
@@ -433,8 +491,11 @@ class MockEngine:
                 stats.decodes_without_handle += 1
             elif self._handle_is_valid(kv, gen, request):
                 stats.decodes_with_valid_handle += 1
+                computes_prompt = False
             else:
                 stats.decodes_with_invalid_handle += 1
+        if computes_prompt:
+            t0 = self._compute_prompt(gen.prompt_text, t0)
 
         stats.in_flight += 1
         self._notify()
@@ -448,6 +509,26 @@ class MockEngine:
         finally:
             stats.in_flight -= 1
             self._notify()
+
+    def _compute_prompt(self, prompt_text: str, t0: float) -> float:
+        """Look the prompt up in the prefix cache; return when its computation ends (loop time).
+
+        The engine computes one prompt at a time, in arrival order, for ``prefill_ms_per_token``
+        per uncached token, so a request waits for those ahead of it. That order also means every
+        prompt ahead is cached by the time this one starts, so the lookup happens on arrival.
+        """
+        cfg = self.config
+        words = prompt_text.split()
+        hit = self.prefix_cache.lookup_and_insert(words, cfg.cache_blocks)
+        miss = len(words) - hit
+        self.stats.prompt_tokens_hit += hit
+        self.stats.prompt_tokens_miss += miss
+        work_s = miss * cfg.prefill_ms_per_token / 1000.0
+        if work_s <= 0:
+            return t0
+        done = max(t0, self._compute_free_at) + work_s
+        self._compute_free_at = done
+        return done
 
     async def _apply_fault(self, request: web.Request, fault: _Fault) -> web.StreamResponse:
         """Misbehave as scripted; every branch leaves aiohttp with nothing loud to log."""
@@ -588,8 +669,8 @@ class MockEngine:
         cfg = self.config
         n = 1 if prefill else gen.max_tokens
         delay_s = (cfg.ttft_ms + (0.0 if prefill else cfg.itl_ms * (n - 1))) / 1000.0
-        remaining = t0 + delay_s - asyncio.get_running_loop().time()
-        if delay_s > 0 and remaining > 0:
+        remaining = t0 + delay_s - asyncio.get_running_loop().time()  # t0 may lie ahead: prompt compute
+        if remaining > 0:
             await asyncio.sleep(remaining)
 
         text = "".join([f" tok{i}" for i in range(n)])
@@ -674,10 +755,11 @@ class MockEngine:
         try:
             await resp.prepare(request)
             due = t0 + ttft_s  # token i is due at t0 + ttft + i*itl: no drift from sleep overhead
+            timed = bool(ttft_s or itl_s) or t0 > loop.time()  # t0 may lie ahead: prompt compute
             for i in range(to_send):
                 if i:
                     due += itl_s
-                wait = due - loop.time() if (ttft_s or itl_s) else 0.0
+                wait = due - loop.time() if timed else 0.0
                 if wait > 0:
                     await asyncio.sleep(wait)
                 elif i and i % _YIELD_EVERY == 0:

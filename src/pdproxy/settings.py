@@ -87,6 +87,12 @@ class Settings(BaseSettings):
     prefix_hash_chars: int = Field(1024, ge=1)
     prefix_hash_vnodes: int = Field(160, ge=1, le=10000)
     prefix_hash_load_factor: float = Field(0.25, gt=0)
+    cache_block_chars: int = Field(128, ge=1, le=1_000_000)
+    cache_index_max_blocks: int = Field(32768, ge=1)
+    cache_aware_weight: float = Field(2.0, ge=0)
+    cache_aware_load: Literal["tokens", "requests"] = "tokens"
+    chars_per_token: float = Field(4.0, gt=0)
+    tokenizer: Path | None = None
     kv_adapter: str = "vllm"
     # Failover
     prefill_retries: int = Field(2, ge=0, le=16)

@@ -15,9 +15,9 @@ import pytest
 import pdproxy
 from pdproxy import app as app_module
 from pdproxy import cli
-from pdproxy.balancers import POLICIES
 from pdproxy.cli import SERVE_OPTIONS, build_parser, main
 from pdproxy.kv import ADAPTERS
+from pdproxy.policies import POLICIES
 from pdproxy.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]

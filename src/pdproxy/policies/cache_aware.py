@@ -1,0 +1,101 @@
+"""`cache_aware`: send a prompt where its prefix is probably cached, unless that server's queue costs more.
+
+pdproxy keeps its own approximate index of what each prefill server recently prefilled, built from
+its routing decisions alone (no engine feedback): see `prefix_index`. For each candidate it
+estimates the prompt tokens that server would have to compute (the uncached part) and picks the
+least
+
+    cost = (w × uncached tokens + load) / weight
+
+where load is either the estimated uncached prompt tokens already in flight on the server
+(`tokens`, the default: the prefill work queued ahead of this request, in the same unit) or its
+in-flight requests (`requests`: w then converts tokens into requests, e.g. 0.005 means
+recomputing 200 tokens costs as much as one more request in the queue). With `tokens`, w = 1 is
+the greedy choice for this request's own time to first token; the default w = 2 also charges the
+delay a recomputation imposes on the requests queued behind it on the server that recomputes, and
+measured best in benchmarks/routing.py (w = 1 gave up a fifth of the hits on a busy tier).
+One continuous cost, no on/off threshold: a long match behind a long queue loses to an idle
+server once the wait outweighs the recomputation. The index is updated at decision time, so a
+burst sees its own decisions.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from collections.abc import Callable, Sequence
+
+from pdproxy.policies.base import RoutingRequest
+from pdproxy.policies.ledger import InFlightTokens
+from pdproxy.policies.prefix_index import PrefixIndex, block_keys
+from pdproxy.policies.tokens import TokenCounter
+from pdproxy.upstreams import Upstream
+
+LOAD_MEASURES = ("tokens", "requests")
+FORGET_AFTER = 60.0  # seconds a server may be absent from the candidates before its index entries go
+WHOLE = sys.maxsize
+
+
+class CacheAware:
+    """Least `(w × estimated uncached prompt tokens + load) / weight`, ties broken by the injected rng."""
+
+    def __init__(
+        self,
+        *,
+        rng: random.Random,
+        clock: Callable[[], float],
+        counter: TokenCounter,
+        block_chars: int,
+        max_blocks: int,
+        weight: float,
+        load: str,
+        forget_after: float = FORGET_AFTER,
+    ) -> None:
+        if load not in LOAD_MEASURES:
+            raise ValueError(f"cache_aware load must be one of {', '.join(LOAD_MEASURES)}, got {load!r}")
+        if block_chars < 1:
+            raise ValueError("block_chars must be >= 1")
+        if weight < 0:
+            raise ValueError("cache_aware weight must be >= 0")
+        self._rng = rng
+        self._counter = counter
+        self._block_chars = block_chars
+        self._max_chars = block_chars * max_blocks  # more than a server's index could ever hold
+        self._weight = weight
+        self._by_tokens = load == "tokens"
+        self._index = PrefixIndex(max_blocks, clock=clock, forget_after=forget_after)
+        self._ledger = InFlightTokens()
+
+    def choose(self, candidates: Sequence[Upstream], request: RoutingRequest) -> Upstream:
+        text = request.prompt_prefix(WHOLE)
+        tokens = self._counter.count(text)
+        block_chars = self._block_chars
+        keys = block_keys(text if len(text) <= self._max_chars else text[:self._max_chars], block_chars)
+        tokens_per_block = tokens * block_chars / len(text) if text else 0.0
+        index, ledger, w, by_tokens = self._index, self._ledger, self._weight, self._by_tokens
+        index.seen(u.id for u in candidates)
+        best: list[tuple[Upstream, float]] = []
+        best_cost = float("inf")
+        for upstream in candidates:
+            uncached = max(tokens - index.matched(upstream.id, keys) * tokens_per_block, 0.0) if keys else tokens
+            load = ledger.tokens(upstream) if by_tokens else upstream.in_flight
+            cost = (w * uncached + load) / upstream.weight
+            if cost < best_cost:
+                best_cost, best = cost, [(upstream, uncached)]
+            elif cost == best_cost:
+                best.append((upstream, uncached))
+        chosen, uncached = best[0] if len(best) == 1 else self._rng.choice(best)
+        if keys:
+            index.insert(chosen.id, keys)
+        if by_tokens:
+            ledger.add(chosen, round(uncached))
+        return chosen
+
+    def matched_blocks(self, upstream: Upstream, request: RoutingRequest) -> int:
+        """Leading blocks of the request the index believes `upstream` holds (for tests and introspection)."""
+        text = request.prompt_prefix(self._max_chars)
+        return self._index.matched(upstream.id, block_keys(text, self._block_chars))
+
+    def indexed_blocks(self, upstream: Upstream) -> int:
+        """Blocks the index keeps for `upstream`."""
+        return self._index.size(upstream.id)

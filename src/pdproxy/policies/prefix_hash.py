@@ -1,0 +1,68 @@
+"""`prefix_hash`: consistent hashing of the prompt's first characters, with bounded load."""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import math
+from collections.abc import Sequence
+
+from pdproxy.policies.base import RoutingRequest
+from pdproxy.upstreams import Upstream
+
+
+def _hash64(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+
+
+class PrefixHash:
+    """Consistent hashing of the prompt's first characters, with bounded load.
+
+    Each upstream owns `vnodes × weight` points on a ring, placed by hashing its
+    url, so membership changes move only the keys of the upstream that changed.
+    A request walks the ring from its key's point and takes the first upstream
+    whose in-flight stays within `(1 + load_factor) ×` its weighted share of
+    the total (consistent hashing with bounded loads, Mirrokni et al. 2016).
+    """
+
+    def __init__(self, prefix_chars: int, vnodes: int, load_factor: float) -> None:
+        self._prefix_chars = prefix_chars
+        self._vnodes = vnodes
+        self._load_factor = load_factor
+        self._ring_key: tuple[tuple[str, int], ...] = ()
+        self._points: list[int] = []
+        self._owners: list[Upstream] = []
+
+    def _ring(self, candidates: Sequence[Upstream]) -> None:
+        key = tuple((u.id, u.weight) for u in candidates)
+        if key == self._ring_key:
+            return
+        ring = sorted(
+            (_hash64(f"{u.url}#{i}"), index)
+            for index, u in enumerate(candidates)
+            for i in range(self._vnodes * u.weight)
+        )
+        self._points = [point for point, _ in ring]
+        self._owners = [candidates[index] for _, index in ring]
+        self._ring_key = key
+
+    def choose(self, candidates: Sequence[Upstream], request: RoutingRequest) -> Upstream:
+        if len(candidates) == 1:
+            return candidates[0]
+        self._ring(candidates)
+        start = bisect.bisect(self._points, _hash64(request.prompt_prefix(self._prefix_chars)))
+        total = sum(u.in_flight for u in candidates) + 1
+        total_weight = sum(u.weight for u in candidates)
+        seen: set[str] = set()
+        owners = self._owners
+        for step in range(len(owners)):
+            upstream = owners[(start + step) % len(owners)]
+            if upstream.url in seen:
+                continue
+            seen.add(upstream.url)
+            capacity = math.ceil((1 + self._load_factor) * total * upstream.weight / total_weight)
+            if upstream.in_flight + 1 <= capacity:
+                return upstream
+            if len(seen) == len(candidates):
+                break
+        return min(candidates, key=lambda u: u.in_flight / u.weight)
