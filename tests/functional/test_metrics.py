@@ -12,7 +12,7 @@ import json
 import logging
 import random
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pdproxy import cli
 from pdproxy.app import METRICS, build_app, build_metrics_app, start_server
-from pdproxy.mock import MockConfig, MockEngine, start_mock
+from pdproxy.mock import MockConfig, MockEngine
 from pdproxy.settings import Settings
 from pdproxy.upstreams import State
 from tests.conftest import Cluster, ClusterFactory, closed_port_url, sse_events
@@ -528,42 +528,6 @@ async def test_every_metric_the_dashboard_queries_is_live(cluster_factory: Clust
 
 # -- the access log ---------------------------------------------------------------------------------
 
-ClusterWithLog = Callable[..., Awaitable[Cluster]]
-
-
-@pytest.fixture
-async def logged_cluster() -> AsyncIterator[ClusterWithLog]:
-    """Like `cluster_factory`, with the access log on (that fixture always passes access_log=False)."""
-    runners: list[web.AppRunner] = []
-    clusters: list[Cluster] = []
-
-    async def make(access_log_format: str, n_prefill: int = 2, **settings: Any) -> Cluster:
-        engines: dict[str, list[MockEngine]] = {"prefill": [], "decode": []}
-        urls: dict[str, list[str]] = {"prefill": [], "decode": []}
-        for role, count in (("prefill", n_prefill), ("decode", 1)):
-            for _ in range(count):
-                engine, runner, url = await start_mock(MockConfig(role=role))
-                runners.append(runner)
-                engines[role].append(engine)
-                urls[role].append(url)
-        app = build_app(Settings(prefill_servers=",".join(urls["prefill"]), decode_servers=",".join(urls["decode"]),
-                                 access_log=True, access_log_format=access_log_format, **settings),
-                        rng=random.Random(0))
-        runner, url = await start_server(app, "127.0.0.1", 0)
-        runners.append(runner)
-        cluster = Cluster(engines["prefill"], engines["decode"], url, app, urls["prefill"], urls["decode"])
-        clusters.append(cluster)
-        return cluster
-
-    yield make
-    try:
-        for cluster in clusters:
-            await cluster.assert_no_leaks()
-    finally:
-        for runner in reversed(runners):
-            await runner.cleanup()
-
-
 @pytest.fixture
 def access_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     """The records of the `pdproxy.access` logger, captured even if it does not propagate."""
@@ -584,9 +548,10 @@ def access_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
 
 
 async def test_json_access_log_has_one_valid_line_per_request(
-    logged_cluster: ClusterWithLog, http: aiohttp.ClientSession, access_lines: list[logging.LogRecord]
+    cluster_factory: ClusterFactory, http: aiohttp.ClientSession, access_lines: list[logging.LogRecord]
 ) -> None:
-    cluster = await logged_cluster("json", prefill_policy="round_robin", eject_after=0)
+    cluster = await cluster_factory(access_log=True, access_log_format="json", prefill_policy="round_robin",
+                                    eject_after=0)
     async with http.post(cluster.url + COMPLETIONS, json=STREAM, headers={"X-Request-Id": "req-stream"}) as resp:
         assert resp.status == 200
         streamed = await resp.read()
@@ -623,9 +588,9 @@ async def test_json_access_log_has_one_valid_line_per_request(
 
 
 async def test_text_access_log_names_the_request_and_its_status(
-    logged_cluster: ClusterWithLog, http: aiohttp.ClientSession, access_lines: list[logging.LogRecord]
+    cluster_factory: ClusterFactory, http: aiohttp.ClientSession, access_lines: list[logging.LogRecord]
 ) -> None:
-    cluster = await logged_cluster("text", n_prefill=1)
+    cluster = await cluster_factory(n_prefill=1, access_log=True, access_log_format="text")
     async with http.post(cluster.url + COMPLETIONS, json=STREAM, headers={"X-Request-Id": "text-1"}) as resp:
         assert resp.status == 200
         await resp.read()
@@ -643,9 +608,9 @@ async def test_text_access_log_names_the_request_and_its_status(
 
 
 async def test_a_request_refused_as_invalid_still_gets_an_access_log_line(
-    logged_cluster: ClusterWithLog, http: aiohttp.ClientSession, access_lines: list[logging.LogRecord]
+    cluster_factory: ClusterFactory, http: aiohttp.ClientSession, access_lines: list[logging.LogRecord]
 ) -> None:
-    cluster = await logged_cluster("json")
+    cluster = await cluster_factory(access_log=True, access_log_format="json")
     async with http.post(cluster.url + COMPLETIONS, data=b"{not json", headers={"X-Request-Id": "bad-1"}) as resp:
         assert resp.status == 400
     assert cluster.metric("pdproxy_requests_total", endpoint=COMPLETIONS, status="400") == 1
@@ -653,7 +618,7 @@ async def test_a_request_refused_as_invalid_still_gets_an_access_log_line(
 
 
 async def test_serve_logging_writes_bare_json_access_lines(
-    logged_cluster: ClusterWithLog, http: aiohttp.ClientSession, capsys: pytest.CaptureFixture[str]
+    cluster_factory: ClusterFactory, http: aiohttp.ClientSession, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`serve --access-log-format json` (cli._setup_logging): each access line on stderr is one JSON object."""
     access = logging.getLogger("pdproxy.access")
@@ -663,7 +628,7 @@ async def test_serve_logging_writes_bare_json_access_lines(
         cli._setup_logging("info", "json")
         root.setLevel(logging.INFO)  # what basicConfig does outside pytest, whose handlers make it a no-op
         assert access.propagate is False
-        cluster = await logged_cluster("json", n_prefill=1)
+        cluster = await cluster_factory(n_prefill=1, access_log=True, access_log_format="json")
         async with http.post(cluster.url + COMPLETIONS, json=PLAIN, headers={"X-Request-Id": "cli-1"}) as resp:
             assert resp.status == 200
         await cluster.flow.wait_idle()
