@@ -47,6 +47,7 @@ except ImportError:  # pragma: no cover - orjson is a pdproxy dependency
     loads = json.loads  # type: ignore[assignment]
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from processes import raise_nofile_limit
 from progress import Progress
 from report import summarize
 
@@ -64,15 +65,6 @@ MARK_BYTES = MARK.encode()
 
 class Failed(Exception):
     """A request that got an answer, but not a good one; `str()` is its error kind."""
-
-
-def raise_nofile_limit() -> tuple[int, int]:
-    """Raise this process's soft open-files limit to its hard limit; return (soft, hard)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
 def bump(counter: dict[str, int], key: str) -> None:
