@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import importlib.util
 import json
 import math
 import os
@@ -113,7 +114,7 @@ def tiny_workloads() -> dict[str, Workload]:
                        warmup=4, max_seconds=10),
         "L1": Workload("L1", "smoke: latency", concurrency=4, requests=8, max_tokens=4, itl_ms=5, warmup=0,
                        max_seconds=10),
-        "S4": Workload("S4", "smoke: open streams 4 -> 8", steps=(4, 8), itl_ms=500, hold_seconds=0.3,
+        "S4": Workload("S4", "smoke: open streams 4 -> 8", steps=(4, 8), itl_ms=200, hold_seconds=0.25,
                        max_seconds=20, decode_engines=1, loadgen_processes=2, warmup=0, requests=0,
                        concurrency=0, max_tokens=100),
     }
@@ -281,9 +282,16 @@ def run_scale(workload: Workload, running: systems.Running, engines: systems.Eng
             bar = Progress(target, f"{workload.name} {running.name} open streams", unit="stream")
             opened_now = [0] * k
 
-            def on_progress(i: int, message: dict[str, Any], bar: Progress = bar, now: list[int] = opened_now) -> None:
+            peak_fds = [0]
+            sampled = [0.0]
+
+            def on_progress(i: int, message: dict[str, Any], bar: Progress = bar, now: list[int] = opened_now,
+                            peak: list[int] = peak_fds, at: list[float] = sampled) -> None:
                 now[i] = message["open"]
                 bar.set(sum(now))
+                if pids and time.monotonic() - at[0] >= 1.0:  # the fds a proxy process held at most, while opening
+                    at[0] = time.monotonic()
+                    peak[0] = max([peak[0], *(f for _p, f, _l in processes.open_fds(pids))])
 
             cpu0 = processes.cpu_seconds(pids) if pids else 0.0
             tcp0 = processes.tcp_counters()
@@ -323,7 +331,7 @@ def run_scale(workload: Workload, running: systems.Running, engines: systems.Eng
                 step["rss_kib_per_stream"] = round((rss - baseline_rss) / step["open"], 2) if step["open"] else None
                 step["proxy_fds"] = sum(f for _p, f, _l in fds)
                 step["proxy_fd_limit_per_process"] = max((lim for _p, _f, lim in fds), default=0)
-                step["proxy_fds_max_process"] = max((f for _p, f, _l in fds), default=0)
+                step["proxy_fds_max_process"] = max([peak_fds[0], *(f for _p, f, _l in fds)])
                 step["proxy_cpu_seconds"] = round(processes.cpu_seconds(pids) - cpu0, 2)
                 step["proxy_processes"] = len(fds)
             reason = stop_reason(step, running)
@@ -357,8 +365,8 @@ def stop_reason(step: dict[str, Any], running: systems.Running) -> str | None:
     if running.measured and not running.alive():
         parts.append("the proxy exited")
     limit = step.get("proxy_fd_limit_per_process") or 0
-    if limit and step.get("proxy_fds_max_process", 0) >= 0.97 * limit:
-        parts.append(f"fd limit: a proxy process holds {step['proxy_fds_max_process']} of its {limit} fds")
+    if limit and step.get("proxy_fds_max_process", 0) >= 0.95 * limit:
+        parts.append(f"fd limit: a proxy process held up to {step['proxy_fds_max_process']} of its {limit} fds")
     kinds = merge([step["failed"], step["dropped"]])
     if kinds:
         top = sorted(kinds.items(), key=lambda kv: -kv[1])[:3]
@@ -558,9 +566,10 @@ def meta(args: argparse.Namespace, opts: systems.Options, prepared: dict[str, sy
     }
 
 
-def write_outputs(results: dict[str, Any], out: Path, name: str, plot: bool) -> list[Path]:
+def write_outputs(results: dict[str, Any], out: Path, name: str, plot: bool, keep_meta: bool = False) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    results["meta"]["load_avg_at_end"] = list(os.getloadavg())
+    if not keep_meta:
+        results["meta"]["load_avg_at_end"] = list(os.getloadavg())
     json_path, md_path, png_path = out / f"{name}.json", out / f"{name}.md", out / f"{name}.png"
     json_path.write_text(json.dumps(results, indent=1) + "\n")
     written = [json_path]
@@ -599,19 +608,21 @@ def plotting_python() -> str:
     return str(python)
 
 
+DEPENDENCIES = ("aiohttp", "orjson", "uvloop", "pydantic", "pydantic_settings", "prometheus_client", "yaml")
+
+
 def bootstrap() -> None:
     """Run under a Python that has pdproxy's dependencies: this one, or benchmarks/.venvs/harness."""
-    probe = subprocess.run([sys.executable, "-c", "import aiohttp, orjson, pdproxy.cli"], capture_output=True,
-                           env=processes.pdproxy_env(), timeout=120)
-    if probe.returncode == 0:
+    missing = [name for name in DEPENDENCIES if importlib.util.find_spec(name) is None]
+    if not missing:
         return
     if os.environ.get("PDPROXY_BENCH_BOOTSTRAPPED"):
-        raise SystemExit(f"pdproxy's dependencies are missing even in {sys.executable}: {probe.stderr[-300:]!r}")
+        raise SystemExit(f"pdproxy's dependencies {missing} are missing even in {sys.executable}")
     venv = systems.VENVS / "harness"
     python = venv / "bin" / "python"
     if not python.exists():
-        print(f"{sys.executable} lacks pdproxy's dependencies: installing them into {venv} ...", file=sys.stderr,
-              flush=True)
+        print(f"{sys.executable} lacks {', '.join(missing)}: installing pdproxy's dependencies into {venv} ...",
+              file=sys.stderr, flush=True)
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
         subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(ROOT), "tqdm"], check=True, timeout=1800)
     os.environ["PDPROXY_BENCH_BOOTSTRAPPED"] = "1"
@@ -640,7 +651,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-install", action="store_true", help="never install: skip what is missing")
     parser.add_argument("--no-plot", action="store_true", help="no PNG chart")
     parser.add_argument("--logs", help="directory for the processes' logs (default: a new one under /tmp)")
+    parser.add_argument("--render", metavar="JSON",
+                        help="measure nothing: write the .md (and .png) of a results file again")
     args = parser.parse_args(argv)
+    if args.render:
+        source = Path(args.render)
+        results = json.loads(source.read_text())
+        results["targets"] = report.targets(results)
+        for path in write_outputs(results, source.parent, source.stem, plot=not args.no_plot, keep_meta=True):
+            print(path)
+        return 0
     if argv is None:
         bootstrap()
 

@@ -204,7 +204,7 @@ def closed_table(workload: dict[str, Any]) -> str:
 
 def scale_table(workload: dict[str, Any]) -> str:
     lines = ["| system | step | open | errors | ramp s | first token p99 ms | gap p50 / p99 ms | proxy RSS MiB | "
-             "KiB / stream | proxy fds (max per process / limit) | listen overflows | others' CPU | stopped because |",
+             "KiB / stream | proxy fds (peak per process / limit) | listen overflows | others' CPU | stopped because |",
              "|---|---:|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---|"]
     for name, r in workload["results"].items():
         if r.get("status") not in ("ok", "proxy died"):
