@@ -54,6 +54,8 @@ access_log = logging.getLogger("pdproxy.access")
 T = TypeVar("T")
 CLIENT_CLOSED = 499  # nginx's status for "client closed the request", for logs and metrics only
 RETRY_AFTER_SECONDS = 1
+# A stream whose first event is an error (vLLM: its KV never arrived) failed before any token: rerun it.
+SSE_ERROR_EVENT = b'data: {"error"'
 INTER_CHUNK_SAMPLE_EVERY = 8  # one stream in 8 records its chunk gaps: the cost stays off most streams
 _UPSTREAM_FAILURES = (aiohttp.ClientError, asyncio.TimeoutError)
 
@@ -279,7 +281,7 @@ class PDFlow:
             finally:
                 self.admitted -= 1
                 self.admission.wake()
-            trace.status = response.status
+            trace.status = trace.status or response.status  # unless the client left mid-stream
             return response
         except ProxyError as exc:
             trace.status, trace.error = exc.status, exc.message
@@ -350,12 +352,16 @@ class PDFlow:
     async def _run(
         self, request: web.Request, preq: ProxyRequest, trace: Trace, decode_lease: Lease
     ) -> web.StreamResponse:
-        """Prefill then decode; a decode that fails before its first byte reruns the whole flow."""
+        """Prefill then decode; a decode that fails before its first byte reruns the whole flow.
+
+        The rerun prefers another D, but falls back to the same one: a D often fails because its KV never
+        arrived (P died or freed it), and a fresh prefill fixes that.
+        """
         failed_decoders: list[Upstream] = []
         last_error: UpstreamError | None = None
         for attempt in range(1 + self.limits.flow_retries):
             if attempt:
-                candidates = self.decode_pool.available(failed_decoders)
+                candidates = self.decode_pool.available(failed_decoders) or self.decode_pool.available()
                 if not candidates:
                     break
                 decode_lease = Lease(self.decode_policy.choose(candidates, preq), self._on_release)
@@ -475,9 +481,18 @@ class PDFlow:
                     side="decode", upstream=upstream.url, stage="decode_first_byte") from None
             if whole:
                 response = self._answer_whole(resp, first, upstream, preq, trace)
+            elif first.startswith(SSE_ERROR_EVENT):
+                raise UpstreamBadStatus(f"decode upstream {upstream.url} answered with an error event: "
+                                        f"{first[:300].decode(errors='replace').strip()}",
+                                        side="decode", upstream=upstream.url)
             else:
                 response = await self._relay(request, resp, first, upstream, preq, trace, sent)
-            outcome, reason = ("broken", trace.error) if trace.error else ("ok", None)
+            if trace.status == CLIENT_CLOSED:
+                outcome, reason = "cancelled", None
+            elif trace.error:
+                outcome, reason = "broken", trace.error
+            else:
+                outcome, reason = "ok", None
             self.metrics.decode_duration.observe(time.perf_counter() - sent)
             return response
         except ProxyError as exc:
@@ -558,6 +573,9 @@ class PDFlow:
             else:
                 self._count_usage(last[-256:] + previous)  # include_usage puts it in the last chunks
             await out.write_eof()
+        except ConnectionResetError:  # the client left and a write saw it before aiohttp cancelled us
+            trace.status, trace.error = CLIENT_CLOSED, "client disconnected"
+            self.metrics.client_disconnects.labels(trace.stage).inc()
         finally:
             watchdog.cancel()
             open_streams.discard(watchdog)

@@ -129,7 +129,7 @@ class MockStats:
 class _Fault:
     """One scripted misbehaviour, consumed by the next generation request."""
 
-    kind: str  # "fail" | "hang" | "garbage" | "drop" | "die" | "stall"
+    kind: str  # "fail" | "hang" | "garbage" | "drop" | "die" | "stall" | "kv_lost"
     status: int = 500
     body: bytes | None = None
     n_chunks: int = 0
@@ -352,6 +352,13 @@ class MockEngine:
         """
         self._script(_Fault("stall", n_chunks=n_chunks), times)
 
+    def lose_kv_next(self, times: int = 1) -> None:
+        """Fail the next requests as vLLM fails a decode whose KV could not be loaded.
+
+        Streamed: 200 and a first SSE event ``{"error": ...}``; not streamed: 500.
+        """
+        self._script(_Fault("kv_lost"), times)
+
     def hold(self) -> None:
         """Pause every stream after its first token until `release()` (deterministic open streams)."""
         self._gate.clear()
@@ -464,7 +471,7 @@ class MockEngine:
         self._notify()
 
         fault = self._faults.popleft() if self._faults else None
-        if fault is not None and fault.kind not in ("die", "stall"):
+        if fault is not None and fault.kind not in ("die", "stall", "kv_lost"):
             return await self._apply_fault(request, fault)
 
         request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
@@ -476,6 +483,8 @@ class MockEngine:
         except _BadRequest as exc:
             return _error_response(400, exc.message, param=exc.param)
 
+        if fault is not None and fault.kind == "kv_lost":
+            return await self._kv_lost(request, gen.stream)
         if fault is not None and not gen.stream:
             # die/stall only make sense mid-stream; for a plain response they drop/hang.
             return await self._apply_fault(request, _Fault("drop" if fault.kind == "die" else "hang"))
@@ -546,6 +555,17 @@ class MockEngine:
         # hang: cancelled by a client disconnect (handler_cancellation) or by server shutdown.
         await asyncio.get_running_loop().create_future()
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _kv_lost(self, request: web.Request, stream: bool) -> web.StreamResponse:
+        if not stream:
+            return _error_response(500, "Internal server error", type_="InternalServerError")
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        error = {"error": {"message": "Internal server error", "type": "InternalServerError", "param": None,
+                           "code": 500}}
+        await resp.write(b"data: " + orjson.dumps(error) + b"\n\ndata: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
 
     # ---------------------------------------------------------- validation
 

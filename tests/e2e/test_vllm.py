@@ -344,18 +344,12 @@ async def test_killed_prefill_server_comes_back_and_gets_traffic_again(vllm_clus
     print(f"restarted prefill server healthy after {took:.0f} s; prefills per P: {served}")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pdproxy gap, seen against vLLM 0.32: P answered the prefill and died before D pulled the KV. D then fails "
-    "the request (vLLM's kv_load_failure_policy=fail): non-streamed it answers 500 'Internal server error', "
-    "which pdproxy turns into 502 'decode upstream ... answered 500' without retrying, since its flow retry "
-    "only goes to *another* decode server and there is one; streamed it answers 200 and a first SSE event "
-    "{'error': ...}, which pdproxy relays as D's first bytes. Nothing had reached the client, and the other "
-    "P was healthy: re-running the whole flow (fresh prefill elsewhere, same D) would have answered both. "
-    "The failures also count against D for passive ejection, though P was at fault."))
 async def test_prefill_server_dies_after_handing_its_kv_to_decode(vllm_cluster: Cluster,
                                                                  http: aiohttp.ClientSession) -> None:
-    """P answered (its KV handle is on its way to D) and dies before D pulled the KV. Nothing has
-    reached the client yet, so a fresh prefill on the other P could still answer it."""
+    """P answered (its KV handle is on its way to D) and dies before D pulled the KV. D fails the request
+    (vLLM's kv_load_failure_policy=fail: 500 non-streamed, a first SSE event {"error": ...} streamed);
+    nothing has reached the client yet, so pdproxy reruns the flow: a fresh prefill on the other P,
+    and the only D again."""
     victim, survivor = vllm_cluster.prefill
     decode = vllm_cluster.decode[0]
     proxy = vllm_cluster.proxy_prefix_hash  # deterministic: a prefix always goes to the same P
@@ -374,6 +368,7 @@ async def test_prefill_server_dies_after_handing_its_kv_to_decode(vllm_cluster: 
     references = [await ask(survivor.url, "completions", False, prompt) for _, prompt in cases]
 
     served_before = await successes(http, victim)
+    reruns_before = (await scrape(http, proxy)).get("pdproxy_flow_retries_total")
     decode.signal(signal.SIGSTOP)  # D takes no KV until the victim is dead
     try:
         tasks = [asyncio.ensure_future(ask(proxy, "completions", stream, prompt)) for stream, prompt in cases]
@@ -391,6 +386,8 @@ async def test_prefill_server_dies_after_handing_its_kv_to_decode(vllm_cluster: 
     for result, reference in zip(results, references, strict=True):
         assert not isinstance(result, BaseException), f"the request failed: {result!r}"
         assert result.text == reference.text
+    reruns = (await scrape(http, proxy)).get("pdproxy_flow_retries_total") - reruns_before
+    assert reruns == len(cases), f"{reruns} flows rerun, {len(cases)} expected"
 
 
 # -- the whole run -----------------------------------------------------------------------------------

@@ -188,14 +188,43 @@ async def test_prefill_4xx_is_relayed_unchanged_and_not_retried(cluster: Cluster
 @pytest.mark.parametrize(("fault", "contains"), [
     ("fail_next", "decode upstream"),
     ("drop_next", "decode upstream"),
+    ("lose_kv_next", "decode upstream"),
 ])
-async def test_decode_failing_before_its_first_byte_gives_502(
+async def test_decode_failing_before_its_first_byte_twice_gives_502(
     cluster: Cluster, http: aiohttp.ClientSession, fault: str, contains: str, stream: bool
 ) -> None:
-    getattr(cluster.decode[0], fault)()
+    getattr(cluster.decode[0], fault)(times=2)  # the first try and the whole-flow rerun
     status, payload = await post(http, cluster, PROMPT | {"stream": stream})
     assert status == 502
     assert_openai_error(payload, 502, contains)
+    assert len(cluster.decode[0].requests) == 2
+    assert cluster.metric("pdproxy_flow_retries_total") == 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("fault", ["fail_next", "drop_next", "lose_kv_next"])
+async def test_the_only_decode_failing_once_is_rerun_with_a_fresh_prefill(
+    cluster: Cluster, http: aiohttp.ClientSession, fault: str, stream: bool
+) -> None:
+    """With one D, the rerun goes to the same D: a lost KV (P died, or freed it) needs only a new prefill."""
+    getattr(cluster.decode[0], fault)()
+    async with http.post(cluster.url + "/v1/completions", json=PROMPT | {"stream": stream}) as resp:
+        assert resp.status == 200
+        text = await resp.read()
+    assert b'"error"' not in text
+    assert sum(len(e.requests) for e in cluster.prefill) == 2
+    assert cluster.decode[0].stats.decodes_with_valid_handle == 1
+    assert cluster.metric("pdproxy_flow_retries_total") == 1
+
+
+async def test_no_flow_retries_means_one_decode_attempt(cluster_factory: ClusterFactory,
+                                                        http: aiohttp.ClientSession) -> None:
+    cluster = await cluster_factory(flow_retries=0)
+    cluster.decode[0].lose_kv_next()
+    status, payload = await post(http, cluster, PROMPT | {"stream": True})
+    assert status == 502
+    assert_openai_error(payload, 502, "answered with an error event")
+    assert sum(len(e.requests) for e in cluster.prefill) == 1
 
 
 async def test_decode_unreachable_gives_502(cluster_factory: ClusterFactory, http: aiohttp.ClientSession) -> None:

@@ -559,7 +559,7 @@ async def test_json_access_log_has_one_valid_line_per_request(
     async with http.post(cluster.url + COMPLETIONS, json=PLAIN, headers={"X-Request-Id": "req-retry"}) as resp:
         assert resp.status == 200
         plain = await resp.read()
-    cluster.decode[0].fail_next(500)  # the only D fails before its first byte: no other D to re-run the flow on
+    cluster.decode[0].fail_next(500, times=2)  # the only D fails before its first byte, and on the rerun
     async with http.post(cluster.url + COMPLETIONS, json=PLAIN, headers={"X-Request-Id": "req-fail"}) as resp:
         assert resp.status == 502
     await cluster.flow.wait_idle()
@@ -582,7 +582,7 @@ async def test_json_access_log_has_one_valid_line_per_request(
     assert retried["request_id"] == "req-retry" and retried["status"] == 200 and retried["retries"] == 1
     assert retried["prefill_upstream"] == cluster.prefill_urls[0]  # where the prefill finally ran
     assert retried["bytes_out"] == len(plain)
-    assert failed["request_id"] == "req-fail" and failed["status"] == 502 and failed["retries"] == 0
+    assert failed["request_id"] == "req-fail" and failed["status"] == 502 and failed["retries"] == 1
     assert failed["ttft_ms"] is None and failed["bytes_out"] == 0
     assert "answered 500" in failed["error"]
 
@@ -594,7 +594,7 @@ async def test_text_access_log_names_the_request_and_its_status(
     async with http.post(cluster.url + COMPLETIONS, json=STREAM, headers={"X-Request-Id": "text-1"}) as resp:
         assert resp.status == 200
         await resp.read()
-    cluster.decode[0].fail_next(500)
+    cluster.decode[0].fail_next(500, times=2)
     async with http.post(cluster.url + COMPLETIONS, json=PLAIN, headers={"X-Request-Id": "text-2"}) as resp:
         assert resp.status == 502
     await cluster.flow.wait_idle()
