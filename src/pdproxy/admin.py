@@ -100,13 +100,7 @@ class AdminApi:
 
     def authorize(self, request: web.Request) -> None:
         """Raise unless the caller may use the admin API."""
-        if self._token is not None:
-            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token):
-                raise Unauthorized("the admin API needs 'Authorization: Bearer <admin token>'")
-            return
-        if not _is_loopback(request.remote) or any(name in request.headers for name in _FORWARDED):
-            raise Forbidden("the admin API answers only loopback clients unless --admin-token is set")
+        authorize(request, self._token)
 
     async def list_upstreams(self, request: web.Request) -> web.Response:
         return _json({"upstreams": [self._view(u) for u in self.membership.members()]})
@@ -169,6 +163,18 @@ class AdminApi:
 
     def _view(self, upstream: Upstream) -> dict[str, Any]:
         return {**upstream.describe(), "removing": self.membership.removing(upstream)}
+
+
+def authorize(request: web.Request, token: bytes | None) -> None:
+    """Raise Unauthorized or Forbidden unless the caller may use the admin API (here or in the
+    supervisor of worker processes): the bearer `token` when there is one, else loopback only."""
+    if token is not None:
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token):
+            raise Unauthorized("the admin API needs 'Authorization: Bearer <admin token>'")
+        return
+    if not _is_loopback(request.remote) or any(name in request.headers for name in _FORWARDED):
+        raise Forbidden("the admin API answers only loopback clients unless --admin-token is set")
 
 
 def _is_loopback(remote: str | None) -> bool:

@@ -37,9 +37,11 @@ LISTEN_BACKLOG = 2048
 SHUTDOWN_GRACE = 1.0  # seconds aiohttp waits for handlers at cleanup, after our own drain
 
 
-def build_app(settings: Settings, *, rng: random.Random | None = None) -> web.Application:
+def build_app(settings: Settings, *, rng: random.Random | None = None, persist: bool = True) -> web.Application:
     """Wire pools, policies, health, membership, the flow and the routes.
 
+    `persist=False` restores from `settings.state_file` but never writes it: with several worker
+    processes only worker 0 writes, so the file has one writer.
     ValueError names a wrong policy or adapter; StateFileError a state file that cannot be restored.
     """
     rng = rng or random.Random()
@@ -66,7 +68,7 @@ def build_app(settings: Settings, *, rng: random.Random | None = None) -> web.Ap
             max_time=settings.eject_max_time, max_share=settings.eject_max_share, return_on_expiry=not health_on,
             clock=time.monotonic,
         )
-    membership = Membership(pools, board, warmup=health_on, state_file=settings.state_file)
+    membership = Membership(pools, board, warmup=health_on, state_file=settings.state_file if persist else None)
 
     def on_release(upstream: Upstream) -> None:
         admission.wake()
@@ -208,12 +210,15 @@ def _client_session(flow: PDFlow) -> Callable[[web.Application], AsyncIterator[N
     return context
 
 
-async def start_server(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, str]:
-    """Start `app` on host:port (0 picks a free port); returns the runner and the base URL."""
+async def start_server(app: web.Application, host: str, port: int, *,
+                       reuse_port: bool = False) -> tuple[web.AppRunner, str]:
+    """Start `app` on host:port (0 picks a free port); returns the runner and the base URL.
+
+    `reuse_port`: share the port with other processes' sockets (SO_REUSEPORT; worker processes)."""
     # The drain happens before cleanup; what is left by then is cut after a short grace period.
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=LISTEN_BACKLOG)
+    site = web.TCPSite(runner, host, port, backlog=LISTEN_BACKLOG, reuse_port=reuse_port or None)
     await site.start()
     server = site._server
     assert server is not None and server.sockets

@@ -1,8 +1,10 @@
-"""Command line: `pdproxy [serve] …` (the default), `pdproxy demo`, `pdproxy mock`."""
+"""Command line: `pdproxy [serve] …` (the default; `--workers N` hands it to the supervisor in workers.py),
+`pdproxy demo`, `pdproxy mock`."""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -23,6 +25,9 @@ SERVE_OPTIONS: tuple[tuple[tuple[str, ...], str, dict[str, Any], str], ...] = (
      "decode servers, same form as --prefill-servers"),
     (("--host",), "host", {}, "address to listen on (default 0.0.0.0)"),
     (("--port", "--listen-port"), "port", {"type": int}, "port to listen on (default 8000)"),
+    (("--workers",), "workers", {"type": int},
+     "worker processes sharing the port via SO_REUSEPORT (default 1); with more than 1, --metrics-port is "
+     "required"),
     (("--prefill-policy",), "prefill_policy", {},
      "prefill load balancing: least_conn (default), cache_aware, least_tokens, prefix_hash, round_robin"),
     (("--decode-policy",), "decode_policy", {},
@@ -212,7 +217,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         except (ConfigError, StateFileError, ValueError) as exc:
             _fail(str(exc))
         _setup_logging(settings.log_level, settings.access_log_format)
-        _run_or_fail(run, serve(app, settings))
+        if settings.workers == 1:
+            _run_or_fail(run, serve(app, settings))
+            return
+        from pdproxy.workers import WorkerStartError, supervise
+
+        del app  # it only validated the settings: each worker builds its own
+        try:
+            # The workers set up their logging as this process did (the partial crosses the process boundary).
+            _run_or_fail(run, supervise(settings, functools.partial(
+                _setup_logging, settings.log_level, settings.access_log_format)))
+        except WorkerStartError as exc:
+            _fail(str(exc))
     elif args.command == "upstreams":
         from pdproxy.admin_client import AdminClientError, run_command
 

@@ -6,7 +6,7 @@ they cost nothing on the request path and vanish with a removed upstream.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import (
@@ -134,3 +134,33 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def merge_expositions(expositions: Mapping[str, str], label: str) -> str:
+    """Several processes' text expositions as one, each sample labelled `label="<key>"`.
+
+    The text format allows each family once, so families are merged by name: a `# HELP` or
+    `# TYPE` line starts one, its samples follow it until the next.
+    """
+    families: dict[str, tuple[list[str], list[str]]] = {}  # name -> (comment lines, samples); insertion order
+    for value, text in expositions.items():
+        name = ""
+        for line in text.splitlines():
+            if line.startswith(("# HELP ", "# TYPE ")):
+                name = line.split(" ", 3)[2]
+            comments, samples = families.setdefault(name, ([], []))
+            if line.startswith("#"):
+                if line not in comments:
+                    comments.append(line)
+            elif line.strip():
+                samples.append(_with_label(line, label, value))
+    return "".join(f"{line}\n" for comments, samples in families.values() for line in (*comments, *samples))
+
+
+def _with_label(sample: str, label: str, value: str) -> str:
+    """`name{a="1"} 2` -> `name{label="value",a="1"} 2`; a metric name holds neither `{` nor a space."""
+    end = min(i for i in (sample.find("{"), sample.find(" "), len(sample)) if i >= 0)
+    name, rest = sample[:end], sample[end:].removeprefix("{}")
+    if rest.startswith("{"):
+        return f'{name}{{{label}="{value}",{rest[1:]}'
+    return f'{name}{{{label}="{value}"}}{rest}'

@@ -82,6 +82,7 @@ class Settings(BaseSettings):
     decode_servers: Servers = ()
     host: str = "0.0.0.0"
     port: int = Field(8000, ge=0, le=65535)
+    workers: int = Field(1, ge=1, le=64)
     prefill_policy: str = "least_conn"
     decode_policy: str = "least_conn"
     prefix_hash_chars: int = Field(1024, ge=1)
@@ -169,6 +170,9 @@ class Settings(BaseSettings):
             raise ValueError("prefill_deadline (all prefill attempts) must be >= prefill_timeout (one attempt)")
         if self.eject_max_time < self.eject_base_time:
             raise ValueError("eject_max_time must be >= eject_base_time")
+        if self.workers > 1 and self.metrics_port is None:
+            raise ValueError("workers > 1 needs metrics_port (--metrics-port): the supervisor serves the "
+                             "workers' merged /metrics there")
         return self
 
     @classmethod

@@ -75,6 +75,9 @@ def fail(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     ([*SERVERS, "--prefill-retries", "99"], "prefill_retries"),
     ([*SERVERS, "--config", "missing.yaml"], "cannot read config file missing.yaml"),
     ([*SERVERS, "--log-level", "debug", "--config", "."], "cannot read config file ."),
+    ([*SERVERS, "--workers", "2"], "workers > 1 needs metrics_port (--metrics-port)"),
+    ([*SERVERS, "--workers", "0", "--metrics-port", "9100"], "workers"),
+    ([*SERVERS, "--workers", "65", "--metrics-port", "9100"], "workers"),
 ])
 def test_invalid_settings_exit_2_with_one_line(argv: list[str], expected: str,
                                                capsys: pytest.CaptureFixture[str]) -> None:
@@ -132,6 +135,25 @@ def test_flags_reach_settings(served: list[Settings]) -> None:
     assert settings.upstream_api_key is not None and settings.upstream_api_key.get_secret_value() == "sk-x"
     assert settings.log_level == "debug"
     assert settings.access_log is False
+
+
+def test_workers_hand_serve_to_the_supervisor(served: list[Settings], monkeypatch: pytest.MonkeyPatch) -> None:
+    from pdproxy import workers
+
+    supervised: list[Settings] = []
+
+    def recording_supervise(settings: Settings, setup_logging: Any) -> Coroutine[Any, Any, None]:
+        supervised.append(settings)
+        return fake()
+
+    async def fake() -> None:
+        return None
+
+    monkeypatch.setattr(workers, "supervise", recording_supervise)
+    main([*SERVERS, "--workers", "2", "--metrics-port", "9100"])
+    main([*SERVERS, "--workers", "1"])
+    assert [s.workers for s in supervised] == [2]
+    assert [s.workers for s in served] == [1]  # one worker: today's single process
 
 
 def test_aliases_reach_the_same_settings(served: list[Settings]) -> None:

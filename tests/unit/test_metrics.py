@@ -9,11 +9,19 @@ from pathlib import Path
 
 import orjson
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Summary,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from pdproxy.flow import Trace, reported_usage
-from pdproxy.metrics import LATENCY_BUCKETS, Metrics, UpstreamCollector
+from pdproxy.metrics import LATENCY_BUCKETS, Metrics, UpstreamCollector, merge_expositions
 from pdproxy.upstreams import Lease, Role, State, Upstream, UpstreamPool
 
 # ---------------------------------------------------------------- reported_usage
@@ -214,6 +222,83 @@ def test_upstream_collector_with_empty_pools_still_exports_every_state() -> None
     assert {name for name, _ in samples} == {"pdproxy_upstreams"}
     assert len(samples) == 2 * len(State) and not any(samples.values())
 
+
+
+# ---------------------------------------------------------------- merged expositions (worker processes)
+
+
+def exposition(requests: int, latency: float, *, extra: bool = False) -> str:
+    """A real prometheus-client exposition: labelled and bare counters, a labelled histogram, a gauge, a
+    summary, a labelled family with no samples yet, and a label value that needs escaping."""
+    disable_created_metrics()  # as Metrics() does (process-wide): no `_created` twins
+    registry = CollectorRegistry()
+    Counter("app_requests", "Requests.", ("endpoint", "status"), registry=registry).labels("/v1/x", "200").inc(
+        requests)
+    Counter("app_plain", "No labels.", registry=registry).inc(requests)
+    Histogram("app_latency_seconds", "Latency.", ("endpoint",), buckets=(0.1, 1), registry=registry) \
+        .labels("/v1/x").observe(latency)
+    Gauge("app_in_flight", "In flight.", registry=registry).set(requests)
+    Summary("app_size_bytes", "Sizes.", registry=registry).observe(10)
+    Counter("app_ejections", "None yet.", ("upstream",), registry=registry)
+    Counter("app_odd", "Odd label.", ("path",), registry=registry).labels(ODD).inc()
+    if extra:
+        Gauge("app_only_here", "Only in one process.", registry=registry).set(7)
+    return generate_latest(registry).decode()
+
+
+ODD = 'a b{c}="d"\\ e'
+
+
+def by_worker(family: object) -> dict[tuple[str, str], float]:
+    """{(sample name, worker): value} of a family's samples."""
+    return {(s.name, s.labels["worker"]): s.value for s in family.samples}  # type: ignore[attr-defined]
+
+
+def test_merged_exposition_has_each_family_once_and_every_sample_labelled() -> None:
+    merged = merge_expositions({"0": exposition(3, 0.05), "1": exposition(5, 0.5, extra=True)}, "worker")
+    families = {family.name: family for family in text_string_to_metric_families(merged)}
+    assert set(families) == {"app_requests", "app_plain", "app_latency_seconds", "app_in_flight",
+                             "app_size_bytes", "app_ejections", "app_odd", "app_only_here"}
+    for line in merged.splitlines():  # the text format forbids a family twice
+        if line.startswith("#"):
+            assert merged.count(line + "\n") == 1, line
+    assert [line.split()[2] for line in merged.splitlines() if line.startswith("# TYPE")] == \
+        [line.split()[2] for line in merged.splitlines() if line.startswith("# HELP")]
+    assert families["app_latency_seconds"].type == "histogram" and families["app_requests"].type == "counter"
+    requests = {s.labels["worker"]: s for s in families["app_requests"].samples}
+    assert requests["0"].value == 3 and requests["1"].value == 5
+    assert requests["1"].labels == {"worker": "1", "endpoint": "/v1/x", "status": "200"}
+    assert by_worker(families["app_plain"]) == {("app_plain_total", "0"): 3, ("app_plain_total", "1"): 5}
+    buckets = [s for s in families["app_latency_seconds"].samples if s.name.endswith("_bucket")]
+    assert {(s.labels["worker"], s.labels["le"], s.value) for s in buckets} == {
+        ("0", "0.1", 1), ("0", "1.0", 1), ("0", "+Inf", 1), ("1", "0.1", 0), ("1", "1.0", 1), ("1", "+Inf", 1)}
+    assert by_worker(families["app_size_bytes"])[("app_size_bytes_count", "1")] == 1
+    assert [(s.labels["worker"], s.labels["path"]) for s in families["app_odd"].samples] == [("0", ODD), ("1", ODD)]
+    assert by_worker(families["app_only_here"]) == {("app_only_here", "1"): 7}
+    assert families["app_ejections"].samples == []
+
+
+def test_merged_exposition_of_the_proxy_metrics() -> None:
+    one, two = Metrics(), Metrics()
+    one.requests.labels("/v1/completions", "200").inc(2)
+    two.requests.labels("/v1/completions", "200").inc(4)
+    two.ttft.observe(0.2)
+    merged = merge_expositions({"0": one.render().decode(), "1": two.render().decode()}, "worker")
+    families = {family.name: family for family in text_string_to_metric_families(merged)}
+    assert set(families) == {family.name for family in text_string_to_metric_families(one.render().decode())}
+    assert merged.count("# HELP pdproxy_requests_total ") == 1
+    assert by_worker(families["pdproxy_requests"]) == {("pdproxy_requests_total", "0"): 2,
+                                                       ("pdproxy_requests_total", "1"): 4}
+    ttft = by_worker(families["pdproxy_time_to_first_token_seconds"])
+    assert ttft[("pdproxy_time_to_first_token_seconds_count", "0")] == 0
+    assert ttft[("pdproxy_time_to_first_token_seconds_count", "1")] == 1
+    assert by_worker(families["process_open_fds"])[("process_open_fds", "1")] > 0
+
+
+def test_merged_exposition_keeps_timestamps_and_needs_no_input() -> None:
+    assert merge_expositions({}, "worker") == ""
+    assert merge_expositions({"0": 'bare 1\nx{a="b"} 2 1700000000\n'}, "w") == \
+        'bare{w="0"} 1\nx{w="0",a="b"} 2 1700000000\n'
 
 # ---------------------------------------------------------------- access-log lines
 
