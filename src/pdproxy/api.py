@@ -88,10 +88,7 @@ class OpenAIApi:
         limit = f"the request body is larger than the limit of {self.max_body_bytes} bytes"
         if request.content_length is not None and request.content_length > self.max_body_bytes:
             raise PayloadTooLarge(limit)
-        try:
-            raw = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise PayloadTooLarge(limit) from None
+        raw = await _read_body(request, self.max_body_bytes, limit)
         if not raw:
             raise InvalidRequest("the request body is empty; send a JSON object")
         try:
@@ -178,6 +175,19 @@ def _check_messages(body: dict[str, Any]) -> None:
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise InvalidRequest(f"messages[{index}] must be an object with a string 'role'",
                                  param=f"messages[{index}]")
+
+
+async def _read_body(request: web.Request, max_bytes: int, too_large: str) -> bytes:
+    """The raw body, not kept by the request as `request.read()` would keep it: with a long prompt
+    that copy would stay for the whole stream."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > max_bytes:
+            raise PayloadTooLarge(too_large)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 @web.middleware

@@ -368,13 +368,10 @@ class PDFlow:
                 trace.retries += 1
                 self.metrics.flow_retries.inc()
             try:
-                trace.stage = "prefill"
-                prefill_answer = await self._prefill(preq, trace)
-                decode_body, has_handle = self.kv.decode_body(preq.body, prefill_answer)
-                if not has_handle:
-                    self.metrics.kv_handoff_missing.inc()
-                trace.stage = "decode"
-                return await self._decode(request, preq, orjson.dumps(decode_body), trace, decode_lease.upstream)
+                # The decode body goes straight into _decode, which drops it once sent: held for the whole
+                # stream, orjson's bytes would cost 4 KiB or more per open stream.
+                return await self._decode(request, preq, await self._handoff(preq, trace), trace,
+                                          decode_lease.upstream)
             except UpstreamError as exc:
                 if exc.side != "decode" or not exc.retryable:
                     raise
@@ -384,6 +381,15 @@ class PDFlow:
                 decode_lease.release()
         assert last_error is not None
         raise last_error
+
+    async def _handoff(self, preq: ProxyRequest, trace: Trace) -> bytes:
+        """Run the prefill; return the decode body that carries P's KV handle."""
+        trace.stage = "prefill"
+        decode_body, has_handle = self.kv.decode_body(preq.body, await self._prefill(preq, trace))
+        if not has_handle:
+            self.metrics.kv_handoff_missing.inc()
+        trace.stage = "decode"
+        return orjson.dumps(decode_body)
 
     async def _prefill(self, preq: ProxyRequest, trace: Trace) -> dict[str, Any]:
         """Run the prefill, failing over to another P on connect errors, 5xx, garbage or timeouts."""
@@ -473,6 +479,7 @@ class PDFlow:
                     resp = await _translated(self.session.post(
                         upstream.url + preq.endpoint, data=body, headers=preq.headers, timeout=self._decode_timeout
                     ), upstream)
+                    del body  # sent: not held for the whole stream
                     whole = resp.status >= 300 or not preq.stream
                     first = await _translated(resp.read() if whole else resp.content.readany(), upstream)
             except asyncio.TimeoutError:  # the deadline (aiohttp's own errors are translated inside)
