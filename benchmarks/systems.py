@@ -193,7 +193,7 @@ class PdProxy(System):
         workers = opts.pdproxy_workers or workload.proxy_processes
         if workers > 1:
             if self.has_workers:
-                args += ["--workers", str(workers)]
+                args += ["--workers", str(workers), "--metrics-port", str(processes.free_port())]
                 running.notes.append(f"--workers {workers}")
             else:
                 running.notes.append(f"one process (no --workers option; {workers} would fit the fd limit)")
