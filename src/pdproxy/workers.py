@@ -379,6 +379,8 @@ def worker_main() -> None:
     """A worker process: (index, settings, setup_logging) come pickled on stdin from the supervisor."""
     index, settings, setup_logging = pickle.load(sys.stdin.buffer)
     setup_logging()
+    for handler in logging.getLogger().handlers:  # text lines say which worker wrote them
+        handler.addFilter(_WorkerName(index))
     try:
         app = build_app(settings, persist=index == 0)  # one writer of the state file
     except (StateFileError, ValueError) as exc:
@@ -435,6 +437,19 @@ def _control_app(app: web.Application) -> web.Application:
 
     control.router.add_get("/metrics", scrape)
     return control
+
+
+class _WorkerName(logging.Filter):
+    """`pdproxy.flow` -> `pdproxy.flow[worker 1]` in the lines of the root logger's handlers."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.suffix = f"[worker {index}]"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.endswith(self.suffix):  # a record reaches each handler once, but be safe
+            record.name += self.suffix
+        return True
 
 
 def _report(line: str) -> None:

@@ -276,11 +276,15 @@ async def test_sigterm_drains_a_stream_in_flight_then_exits_0(
         streaming = asyncio.ensure_future(stream())
         await decode.wait_until(lambda stats: stats.in_flight == 1)
         proxy.process.send_signal(signal.SIGTERM)
-        await proxy.wait_line(re.compile(r"draining: 1 requests in flight"))
+        draining = await proxy.wait_line(re.compile(r"\[worker [01]\]: draining: 1 requests in flight"))
+        assert draining.string.count("[worker ") == 1  # the worker with the stream says so, once
         assert proxy.process.returncode is None
         decode.release()
         body = await asyncio.wait_for(streaming, 10)
     assert body.count(b"data: ") == 41 and body.endswith(b"data: [DONE]\n\n")
     assert await asyncio.wait_for(proxy.process.wait(), 15) == 0
+    await asyncio.wait_for(proxy._reader, 5)  # all output read
+    for index in (0, 1):
+        assert any(f"pdproxy.workers[worker {index}]: worker {index} stopped" in line for line in proxy.lines)
     assert decode.stats.completed == 1 and decode.stats.aborted == 0
     await wait_gone(list(proxy.worker_pids().values()))
