@@ -11,7 +11,7 @@ import orjson
 from aiohttp import web
 
 from pdproxy.errors import InvalidRequest, MethodNotAllowed, NotFound, PayloadTooLarge, ProxyError
-from pdproxy.flow import PDFlow
+from pdproxy.flow import CLIENT_CLOSED, PDFlow
 from pdproxy.request import ProxyRequest
 
 log = logging.getLogger("pdproxy")
@@ -209,6 +209,8 @@ async def openai_errors(
         return PayloadTooLarge("the request body is too large").response()
     except web.HTTPException:
         raise
+    except ConnectionResetError:  # the client left while we wrote to it (the flow counted it): send nothing
+        return web.Response(status=CLIENT_CLOSED)
     except Exception:  # a bug: say so in the log with its traceback, and in OpenAI's shape to the client
         log.exception("internal error on %s %s", request.method, request.path)
         return ProxyError("internal error in pdproxy; its log has the details").response()

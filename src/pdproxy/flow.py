@@ -281,7 +281,7 @@ class PDFlow:
             finally:
                 self.admitted -= 1
                 self.admission.wake()
-            trace.status = trace.status or response.status  # unless the client left mid-stream
+            trace.status = response.status
             return response
         except ProxyError as exc:
             trace.status, trace.error = exc.status, exc.message
@@ -494,12 +494,7 @@ class PDFlow:
                                         side="decode", upstream=upstream.url)
             else:
                 response = await self._relay(request, resp, first, upstream, preq, trace, sent)
-            if trace.status == CLIENT_CLOSED:
-                outcome, reason = "cancelled", None
-            elif trace.error:
-                outcome, reason = "broken", trace.error
-            else:
-                outcome, reason = "ok", None
+            outcome, reason = ("broken", trace.error) if trace.error else ("ok", None)
             self.metrics.decode_duration.observe(time.perf_counter() - sent)
             return response
         except ProxyError as exc:
@@ -580,9 +575,6 @@ class PDFlow:
             else:
                 self._count_usage(last[-256:] + previous)  # include_usage puts it in the last chunks
             await out.write_eof()
-        except ConnectionResetError:  # the client left and a write saw it before aiohttp cancelled us
-            trace.status, trace.error = CLIENT_CLOSED, "client disconnected"
-            self.metrics.client_disconnects.labels(trace.stage).inc()
         finally:
             watchdog.cancel()
             open_streams.discard(watchdog)
