@@ -447,7 +447,7 @@ class _WorkerName(logging.Filter):
         self.suffix = f"[worker {index}]"
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not record.name.endswith(self.suffix):  # a record reaches each handler once, but be safe
+        if not record.name.endswith(self.suffix):  # one record passes the filter of every root handler
             record.name += self.suffix
         return True
 
