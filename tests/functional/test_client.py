@@ -730,6 +730,31 @@ async def test_stream_complete_at_open(upstreams: Upstreams) -> None:
     assert (await client.fetch(server.url, "GET", "/", timeout=WAIT)).reused
 
 
+async def test_bytes_between_open_and_start_reach_the_sink(upstreams: Upstreams) -> None:
+    more = asyncio.Event()
+
+    async def handler(peer: Peer) -> None:
+        await peer.read_request()
+        peer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        await more.wait()
+        peer.write(b"4\r\nmore\r\n0\r\n\r\n")
+        await peer.wait_eof()
+
+    server = await upstreams.serve(handler)
+    client = upstreams.client()
+    stream = await client.open(server.url, "POST", "/", first_byte_timeout=WAIT, idle_timeout=WAIT)
+    assert (stream.first, stream.complete) == (b"first", False)
+    seen = stream.last_activity
+    more.set()
+    await eventually(lambda: client.stats()[server.url] == (1, 1))  # the message ended before start()
+    assert stream.last_activity >= seen  # uvloop's clock ticks in ms
+    sink = Sink()
+    stream.start(sink)
+    assert sink.data == [b"more"] and sink.ended.is_set()
+    with pytest.raises(RuntimeError):
+        stream.start(Sink())
+
+
 async def test_read_rest_of_an_error_status(upstreams: Upstreams) -> None:
     async def handler(peer: Peer) -> None:
         await peer.read_request()

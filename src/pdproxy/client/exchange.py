@@ -189,6 +189,11 @@ class Exchange:
             if self.halt is not None:
                 self.fail(self.halt)
                 return
+            cause = exc.__context__
+            if cause is not None and not isinstance(cause, _Halt):
+                # The sink (caller code) raised inside on_data/on_end: drop the connection, surface the bug.
+                self.abort()
+                raise cause from None
             if not self.done:
                 self.fail(BadResponse(f"{self.base_url}: invalid HTTP response ({exc})"))
                 return

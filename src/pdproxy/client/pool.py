@@ -125,11 +125,8 @@ class UpstreamPool:
             raise
         finally:
             handle.cancel()
-            if not waiter.done() or waiter.cancelled():
-                try:
-                    self.waiters.remove(waiter)
-                except ValueError:
-                    pass
+            if waiter in self.waiters:  # expired or cancelled: a stale entry would make newcomers queue
+                self.waiters.remove(waiter)
         if self.closed:
             raise ClientClosed(f"{self.base_url}: client closed while waiting for a connection")
         if not woken:
@@ -156,14 +153,16 @@ class UpstreamPool:
                     lambda: Connection(self), self.host, self.port, ssl=self.ssl,
                     server_hostname=self.server_hostname,
                 )
-        except (asyncio.TimeoutError, TimeoutError):
-            raise ConnectTimeout(f"{self.base_url}: connect did not complete within {budget:g} s") from None
-        except OSError as exc:
-            raise ConnectFailed(f"{self.base_url}: connect failed: {_reason(exc)}") from None
-        finally:
+        except BaseException as exc:
             self.connecting -= 1
             if self.waiters:
-                self.wake()  # a connect slot freed (or a connection appeared): a waiter re-checks
+                self.wake()  # the connect slot this call held is free again
+            if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+                raise ConnectTimeout(f"{self.base_url}: connect did not complete within {budget:g} s") from None
+            if isinstance(exc, OSError):
+                raise ConnectFailed(f"{self.base_url}: connect failed: {_reason(exc)}") from None
+            raise
+        self.connecting -= 1
         if self.closed:
             conn.discard()
             raise ClientClosed(f"{self.base_url}: client closed during connect")
