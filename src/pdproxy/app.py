@@ -17,8 +17,8 @@ from pdproxy.admin import AdminApi
 from pdproxy.admission import AdmissionQueue
 from pdproxy.api import OpenAIApi, openai_errors
 from pdproxy.flow import FlowLimits, FlowTimeouts, PDFlow
-from pdproxy.health import ActiveHealthChecker, StateBoard, http_probe
 from pdproxy.handoff import make_handoff
+from pdproxy.health import ActiveHealthChecker, StateBoard, http_probe
 from pdproxy.membership import Hooks, Membership, read_state_file
 from pdproxy.metrics import CONTENT_TYPE, Metrics
 from pdproxy.outlier import ConsecutiveFailureDetector, NoOutlierDetection, OutlierDetector

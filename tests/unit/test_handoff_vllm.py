@@ -23,7 +23,7 @@ class Adapter:
     def __init__(self) -> None:
         self.handoff = VllmNixlHandoff()
 
-    def _plan(self, body: dict[str, Any]):  # noqa: ANN202
+    def _plan(self, body: dict[str, Any]):
         return self.handoff.plan(ProxyRequest("/v1/chat/completions", body, False, "r1", {}), P, D)
 
     def prefill_body(self, body: dict[str, Any]) -> dict[str, Any]:
