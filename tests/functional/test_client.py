@@ -180,10 +180,33 @@ async def keepalive(peer: Peer) -> None:
         peer.write(ok(b"hello"))
 
 
+def held_keepalive(release: asyncio.Event) -> Handler:
+    """Like keepalive, but every answer waits until `release` is set (holds connections busy)."""
+
+    async def handler(peer: Peer) -> None:
+        while await peer.read_request() is not None:
+            await release.wait()
+            peer.write(ok())
+
+    return handler
+
+
 async def silent(peer: Peer) -> None:
     """Read the request, never answer, wait for the client to go away."""
     await peer.read_request()
     await peer.wait_eof()
+
+
+def answer(reply: bytes, *, then_close: bool = False) -> Handler:
+    """A handler that reads one request, writes `reply`, then closes or waits for the client to close."""
+
+    async def handler(peer: Peer) -> None:
+        await peer.read_request()
+        peer.write(reply)
+        if not then_close:
+            await peer.wait_eof()
+
+    return handler
 
 
 class Sink:
@@ -329,13 +352,7 @@ async def test_sequential_calls_share_one_connection(upstreams: Upstreams) -> No
 
 async def test_concurrent_calls_open_connections_and_keep_them_idle(upstreams: Upstreams) -> None:
     release = asyncio.Event()
-
-    async def handler(peer: Peer) -> None:
-        while await peer.read_request() is not None:
-            await release.wait()
-            peer.write(ok())
-
-    server = await upstreams.serve(handler)
+    server = await upstreams.serve(held_keepalive(release))
     client = upstreams.client(ClientOptions(max_idle=2))
     calls = [asyncio.ensure_future(client.fetch(server.url, "GET", "/", timeout=WAIT)) for _ in range(3)]
     await eventually(lambda: len(server.peers) == 3 and all(p.requests for p in server.peers))
@@ -471,12 +488,7 @@ async def test_no_resend_after_a_timeout_on_a_reused_connection(upstreams: Upstr
 async def expect_bad(upstreams: Upstreams, reply: bytes, error: type[CallError], options: ClientOptions) -> CallError:
     """The server answers `reply` (then waits); the call fails with `error` and the client closes the socket."""
 
-    async def handler(peer: Peer) -> None:
-        await peer.read_request()
-        peer.write(reply)
-        await peer.wait_eof()
-
-    server = await upstreams.serve(handler)
+    server = await upstreams.serve(answer(reply))
     client = upstreams.client(options)
     with pytest.raises(error) as caught:
         await client.fetch(server.url, "GET", "/", timeout=WAIT, max_bytes=1000)
@@ -528,21 +540,13 @@ async def test_body_over_max_bytes_is_too_large(upstreams: Upstreams) -> None:
 
 
 async def test_close_mid_headers_is_connection_lost(upstreams: Upstreams) -> None:
-    async def handler(peer: Peer) -> None:
-        await peer.read_request()
-        peer.write(b"HTTP/1.1 200 OK\r\nContent-Le")
-
-    server = await upstreams.serve(handler)
+    server = await upstreams.serve(answer(b"HTTP/1.1 200 OK\r\nContent-Le", then_close=True))
     with pytest.raises(ConnectionLost, match="mid-head"):
         await upstreams.client().fetch(server.url, "GET", "/", timeout=WAIT)
 
 
 async def test_close_mid_body_is_connection_lost(upstreams: Upstreams) -> None:
-    async def handler(peer: Peer) -> None:
-        await peer.read_request()
-        peer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten b")
-
-    server = await upstreams.serve(handler)
+    server = await upstreams.serve(answer(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten b", then_close=True))
     client = upstreams.client()
     with pytest.raises(ConnectionLost, match="mid-body") as caught:
         await client.fetch(server.url, "GET", "/", timeout=WAIT)
@@ -594,13 +598,7 @@ async def test_connect_timeout_against_a_full_backlog(upstreams: Upstreams) -> N
 
 async def test_max_connections_waits_for_a_free_connection(upstreams: Upstreams) -> None:
     release = asyncio.Event()
-
-    async def handler(peer: Peer) -> None:
-        while await peer.read_request() is not None:
-            await release.wait()
-            peer.write(ok())
-
-    server = await upstreams.serve(handler)
+    server = await upstreams.serve(held_keepalive(release))
     client = upstreams.client(ClientOptions(max_connections=1, connect_timeout=WAIT))
     first = asyncio.ensure_future(client.fetch(server.url, "GET", "/1", timeout=WAIT))
     second = asyncio.ensure_future(client.fetch(server.url, "GET", "/2", timeout=WAIT))
@@ -642,24 +640,15 @@ async def test_first_byte_timeout(upstreams: Upstreams) -> None:
 async def test_first_byte_timeout_counts_the_first_body_bytes(upstreams: Upstreams) -> None:
     """A head alone is not enough: open() also waits for the first body bytes."""
 
-    async def handler(peer: Peer) -> None:
-        await peer.read_request()
-        peer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
-        await peer.wait_eof()
-
-    server = await upstreams.serve(handler)
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    server = await upstreams.serve(answer(head))
     with pytest.raises(FirstByteTimeout) as caught:
         await upstreams.client().open(server.url, "POST", "/", first_byte_timeout=0.1, idle_timeout=WAIT)
     assert caught.value.got_response_bytes
 
 
 async def test_fetch_overall_timeout_covers_a_slow_body(upstreams: Upstreams) -> None:
-    async def handler(peer: Peer) -> None:
-        await peer.read_request()
-        peer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
-        await peer.wait_eof()
-
-    server = await upstreams.serve(handler)
+    server = await upstreams.serve(answer(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"))
     with pytest.raises(ResponseTimeout) as caught:
         await upstreams.client().fetch(server.url, "GET", "/", timeout=0.15)
     assert caught.value.got_response_bytes and "0.15 s" in str(caught.value)

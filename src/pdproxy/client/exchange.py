@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httptools
 
@@ -237,23 +237,17 @@ class Exchange:
         conn.exchange = None
         conn.pool.release(conn, self.keep_alive and not self.to_close and not self.trailing)
         self.ended = True
-        future = self.future
-        if future is not None:
-            self.future = None
-            if not future.done():
-                if self.streaming:
-                    future.set_result(self._new_stream(complete=True))
-                else:
-                    body = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
-                    future.set_result(Response(self.status, self.headers, body, self.reused))
-            return
-        rest = self.rest_future
-        if rest is not None:
-            self.rest_future = None
-            if not rest.done():
-                rest.set_result(b"".join(self.chunks))
-            return
-        if self.sink is not None:
+        opening = self.future is not None
+        waiter = self._take_waiter()
+        if waiter is not None:
+            if not opening:
+                waiter.set_result(b"".join(self.chunks))  # read_rest
+            elif self.streaming:
+                waiter.set_result(self._new_stream(complete=True))
+            else:
+                body = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
+                waiter.set_result(Response(self.status, self.headers, body, self.reused))
+        elif self.sink is not None:
             self.sink.on_end()
 
     def fail(self, error: CallError) -> None:
@@ -268,22 +262,23 @@ class Exchange:
         error.reused = self.reused
         error.got_response_bytes = self.got_bytes
         self.error = error
-        future = self.future
-        if future is not None:
-            self.future = None
-            if not future.done():
-                future.set_exception(error)
-            return
-        rest = self.rest_future
-        if rest is not None:
-            self.rest_future = None
-            if not rest.done():
-                rest.set_exception(error)
-            return
-        sink = self.sink
-        if sink is not None:
+        waiter = self._take_waiter()
+        if waiter is not None:
+            waiter.set_exception(error)
+        elif self.sink is not None:
+            sink = self.sink
             self.sink = None
             sink.on_error(error)
+
+    def _take_waiter(self) -> asyncio.Future[Any] | None:
+        """Detach the future someone awaits (open/fetch, else read_rest); None if nobody still waits."""
+        future: asyncio.Future[Any] | None = self.future
+        if future is not None:
+            self.future = None
+        else:
+            future = self.rest_future
+            self.rest_future = None
+        return None if future is None or future.done() else future
 
     def abort(self) -> None:
         """Close the socket now without telling anyone (cancellation, Stream.abort)."""
