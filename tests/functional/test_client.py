@@ -327,6 +327,16 @@ async def test_head_204_304_have_no_body_and_keep_the_connection(upstreams: Upst
     assert len(server.peers) == 1 and after.reused
 
 
+async def test_bytes_after_a_complete_message_keep_the_response_but_not_the_connection(upstreams: Upstreams) -> None:
+    server = await upstreams.serve(answer(ok(b"fine") + b"\x00\x01garbage"))
+    client = upstreams.client()
+    got = await client.fetch(server.url, "GET", "/", timeout=WAIT)
+    assert got.body == b"fine"
+    assert client.stats()[server.url] == (0, 0)
+    async with within(WAIT):
+        await server.peers[0].closed.wait()
+
+
 async def test_redirect_is_not_followed(upstreams: Upstreams) -> None:
     async def handler(peer: Peer) -> None:
         while await peer.read_request() is not None:

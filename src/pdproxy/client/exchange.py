@@ -197,7 +197,9 @@ class Exchange:
             if not self.done:
                 self.fail(BadResponse(f"{self.base_url}: invalid HTTP response ({exc})"))
                 return
-            # done: a HEAD response, or bytes after the message (trailing); finish below
+            if cause is None:
+                self.trailing = True  # garbage after a complete message: finish it, never reuse the connection
+            # else done via _Halt: a HEAD response, or bytes after the message (trailing); finish below
         if self.conn is None:
             return  # the sink aborted the stream from inside on_data
         if self.done:
