@@ -690,6 +690,40 @@ async def test_idle_timeout_mid_stream(upstreams: Upstreams) -> None:
 # ---- streams ----
 
 
+async def test_a_streamed_chunk_costs_at_most_one_clock_read(upstreams: Upstreams) -> None:
+    """The idle deadline is re-armed lazily: chunks only note the time, the one timer checks it when it fires."""
+    reads = 0
+
+    async def handler(peer: Peer) -> None:
+        await peer.read_request()
+        peer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(40):
+            peer.write(b"1\r\nx\r\n")
+            await peer.writer.drain()
+            await asyncio.sleep(0.002)  # separate reads on the client side
+        peer.write(b"0\r\n\r\n")
+        await peer.wait_eof()
+
+    loop = asyncio.get_running_loop()
+
+    def clock() -> float:
+        nonlocal reads
+        reads += 1
+        return loop.time()
+
+    server = await upstreams.serve(handler)
+    client = upstreams.client(loop_time=clock)
+    stream = await client.open(server.url, "GET", "/", first_byte_timeout=WAIT, idle_timeout=0.05)
+    sink = Sink()
+    reads = 0
+    stream.start(sink)
+    async with within(WAIT):
+        await sink.ended.wait()
+    assert sink.error is None  # 2 ms gaps never trip a 50 ms idle deadline
+    assert len(sink.data) >= 20  # the chunks really arrived one by one
+    assert reads <= len(sink.data) + 10  # one read per chunk, plus a few for timer checks
+
+
 async def test_stream_of_the_mock_engine(upstreams: Upstreams) -> None:
     engine, runner, url = await start_mock()
     try:
