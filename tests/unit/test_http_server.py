@@ -811,3 +811,39 @@ def test_curl_chunked_upload_expect_and_keep_alive(run: Callable[..., Any]) -> N
             assert orjson.loads(b"{" + second)["query"] == {"i": "2"}
 
     run(scenario())
+
+
+def test_a_handler_cancelled_before_its_first_step_still_gives_everything_back(run: Callable[..., Any]) -> None:
+    async def scenario() -> None:
+        async with serve() as (server, probe):
+            reader, writer = await connect(server)
+            writer.write(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+            await read_reply(reader)
+            (conn,) = server._conns
+            # the race, made deterministic: a request and the client's reset handled in one loop iteration,
+            # so the handler task is cancelled before its coroutine ever ran
+            conn.data_received(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
+            assert server.requests == 1 and server.budget.used == 3
+            conn.connection_lost(ConnectionResetError())
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            assert server.requests == 0 and server.budget.used == 0
+            assert probe.order == [""]  # only the first request's handler ran
+            writer.close()
+
+    run(scenario())
+
+
+def test_upgrade_and_absolute_form_requests(run: Callable[..., Any]) -> None:
+    async def scenario() -> None:
+        async with serve() as (server, _):
+            reply, rest = await exchange(server, b"GET /echo HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+                                                 b"Upgrade: websocket\r\n\r\nframes")
+            assert reply.status == 200 and reply.headers["connection"] == "close" and rest == b""
+            reader, writer = await connect(server)
+            writer.write(b"GET http://example.com/echo?i=4 HTTP/1.1\r\nHost: example.com\r\n\r\n")
+            reply = await read_reply(reader)
+            assert reply.json()["path"] == "/echo" and reply.json()["query"] == {"i": "4"}
+            writer.close()
+
+    run(scenario())

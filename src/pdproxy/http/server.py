@@ -558,51 +558,61 @@ class HttpConnection(asyncio.Protocol):
         task = self._loop.create_task(self._run(request, handler))
         self._task = task
         self._server._tasks.add(task)
-        task.add_done_callback(self._server._tasks.discard)
+        # the bookkeeping runs in a done callback, not in _run's finally: a task cancelled before its first step
+        # never runs its coroutine at all
+        task.add_done_callback(self._handler_done)
 
     async def _run(self, request: Request, handler: Handler) -> None:
         """Run one handler and write its answer. Cancelled when the client goes away (connection_lost)."""
         try:
-            try:
-                response = await handler(request)
-            except ProxyError as exc:
-                response = render_error(exc)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.exception("handler for %s %s failed", request.method, request.path)
-                response = render_error(ProxyError("internal error in pdproxy; its log has the details"))
-                if self._stream is not None:
-                    self.abort()  # a stream already started: never a second response inside it
-                    return
-            if self._closed:
+            response = await handler(request)
+        except ProxyError as exc:
+            response = render_error(exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("handler for %s %s failed", request.method, request.path)
+            response = render_error(ProxyError("internal error in pdproxy; its log has the details"))
+            if self._stream is not None:
+                self.abort()  # a stream already started: never a second response inside it
                 return
-            stream = self._stream
-            if stream is not None:
-                if response is not None:
-                    logger.error("handler for %s %s returned a response after starting a stream",
-                                 request.method, request.path)
-                    self.abort()
-                    return
-                stream.end()
-            elif response is None:
-                logger.error("handler for %s %s returned None without starting a stream",
-                             request.method, request.path)
-                response = render_error(ProxyError("internal error in pdproxy; its log has the details"))
+        if self._closed:
+            return
+        stream = self._stream
+        if stream is not None:
             if response is not None:
-                self._write_response(request, response)
-        finally:
-            # every exit: the budget comes back, the counters go down (also when cancelled)
-            if request._budget:
-                self._server.budget.give(request._budget)
-                request._budget = 0
-            self._server.requests -= 1
-            self._task = None
-            self._active = None
-            stream = self._stream
-            self._stream = None
-            if not self._closed:
-                self._after_response(request, stream)
+                logger.error("handler for %s %s returned a response after starting a stream",
+                             request.method, request.path)
+                self.abort()
+                return
+            stream.end()
+        elif response is None:
+            logger.error("handler for %s %s returned None without starting a stream",
+                         request.method, request.path)
+            response = render_error(ProxyError("internal error in pdproxy; its log has the details"))
+        if response is not None:
+            self._write_response(request, response)
+
+    def _handler_done(self, task: asyncio.Task[None]) -> None:
+        """Every end of a handler (returned, raised, cancelled, never started): budget back, counters down, then
+        the next request."""
+        self._server._tasks.discard(task)
+        request = self._active
+        assert request is not None
+        if request._budget:
+            self._server.budget.give(request._budget)
+            request._budget = 0
+        self._server.requests -= 1
+        self._task = None
+        self._active = None
+        stream = self._stream
+        self._stream = None
+        if not task.cancelled() and task.exception() is not None:  # _run itself failed: a bug in the server
+            logger.error("request task for %s %s failed", request.method, request.path, exc_info=task.exception())
+            self.abort()
+            return
+        if not self._closed:
+            self._after_response(request, stream)
 
     def _closing(self, request: Request) -> bool:
         return (not request.keep_alive or self._server.draining or (self._eof and not self._queue)
