@@ -16,6 +16,7 @@ from aiohttp import web
 from pdproxy.admin import AdminApi
 from pdproxy.admission import AdmissionQueue
 from pdproxy.api import OpenAIApi, openai_errors
+from pdproxy.discovery import build_discovery
 from pdproxy.flow import FlowLimits, FlowTimeouts, PDFlow
 from pdproxy.health import ActiveHealthChecker, StateBoard, http_probe
 from pdproxy.kv import make_adapter
@@ -48,7 +49,7 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
     caps = {Role.PREFILL: settings.prefill_max_in_flight, Role.DECODE: settings.decode_max_in_flight}
     pools = {role: UpstreamPool(role, members) for role, members in _initial_members(settings, caps).items()}
     for role, pool in pools.items():
-        if not pool.members:
+        if not pool.members and role.value not in settings.discovered_roles():
             raise ValueError(f"no {role.value} servers (the state file {settings.state_file} lists none)")
     policy_options = PolicyOptions(
         prefix_chars=settings.prefix_hash_chars, vnodes=settings.prefix_hash_vnodes,
@@ -132,6 +133,9 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
     app.cleanup_ctx.append(_client_session(flow))
     if checker is not None:
         app.cleanup_ctx.append(_health_checks(checker, membership))
+    discovery = build_discovery(settings, membership, metrics, caps)  # ops: discovery (issue 17)
+    if discovery is not None:
+        app.cleanup_ctx.append(discovery.lifetime)
     return app
 
 

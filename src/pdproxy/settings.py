@@ -48,12 +48,13 @@ REQUESTS = "requests"
 LOGGING = "logging"
 METRICS = "metrics"
 ADMIN = "admin"
+DISCOVERY = "discovery"
 GROUP_TITLES = {
     UPSTREAMS: "upstreams", LISTENING: "listening", POLICIES: "load balancing (policies)",
     HANDOFF: "KV handoff", FAILOVER: "failover", TIMEOUTS: "timeouts", HEALTH: "active health checks",
     EJECTION: "passive ejection (outlier detection)", ADMISSION: "overload protection (admission)",
     LIFECYCLE: "lifecycle", REQUESTS: "requests", LOGGING: "logging", METRICS: "metrics",
-    ADMIN: "admin API and runtime membership",
+    ADMIN: "admin API and runtime membership", DISCOVERY: "discovery (upstreams found without hand edits)",
 }
 
 
@@ -409,6 +410,86 @@ class Settings(BaseSettings):
              'restore them at start-up; when the file exists it wins over the server lists above. A corrupt file '
              'stops the start-up with a clear message.'))
 
+    # ---- discovery
+    discovery: Literal["none", "file", "dns", "kubernetes"] = setting(
+        "none", group=DISCOVERY,
+        description="where upstreams are discovered at runtime: none, file, dns or kubernetes",
+        doc=("A discovery source keeps the pools in step with a file, DNS names or Kubernetes EndpointSlices: "
+             "new upstreams are added with warm-up, vanished ones drain and are removed after "
+             "discovery_removal_delay. Upstreams from the server lists or the admin API are never touched "
+             "by it. With a source, a role it covers may start with no servers listed. See README, Discovery."))
+    discovery_file: Path | None = setting(
+        None, group=DISCOVERY, metavar="PATH", example="/etc/pdproxy/upstreams.yaml",
+        description="discovery=file: the YAML or JSON file of upstreams to watch",
+        doc=("discovery=file: a YAML or JSON file `{prefill: [...], decode: [...]}` whose entries have the form "
+             "of prefill_servers (plus an optional `ready: false` to drain one). It is re-read when it changes; "
+             "replace it atomically (write a temporary file, then rename). A file that does not parse keeps "
+             "the last good list, is logged and counted in pdproxy_discovery_errors_total."))
+    discovery_interval: float = setting(
+        5.0, group=DISCOVERY, gt=0,
+        description="seconds between two looks at the discovery file or two DNS resolutions",
+        doc="How often the file source checks its file and the dns source resolves its names. Unit: seconds.")
+    discovery_removal_delay: float = setting(
+        30.0, group=DISCOVERY, ge=0,
+        description="seconds an upstream must stay gone from discovery before it drains and is removed",
+        doc=("Damping: an upstream that vanishes from its source keeps its place (and its traffic) this long, "
+             "so a record that flaps does not churn the pools; then it drains and leaves once idle. One "
+             "marked not ready (Kubernetes) drains at once instead. Unit: seconds, 0 = at once."))
+    discovery_scheme: Literal["http", "https"] = setting(
+        "http", group=DISCOVERY,
+        description="scheme of discovered upstreams (dns, kubernetes)",
+        doc="URL scheme of the upstreams the dns and kubernetes sources find (they only learn addresses).")
+    discovery_dns_prefill: str = setting(
+        "", group=DISCOVERY, metavar="NAMES",
+        description="discovery=dns: prefill names, comma separated: host:port (A/AAAA) or _svc._tcp.name (SRV)",
+        doc=("discovery=dns: names that resolve to the prefill servers, comma separated. `name:port` is "
+             "resolved to its A and AAAA records (a Kubernetes headless Service lists only ready pods); a name "
+             "starting with `_` (e.g. `_http._tcp.prefill.service.consul`) to its SRV records of the lowest "
+             "priority, with their ports and weights."))
+    discovery_dns_decode: str = setting(
+        "", group=DISCOVERY, metavar="NAMES",
+        description="discovery=dns: decode names, the same forms as --discovery-dns-prefill",
+        doc="discovery=dns: names that resolve to the decode servers, the same forms as discovery_dns_prefill.")
+    discovery_dns_nameserver: str | None = setting(
+        None, group=DISCOVERY, metavar="HOST[:PORT]", default_text="the system resolver (/etc/resolv.conf)",
+        example="10.96.0.10:53",
+        description="discovery=dns: ask this DNS server (IP, IP:PORT or [IPv6]:PORT)",
+        doc="discovery=dns: the DNS server to ask instead of the system's (e.g. Consul's agent on port 8600).")
+    discovery_dns_timeout: float = setting(
+        2.0, group=DISCOVERY, gt=0,
+        description="discovery=dns: seconds one resolution may take",
+        doc="discovery=dns: time one resolution of all names may take; a timeout keeps the last list. Unit: seconds.")
+    discovery_k8s_prefill_selector: str = setting(
+        "", group=DISCOVERY, metavar="SELECTOR",
+        description="discovery=kubernetes: label selector of the prefill EndpointSlices",
+        doc=("discovery=kubernetes: label selector of the EndpointSlices of the prefill servers, e.g. "
+             "`kubernetes.io/service-name=vllm-prefill`."))
+    discovery_k8s_decode_selector: str = setting(
+        "", group=DISCOVERY, metavar="SELECTOR",
+        description="discovery=kubernetes: label selector of the decode EndpointSlices",
+        doc="discovery=kubernetes: label selector of the EndpointSlices of the decode servers.")
+    discovery_k8s_port: str = setting(
+        "", group=DISCOVERY, metavar="NAME|NUMBER", default_text="the slice's only port",
+        description="discovery=kubernetes: the EndpointSlice port to use, by name or number",
+        doc="discovery=kubernetes: which of the EndpointSlice's ports is the API port, by name or number.")
+    discovery_k8s_namespace: str | None = setting(
+        None, group=DISCOVERY, metavar="NAMESPACE", default_text="the pod's own namespace",
+        description="discovery=kubernetes: namespace of the EndpointSlices",
+        doc="discovery=kubernetes: the namespace watched (default: the service account's, else `default`).")
+    discovery_k8s_api_url: str | None = setting(
+        None, group=DISCOVERY, metavar="URL", default_text="in-cluster (KUBERNETES_SERVICE_HOST)",
+        description="discovery=kubernetes: the API server's URL",
+        doc=("discovery=kubernetes: the API server. Default: the in-cluster address from "
+             "KUBERNETES_SERVICE_HOST/PORT, with the pod's service account token and CA."))
+    discovery_k8s_token_file: Path = setting(
+        "/var/run/secrets/kubernetes.io/serviceaccount/token", group=DISCOVERY, metavar="PATH", validate_default=True,
+        description="discovery=kubernetes: bearer token file (re-read on every reconnect; skipped if absent)",
+        doc="discovery=kubernetes: the service account token, re-read on every reconnect since tokens rotate.")
+    discovery_k8s_ca_file: Path = setting(
+        "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt", group=DISCOVERY, metavar="PATH", validate_default=True,
+        description="discovery=kubernetes: CA bundle of the API server (https only; system CAs if absent)",
+        doc="discovery=kubernetes: the CA that signed the API server's certificate.")
+
     @field_validator("prefill_servers", "decode_servers", mode="before")
     @classmethod
     def _split(cls, value: Any) -> Any:
@@ -429,11 +510,13 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check_servers(self) -> Settings:
         restoring = self.state_file is not None and self.state_file.exists()
+        self._check_discovery()
         for role, servers in (("prefill", self.prefill_servers), ("decode", self.decode_servers)):
-            if not servers and not restoring:
+            if not servers and not restoring and role not in self.discovered_roles():
                 raise ValueError(
                     f"no {role} servers: set --{role}-servers, PDPROXY_{role.upper()}_SERVERS "
-                    f"or {role}_servers in the config file (or restore them with --state-file)"
+                    f"or {role}_servers in the config file (or restore them with --state-file, "
+                    f"or discover them: --discovery)"
                 )
             urls = [s.url for s in servers]
             duplicates = sorted({u for u in urls if urls.count(u) > 1})
@@ -447,6 +530,27 @@ class Settings(BaseSettings):
             raise ValueError("workers > 1 needs metrics_port (--metrics-port): the supervisor serves the "
                              "workers' merged /metrics there")
         return self
+
+    def discovered_roles(self) -> frozenset[str]:
+        """The roles the configured discovery source provides (they may start with no servers)."""
+        if self.discovery == "file":
+            return frozenset({"prefill", "decode"})
+        if self.discovery == "dns":
+            names = {"prefill": self.discovery_dns_prefill, "decode": self.discovery_dns_decode}
+        elif self.discovery == "kubernetes":
+            names = {"prefill": self.discovery_k8s_prefill_selector, "decode": self.discovery_k8s_decode_selector}
+        else:
+            return frozenset()
+        return frozenset(role for role, value in names.items() if value.strip())
+
+    def _check_discovery(self) -> None:
+        if self.discovery == "file" and self.discovery_file is None:
+            raise ValueError("discovery=file needs discovery_file (--discovery-file)")
+        if self.discovery == "dns" and not self.discovered_roles():
+            raise ValueError("discovery=dns needs discovery_dns_prefill and/or discovery_dns_decode")
+        if self.discovery == "kubernetes" and not self.discovered_roles():
+            raise ValueError("discovery=kubernetes needs discovery_k8s_prefill_selector and/or "
+                             "discovery_k8s_decode_selector")
 
     @classmethod
     def settings_customise_sources(

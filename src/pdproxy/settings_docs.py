@@ -82,7 +82,7 @@ class SettingDoc:
         if "default_text" in self.extra:
             return str(self.extra["default_text"])
         default = self.field.default
-        if default is None:
+        if default is None or default == "":
             return "none"
         if isinstance(default, bool):
             return "on" if default else "off"
@@ -92,7 +92,7 @@ class SettingDoc:
         """The --help line: description, then the default in the one form tests and users can parse."""
         if self.name in REQUIRED:
             return f"{self.description} (required)"
-        if self.field.default is None:
+        if self.field.default in (None, ""):  # the default is an absence: say what it means
             return f"{self.description} (default: {self.default_text()})"
         return f"{self.description} (default {self.default_text()})"
 
@@ -168,8 +168,8 @@ def readme_table() -> str:
             flag += " (" + ", ".join(_code(a) for a in aliases) + ")"
         default = doc.default_text()
         default_cell = default if default in ("required", "none", "on", "off") else _code(default)
-        if doc.field.default is None and default != "none":
-            default_cell = f"none ({default})"
+        if doc.field.default in (None, "") and default != "none":
+            default_cell = default  # an explanation, not a value
         meaning = doc.description.replace("|", "\\|")
         rows.append(f"| {flag} | {_code(doc.env)} / {_code(doc.name)} | {default_cell} | {meaning} |")
     return "\n".join(rows)
