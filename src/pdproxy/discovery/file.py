@@ -107,23 +107,32 @@ class FileSource:
         self.interval = interval
 
     async def updates(self) -> AsyncIterator[Update]:
+        """Every look yields: the file's lists (re-read only when it changed), or a failure the first time
+        a look fails. So the last-success time stays fresh while the file is good, and ages while it is bad."""
         seen: tuple[int, int, int] | None = None
-        failed_on: tuple[int, int, int] | str | None = None
+        good: Update | None = None  # the lists of the file as it is now, if it parsed
+        failed: str | None = None
         while True:
             try:
                 info = os.stat(self.path)
             except OSError as exc:
-                reason = f"cannot read {self.path}: {exc.strerror or exc}"
-                if failed_on != reason:  # once per distinct problem, not at every look
-                    failed_on = reason
-                    yield SourceFailure(reason)
+                seen, good = None, None
+                update: Update | None = SourceFailure(f"cannot read {self.path}: {exc.strerror or exc}")
             else:
                 stamp = (info.st_ino, info.st_size, info.st_mtime_ns)
                 if stamp != seen:
                     seen = stamp
                     update = await asyncio.to_thread(self._read)
-                    failed_on = stamp if isinstance(update, SourceFailure) else None
+                    good = None if isinstance(update, SourceFailure) else update
+                else:
+                    update = good
+            if isinstance(update, SourceFailure):
+                if update.reason != failed:  # once per distinct problem, not at every look
+                    failed = update.reason
                     yield update
+            elif update is not None:
+                failed = None
+                yield update
             await asyncio.sleep(self.interval)
 
     def _read(self) -> Update:

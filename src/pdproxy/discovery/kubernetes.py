@@ -149,10 +149,11 @@ class KubernetesSource:
             try:
                 if version is None:
                     slices, version = await self._list(session, selector)
-                    await queue.put({role: self._targets(slices)})
+                await queue.put({role: self._targets(slices)})  # fresh from a list, or still true on a re-watch
                 async for kind, item in self._watch(session, selector, version):
                     version = item.get("metadata", {}).get("resourceVersion") or version
-                    if kind == "BOOKMARK":
+                    if kind == "BOOKMARK":  # nothing changed: the list is still good (keeps its age fresh)
+                        await queue.put({role: self._targets(slices)})
                         continue
                     name = item.get("metadata", {}).get("name", "")
                     if kind == "DELETED":
