@@ -14,6 +14,7 @@ from typing import Any
 from pdproxy.admin import AdminApi
 from pdproxy.admission import AdmissionQueue
 from pdproxy.client import ClientOptions, UpstreamClient
+from pdproxy.discovery import Discovery, build_discovery
 from pdproxy.handoff import make_handoff
 from pdproxy.health import ActiveHealthChecker, StateBoard, http_probe
 from pdproxy.http.api import OpenAIApi
@@ -55,6 +56,7 @@ class App:
     limits: ServerLimits
     checker: ActiveHealthChecker | None = None
     admin: AdminApi | None = None
+    discovery: Discovery | None = None
     _started: bool = field(default=False, repr=False)
 
     def __getitem__(self, key: str) -> Any:
@@ -67,16 +69,20 @@ class App:
         return getattr(self, key, None) is not None
 
     async def startup(self) -> None:
-        """Start what runs beside the requests (active health checks)."""
+        """Start what runs beside the requests (active health checks, discovery)."""
         if not self._started:
             self._started = True
             if self.checker is not None:
                 self.checker.start(self.membership.members())
+            if self.discovery is not None:
+                self.discovery.start()
 
     async def cleanup(self) -> None:
-        """Stop the health checks and close every upstream connection."""
+        """Stop discovery and the health checks, and close every upstream connection."""
         if self._started:
             self._started = False
+            if self.discovery is not None:
+                await self.discovery.stop()
             if self.checker is not None:
                 await self.checker.stop()
             await self.client.close()
@@ -93,7 +99,7 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
     caps = {Role.PREFILL: settings.prefill_max_in_flight, Role.DECODE: settings.decode_max_in_flight}
     pools = {role: UpstreamPool(role, members) for role, members in _initial_members(settings, caps).items()}
     for role, pool in pools.items():
-        if not pool.members:
+        if not pool.members and role.value not in settings.discovered_roles():
             raise ValueError(f"no {role.value} servers (the state file {settings.state_file} lists none)")
     policy_options = PolicyOptions(
         prefix_chars=settings.prefix_hash_chars, vnodes=settings.prefix_hash_vnodes,
@@ -185,7 +191,8 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
         admin.add_routes(router)
     server_limits = ServerLimits(max_body_bytes=settings.max_body_bytes)
     return App(router, flow, metrics, board, membership, client, server_limits, checker,
-               admin if settings.admin_port is not None else None)
+               admin if settings.admin_port is not None else None,
+               build_discovery(settings, membership, metrics, caps))
 
 
 def _initial_members(settings: Settings, caps: dict[Role, int]) -> dict[Role, list[Upstream]]:
