@@ -98,7 +98,14 @@ SERVE_OPTIONS: tuple[tuple[tuple[str, ...], str, dict[str, Any], str], ...] = (
     (("--max-body-bytes",), "max_body_bytes", {"type": int}, "largest accepted request body (default 100 MiB)"),
     (("--upstream-api-key",), "upstream_api_key", {"metavar": "KEY"},
      "send 'Authorization: Bearer KEY' upstream instead of the client's header"),
-    (("--kv-adapter",), "kv_adapter", {}, "KV handoff protocol: vllm (default)"),
+    (("--kv-adapter",), "kv_adapter", {},
+     "KV handoff protocol: vllm (default), omni, sglang, mooncake (see README: Engines and handoffs)"),
+    (("--handoff-meta",), "handoff_meta", {"metavar": "JSON"},
+     "per-server handoff metadata that wins over discovery, e.g. "
+     "'{\"http://p1:8100\": {\"bootstrap_port\": 9000}}' (default: none)"),
+    (("--pd-min-prompt-tokens",), "pd_min_prompt_tokens", {"type": int, "metavar": "N"},
+     "send prompts whose estimated uncached part on the chosen decode server is under N tokens to "
+     "that server alone, without prefill; 0 means always disaggregate (default 0)"),
     (("--log-level",), "log_level", {"choices": LOG_LEVELS}, "log level (default info)"),
     (("--access-log",), "access_log", {"action": argparse.BooleanOptionalAction},
      "one log line per request (default on)"),

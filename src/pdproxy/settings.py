@@ -95,6 +95,10 @@ class Settings(BaseSettings):
     chars_per_token: float = Field(4.0, gt=0)
     tokenizer: Path | None = None
     kv_adapter: str = "vllm"
+    # Per-server handoff metadata that wins over discovery: {url: {"bootstrap_port": 9000, ...}}.
+    handoff_meta: dict[str, dict[str, Any]] = {}  # pydantic copies mutable defaults per instance
+    # Prompts whose estimated uncached part on the chosen D is below this go to D alone; 0: always PD.
+    pd_min_prompt_tokens: int = Field(0, ge=0)
     # Failover
     prefill_retries: int = Field(2, ge=0, le=16)
     flow_retries: int = Field(1, ge=0, le=8)
@@ -140,6 +144,18 @@ class Settings(BaseSettings):
     @classmethod
     def _split(cls, value: Any) -> Any:
         return _split_servers(value)
+
+    @field_validator("handoff_meta", mode="before")
+    @classmethod
+    def _parse_handoff_meta(cls, value: Any) -> Any:
+        if isinstance(value, str):  # the CLI and env give JSON text
+            try:
+                value = yaml.safe_load(value) if value.strip() else {}
+            except yaml.YAMLError as exc:
+                raise ValueError(f"not a JSON object: {exc}") from None
+        if isinstance(value, dict):
+            return {normalize_url(str(url)): meta for url, meta in value.items()}
+        return value
 
     @field_validator("health_path")
     @classmethod
