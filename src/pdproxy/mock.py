@@ -79,8 +79,8 @@ class MockConfig:
     # Prefill compute: this many ms per uncached prompt token, one prompt at a time (FIFO), before
     # ttft_ms. 0 (the default) adds no delay, so timing is ttft_ms alone.
     prefill_ms_per_token: float = 0.0
-    protocol: str = "vllm"  # "vllm" | "omni" | "sglang" | "mooncake"
-    bootstrap_port: int = 0  # sglang/mooncake P: its bootstrap server's port (0: the OS picks one)
+    protocol: str = "vllm"  # "vllm" | "omni" | "sglang" | "mooncake" | "nixl-push"
+    bootstrap_port: int = 0  # sglang/mooncake/nixl-push P: its bootstrap server's port (0: the OS picks one)
     kv_timeout_ms: float = 2000.0  # how long P and D wait for each other (SGLang 300 s, Mooncake 480 s)
     dp_size: int = 1  # mooncake P: DP ranks it announces on /query (one engine id each)
     eos_after: int = 0  # non-streamed answers stop (finish_reason "stop") after this many tokens; 0: never
@@ -615,9 +615,11 @@ class MockEngine:
             if isinstance(target, str):
                 raise _BadRequest(target, "bootstrap_room")
             return target
-        if cfg.protocol != "mooncake" or cfg.role == "both":
+        if cfg.protocol not in ("mooncake", "nixl-push") or cfg.role == "both":
             return None
         kv = gen.kv or {}
+        if cfg.protocol == "nixl-push":
+            return self._push_key(kv, prefill, request)
         if prefill:
             if not kv.get("do_remote_decode"):
                 raise _BadRequest("A Mooncake prefill request needs kv_transfer_params.do_remote_decode.",
@@ -635,6 +637,21 @@ class MockEngine:
         if not all(isinstance(v, str) and v for v in (addr, engine_id, transfer_id)):
             return None  # vLLM: "Got invalid KVTransferParams", and D recomputes
         return str(addr).rstrip("/"), f"{engine_id}/{transfer_id}"
+
+    def _push_key(self, kv: dict[str, Any], prefill: bool, request: web.Request) -> tuple[str, str] | None:
+        """NIXL push: P's KV is found by (P's engine id, request id); D is told where P is."""
+        request_id = request.headers.get("X-Request-Id", "")
+        if prefill:
+            if not kv.get("do_remote_decode"):
+                raise _BadRequest("A NIXL prefill request needs kv_transfer_params.do_remote_decode.",
+                                  "kv_transfer_params")
+            return "", f"{self.config.engine_id}/{request_id}"
+        if not kv.get("do_remote_prefill"):
+            return None
+        missing = [k for k in ("remote_engine_id", "remote_host", "remote_port", "tp_size") if kv.get(k) is None]
+        if missing:  # vLLM's push scheduler indexes these: a request without them cannot be served
+            raise _BadRequest(f"kv_transfer_params lacks {', '.join(missing)}.", "kv_transfer_params")
+        return f"http://{kv['remote_host']}:{kv['remote_port']}", f"{kv['remote_engine_id']}/{request_id}"
 
     def _kv_for(self, gen: _Gen, rank: int) -> dict[str, Any]:
         return {"engine_id": self.engine_ids[rank], "block_ids": block_ids_for(gen.prompt_text)}
@@ -654,12 +671,14 @@ class MockEngine:
                     self.kv_board.abort(key)  # a D already waiting for the room learns it failed
                 raise
         timeout_s = cfg.kv_timeout_ms / 1000.0
-        if cfg.protocol == "mooncake":
-            rank_text, transfer_id = key.split("/", 1)
-            rank = int(rank_text)
-            board_key = f"{self.engine_ids[rank]}/{transfer_id}"
+        if cfg.protocol in ("mooncake", "nixl-push"):
+            rank, board_key = 0, key
+            if cfg.protocol == "mooncake":
+                rank_text, transfer_id = key.split("/", 1)
+                rank = int(rank_text)
+                board_key = f"{self.engine_ids[rank]}/{transfer_id}"
             self.kv_board.publish(board_key, self._kv_for(gen, rank))
-            # P holds the blocks until a D took them or VLLM_MOONCAKE_ABORT_REQUEST_TIMEOUT passed.
+            # P holds the blocks until a D took them, or its abort timeout (Mooncake) / lease (push) passed.
             asyncio.get_running_loop().call_later(timeout_s, self.kv_board.abort, board_key)
             return None
         slot = self.kv_board.publish(key, self._kv_for(gen, 0))
@@ -904,6 +923,14 @@ class MockEngine:
                 "spec_token_ids": None,
                 "remote_dp_rank": 0,
                 "remote_request_id": rid,
+            }
+        elif prefill and cfg.protocol == "nixl-push":
+            payload["kv_transfer_params"] = {  # the full set, as push_scheduler answers it (D needs none of it)
+                "do_remote_prefill": True, "do_remote_decode": False,
+                "remote_block_ids": [block_ids_for(gen.prompt_text)], "remote_engine_id": cfg.engine_id,
+                "remote_request_id": gen.request_id, "remote_host": cfg.side_channel_host,
+                "remote_port": self.bootstrap_port, "tp_size": 1, "pp_size": 1,
+                "remote_num_tokens": gen.prompt_tokens, "transfer_mode": "push",
             }
         elif prefill and cfg.protocol == "vllm":
             payload["kv_transfer_params"] = {

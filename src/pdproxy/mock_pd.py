@@ -8,6 +8,9 @@ ones are), so P and D may run in one process (the tests) or in two (``pdproxy mo
   it; D asks P's bootstrap server for the room and waits for it. Both waits end after
   ``kv_timeout_ms`` (SGLang's bootstrap and waiting timeouts, 300 s each, shortened), so a proxy
   that waits for P before calling D fails instead of hanging.
+- NIXL push: P publishes the KV under its engine id and the request id and answers at once; D,
+  told P's engine id and side-channel address, fetches it under its *own* X-Request-Id, so the two
+  legs must carry the same id (vLLM pairs them by request id).
 - Mooncake: P's bootstrap server answers ``GET /query`` (engine id per DP rank, as vLLM's
   ``MooncakeBootstrapServer``); P publishes the KV under the request's ``transfer_id`` and answers
   at once, without params; D fetches it by transfer id and waits for it (vLLM: up to 480 s).
@@ -27,8 +30,9 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-PROTOCOLS = ("vllm", "omni", "sglang", "mooncake")
-BOOTSTRAPPED = ("sglang", "mooncake")  # protocols whose P serves a bootstrap server
+PROTOCOLS = ("vllm", "omni", "sglang", "mooncake", "nixl-push")
+# Protocols whose P serves a bootstrap server (for NIXL push: it stands for P's NIXL side channel).
+BOOTSTRAPPED = ("sglang", "mooncake", "nixl-push")
 
 _ABORTED: dict[str, Any] = {}  # the KV a slot gets when its prefill was aborted (never a real KV)
 

@@ -249,3 +249,43 @@ async def test_mooncake_prefill_without_transfer_id_holds_no_kv(start: Start, ht
     assert len(p.kv_board) == 0
     async with http.post(p_url + "/v1/chat/completions", json=chat(), headers={"X-data-parallel-rank": "3"}) as resp:
         assert resp.status == 400  # no do_remote_decode: not a prefill request
+
+
+# ---------------------------------------------------------------- nixl-push
+
+
+async def push_pair(start: Start, http: Any) -> tuple[MockEngine, MockEngine, Upstream, Upstream, Any]:
+    from pdproxy.handoff.vllm_nixl_push import NixlPushHandoff
+
+    p, p_url = await start(role="prefill", protocol="nixl-push", engine_id="pf-1")
+    d, d_url = await start(role="decode", protocol="nixl-push")
+    handoff = NixlPushHandoff({p_url: {"engine_id": "pf-1", "side_channel_port": p.bootstrap_port}})
+    prefill = await discovered(handoff, Role.PREFILL, p_url, http)
+    return p, d, prefill, Upstream(Role.DECODE, d_url), handoff
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_nixl_push_concurrent_legs(start: Start, http: Any, stream: bool) -> None:
+    p, d, prefill, decode, handoff = await push_pair(start, http)
+    assert prefill.routable and prefill.meta["side_channel_port"] == p.bootstrap_port
+    plan = handoff.plan(request(chat(stream), "rid-7"), prefill, decode)
+    (p_status, p_raw), (d_status, _) = await asyncio.wait_for(asyncio.gather(
+        call(http, prefill.url, plan.prefill, "rid-7"), call(http, decode.url, plan.decode(None)[0], "rid-7")), 2)
+    assert (p_status, d_status) == (200, 200)
+    assert orjson.loads(p_raw)["kv_transfer_params"]["transfer_mode"] == "push"
+    assert d.stats.decodes_with_valid_handle == 1 and len(p.kv_board) == 0
+
+
+async def test_nixl_push_legs_with_different_request_ids_never_pair(start: Start, http: Any) -> None:
+    _, _d, prefill, decode, handoff = await push_pair(start, http)
+    plan = handoff.plan(request(chat(), "rid-1"), prefill, decode)
+    (p_status, _), (d_status, d_body) = await asyncio.wait_for(asyncio.gather(
+        call(http, prefill.url, plan.prefill, "rid-1"), call(http, decode.url, plan.decode(None)[0], "rid-2")), 2)
+    assert p_status == 200 and d_status == 500 and b"KV transfer failed" in d_body
+
+
+async def test_nixl_push_decode_without_p_coordinates_is_rejected(start: Start, http: Any) -> None:
+    _, d_url = await start(role="decode", protocol="nixl-push")
+    body = {**chat(), "kv_transfer_params": {"do_remote_prefill": True, "remote_engine_id": "pf-1"}}
+    async with http.post(d_url + "/v1/chat/completions", json=body) as resp:
+        assert resp.status == 400 and "remote_host" in (await resp.json())["error"]["message"]

@@ -144,3 +144,16 @@ async def test_wrapped_probe_discovers_only_when_healthy() -> None:
     assert fetch.asked == [] and up.meta_error == PENDING
     assert await probe(up) is None
     assert up.meta == {"bootstrap_port": 9001} and up.routable
+
+
+async def test_nixl_push_metadata_comes_from_overrides_only() -> None:
+    from pdproxy.handoff.vllm_nixl_push import NixlPushHandoff
+
+    fetch = Answers({})
+    meta = await NixlPushHandoff({P_URL: {"engine_id": "pf-1"}}).discover(p(), fetch)
+    assert meta == {"engine_id": "pf-1", "kv_host": "10.0.0.1", "side_channel_port": 5600, "tp_size": 1, "pp_size": 1}
+    assert fetch.asked == []
+    with pytest.raises(MetadataError, match="needs this server's NIXL engine_id"):
+        await NixlPushHandoff().discover(p(), fetch)
+    with pytest.raises(MetadataError, match="side_channel_port must be an integer"):
+        await NixlPushHandoff({P_URL: {"engine_id": "e", "side_channel_port": "5600"}}).discover(p(), fetch)

@@ -249,7 +249,7 @@ def test_mooncake_spreads_over_dp_ranks_with_a_fresh_transfer_id_each_attempt() 
 # ---------------------------------------------------------------- registry
 
 
-@pytest.mark.parametrize("name", ["vllm", "omni", "sglang", "mooncake"])
+@pytest.mark.parametrize("name", ["vllm", "omni", "sglang", "mooncake", "nixl-push"])
 def test_every_adapter_is_registered(name: str) -> None:
     handoff = make_handoff(name)
     assert type(handoff) is HANDOFFS[name] and handoff.name == name
@@ -260,3 +260,30 @@ def test_overrides_reach_the_handoffs_that_take_them() -> None:
     assert isinstance(handoff, MooncakeHandoff)
     assert handoff.bootstrap_addr(prefill_up()) == "http://10.0.0.1:9100"
     assert handoff.bootstrap_addr(prefill_up("http://10.0.0.5:8100")) == "http://10.0.0.5:8998"
+
+
+# ---------------------------------------------------------------- nixl-push
+
+PUSH_META = {"engine_id": "pf-1", "kv_host": "10.9.0.1", "side_channel_port": 5601, "tp_size": 2, "pp_size": 1}
+
+
+def test_nixl_push_prefill_and_decode_bytes() -> None:
+    from pdproxy.handoff.vllm_nixl_push import NixlPushHandoff
+
+    body = chat(**CLIENT_HANDOFF)
+    snapshot = copy.deepcopy(body)
+    plan = NixlPushHandoff(new_id=lambda: "t1").plan(req(body), prefill_up(**PUSH_META), D)
+    clean = {k: v for k, v in snapshot.items() if k not in HANDOFF_FIELDS}
+    assert plan.prefill.headers == b""
+    assert loads(plan.prefill.body) == {
+        **{k: v for k, v in clean.items() if k != "stream_options"}, "stream": False, "max_tokens": 1,
+        "kv_transfer_params": {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
+                               "remote_block_ids": None, "remote_host": None, "remote_port": None,
+                               "transfer_id": "xfer-t1"},
+    }
+    call, has_handle = plan.decode(None)
+    assert has_handle is True and call.headers == b""
+    assert loads(call.body) == {**clean, "kv_transfer_params": {
+        "do_remote_decode": False, "do_remote_prefill": True, "remote_engine_id": "pf-1", "remote_host": "10.9.0.1",
+        "remote_port": 5601, "tp_size": 2, "pp_size": 1, "remote_request_id": "r1", "transfer_id": "xfer-t1"}}
+    assert "remote_block_ids" not in loads(call.body)["kv_transfer_params"]  # D allocates, P writes

@@ -9,12 +9,13 @@ from pdproxy.handoff.omni import OmniHandoff
 from pdproxy.handoff.sglang import SglangHandoff
 from pdproxy.handoff.vllm_mooncake import MooncakeHandoff
 from pdproxy.handoff.vllm_nixl import VllmNixlHandoff
+from pdproxy.handoff.vllm_nixl_push import NixlPushHandoff
 
 HANDOFFS: dict[str, type[Any]] = {
-    cls.name: cls for cls in (VllmNixlHandoff, OmniHandoff, SglangHandoff, MooncakeHandoff)
+    cls.name: cls for cls in (VllmNixlHandoff, OmniHandoff, SglangHandoff, MooncakeHandoff, NixlPushHandoff)
 }
 # Handoffs that read per-server metadata overrides (`handoff_meta`, keyed by upstream URL).
-_TAKES_OVERRIDES = (SglangHandoff, MooncakeHandoff)
+_TAKES_OVERRIDES = (SglangHandoff, MooncakeHandoff, NixlPushHandoff)
 
 __all__ = ["HANDOFFS", "FetchJson", "Handoff", "MetadataError", "Plan", "UpstreamCall", "make_handoff"]
 
@@ -23,7 +24,8 @@ def make_handoff(name: str, overrides: dict[str, dict[str, Any]] | None = None) 
     """Build the named handoff; an unknown name raises ValueError listing the valid ones.
 
     `overrides` maps a normalised upstream URL to fixed metadata (SGLang's `bootstrap_port` or
-    `bootstrap_host`, Mooncake's `bootstrap_port` or `bootstrap_addr`) that wins over discovery."""
+    `bootstrap_host`, Mooncake's `bootstrap_port` or `bootstrap_addr`, NIXL push's `engine_id`,
+    `kv_host`, `side_channel_port`, `tp_size`, `pp_size`) that wins over discovery."""
     handoff = HANDOFFS.get(name)
     if handoff is None:
         raise ValueError(f"unknown kv adapter {name!r}; valid adapters: {', '.join(sorted(HANDOFFS))}")

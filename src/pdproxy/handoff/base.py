@@ -75,6 +75,22 @@ class Plan(Protocol):
         ...
 
 
+class ConcurrentPlan:
+    """A plan whose two calls are both fixed up front (Mooncake, NIXL push): nothing to free."""
+
+    __slots__ = ("_decode", "prefill")
+
+    def __init__(self, prefill: UpstreamCall, decode: UpstreamCall) -> None:
+        self.prefill = prefill
+        self._decode = decode
+
+    def decode(self, prefill_answer: dict[str, Any] | None) -> tuple[UpstreamCall, bool]:
+        return self._decode, True  # D's params are the proxy's own: always a handle
+
+    def close(self) -> None:
+        return None
+
+
 class Handoff(Protocol):
     """An engine family's PD protocol."""
 

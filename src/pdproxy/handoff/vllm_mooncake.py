@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 
 import orjson
 
-from pdproxy.handoff.base import FetchJson, MetadataError, UpstreamCall, without_handoff_fields
+from pdproxy.handoff.base import ConcurrentPlan, FetchJson, MetadataError, UpstreamCall, without_handoff_fields
 from pdproxy.handoff.discovery import fetch_meta, overrides_for
 from pdproxy.handoff.sglang import host_of
 from pdproxy.handoff.vllm_nixl import one_token_body
@@ -45,23 +45,6 @@ from pdproxy.upstreams import Role, Upstream
 DEFAULT_BOOTSTRAP_PORT = 8998  # VLLM_MOONCAKE_BOOTSTRAP_PORT's default
 QUERY_PATH = "/query"
 DP_RANK_HEADER = "X-data-parallel-rank"
-
-
-class MooncakePlan:
-    """One attempt: P's call and D's call, both fixed up front."""
-
-    __slots__ = ("_decode", "prefill", "transfer_id")
-
-    def __init__(self, prefill: UpstreamCall, decode: UpstreamCall, transfer_id: str) -> None:
-        self.prefill = prefill
-        self._decode = decode
-        self.transfer_id = transfer_id
-
-    def decode(self, prefill_answer: dict[str, Any] | None) -> tuple[UpstreamCall, bool]:
-        return self._decode, True
-
-    def close(self) -> None:
-        return None
 
 
 class MooncakeHandoff:
@@ -84,7 +67,7 @@ class MooncakeHandoff:
         self._new_id = new_id
         self._turn = itertools.count()  # spreads requests over each P's DP ranks
 
-    def plan(self, request: ProxyRequest, prefill: Upstream, decode: Upstream) -> MooncakePlan:
+    def plan(self, request: ProxyRequest, prefill: Upstream, decode: Upstream) -> ConcurrentPlan:
         ranks: list[tuple[int, str]] = prefill.meta["engine_ids"]  # discovered: P is routable only then
         rank, engine_id = ranks[next(self._turn) % len(ranks)]
         transfer_id = f"xfer-{self._new_id()}"
@@ -105,10 +88,9 @@ class MooncakeHandoff:
                 "transfer_id": transfer_id,
             },
         }
-        return MooncakePlan(
+        return ConcurrentPlan(
             UpstreamCall(request.endpoint, orjson.dumps(prefill_body), f"{DP_RANK_HEADER}: {rank}\r\n".encode()),
             UpstreamCall(request.endpoint, orjson.dumps(decode_body)),
-            transfer_id,
         )
 
     def bootstrap_addr(self, upstream: Upstream) -> str:
