@@ -318,6 +318,7 @@ class MockEngine:
         self.bootstrap: BootstrapServer | None = None  # started with the app when this P needs one
         self.bind_host = "127.0.0.1"  # where the bootstrap server listens (start_mock sets it)
         self._session: aiohttp.ClientSession | None = None  # D's KV fetches from P's bootstrap server
+        self._kv_timers: dict[str, asyncio.TimerHandle] = {}  # P: when published KV is given up
 
     @property
     def bootstrap_port(self) -> int | None:
@@ -358,11 +359,18 @@ class MockEngine:
                                              self._count_kv_fetch)
             await self.bootstrap.start(self.bind_host, cfg.bootstrap_port)
 
+    def _expire_kv(self, key: str) -> None:
+        self._kv_timers.pop(key, None)
+        self.kv_board.abort(key)
+
     def _count_kv_fetch(self) -> None:
         self.stats.kv_fetches += 1
         self._notify()
 
     async def _on_cleanup(self, _app: web.Application) -> None:
+        for timer in self._kv_timers.values():
+            timer.cancel()
+        self._kv_timers.clear()
         if self.bootstrap is not None:
             await self.bootstrap.stop()
         if self._session is not None:
@@ -679,7 +687,8 @@ class MockEngine:
                 board_key = f"{self.engine_ids[rank]}/{transfer_id}"
             self.kv_board.publish(board_key, self._kv_for(gen, rank))
             # P holds the blocks until a D took them, or its abort timeout (Mooncake) / lease (push) passed.
-            asyncio.get_running_loop().call_later(timeout_s, self.kv_board.abort, board_key)
+            timer = asyncio.get_running_loop().call_later(timeout_s, self._expire_kv, board_key)
+            self._kv_timers[board_key] = timer
             return None
         slot = self.kv_board.publish(key, self._kv_for(gen, 0))
         try:

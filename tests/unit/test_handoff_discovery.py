@@ -157,3 +157,12 @@ async def test_nixl_push_metadata_comes_from_overrides_only() -> None:
         await NixlPushHandoff().discover(p(), fetch)
     with pytest.raises(MetadataError, match="side_channel_port must be an integer"):
         await NixlPushHandoff({P_URL: {"engine_id": "e", "side_channel_port": "5600"}}).discover(p(), fetch)
+
+
+def test_serve_refuses_a_concurrent_adapter_until_the_request_path_runs_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from tests.unit.test_cli import SERVERS, fail
+
+    line = fail([*SERVERS, "--kv-adapter", "sglang"], capsys)
+    assert "calls prefill and decode at once" in line and "usable now: omni, vllm" in line

@@ -251,12 +251,19 @@ def test_mooncake_spreads_over_dp_ranks_with_a_fresh_transfer_id_each_attempt() 
 
 @pytest.mark.parametrize("name", ["vllm", "omni", "sglang", "mooncake", "nixl-push"])
 def test_every_adapter_is_registered(name: str) -> None:
-    handoff = make_handoff(name)
+    handoff = make_handoff(name, concurrent_ok=True)
     assert type(handoff) is HANDOFFS[name] and handoff.name == name
 
 
+@pytest.mark.parametrize("name", ["sglang", "mooncake", "nixl-push"])
+def test_concurrent_adapters_need_a_request_path_that_runs_them(name: str) -> None:
+    with pytest.raises(ValueError, match=f"kv adapter '{name}' calls prefill and decode at once") as info:
+        make_handoff(name)
+    assert "usable now: omni, vllm" in str(info.value)
+
+
 def test_overrides_reach_the_handoffs_that_take_them() -> None:
-    handoff = make_handoff("mooncake", {"http://10.0.0.1:8100": {"bootstrap_port": 9100}})
+    handoff = make_handoff("mooncake", {"http://10.0.0.1:8100": {"bootstrap_port": 9100}}, concurrent_ok=True)
     assert isinstance(handoff, MooncakeHandoff)
     assert handoff.bootstrap_addr(prefill_up()) == "http://10.0.0.1:9100"
     assert handoff.bootstrap_addr(prefill_up("http://10.0.0.5:8100")) == "http://10.0.0.5:8998"
