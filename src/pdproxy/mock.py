@@ -602,6 +602,8 @@ class MockEngine:
                 if failed is not None:
                     return failed
             if gen.stream:
+                if prefill:  # only SGLang's P streams: it makes the first token only, D the rest
+                    gen = dataclasses.replace(gen, max_tokens=1)
                 return await self._stream(request, gen, fault, t0)
             return await self._complete(gen, prefill, t0)
         except asyncio.CancelledError:

@@ -100,10 +100,11 @@ async def test_sglang_discovery_reads_the_bootstrap_port_from_server_info(start:
 async def test_sglang_both_legs_at_once_moves_the_kv(start: Start, http: Any, stream: bool) -> None:
     p, d, prefill, decode = await sglang_pair(start, http)
     plan = SglangHandoff().plan(request(chat(stream)), prefill, decode)
-    (p_status, _), (d_status, d_body) = await asyncio.wait_for(asyncio.gather(
+    (p_status, p_body), (d_status, d_body) = await asyncio.wait_for(asyncio.gather(
         call(http, prefill.url, plan.prefill), call(http, decode.url, plan.decode(None)[0])), 2)
     plan.close()
     assert (p_status, d_status) == (200, 200)
+    assert p_body.count(b" tok") == 1 and d_body.count(b" tok") == 4  # P makes the first token only
     assert d.stats.decodes_with_valid_handle == 1 and d.stats.decodes_with_invalid_handle == 0
     assert p.stats.prefills == 1 and len(p.kv_board) == 0
     assert (b"data: [DONE]" in d_body) is stream
