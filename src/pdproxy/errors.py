@@ -7,7 +7,11 @@
     │   ├── Forbidden               403     (admin API: not loopback and no token configured)
     │   ├── NotFound                404
     │   ├── MethodNotAllowed        405
-    │   └── PayloadTooLarge         413
+    │   ├── RequestTimeout          408     (the client was too slow sending its request)
+    │   ├── PayloadTooLarge         413
+    │   ├── UnsupportedMediaType    415     (a request Content-Encoding the proxy cannot decode)
+    │   ├── ExpectationFailed       417     (an Expect other than 100-continue)
+    │   └── HeadersTooLarge         431
     ├── Unavailable                 503     internal  no     service_unavailable   (no routable upstream)
     ├── UpstreamError               502     prefill/  yes    upstream_error
     │   ├── UpstreamConnectError    502     decode
@@ -99,8 +103,24 @@ class MethodNotAllowed(ClientError):
     status = 405
 
 
+class RequestTimeout(ClientError):
+    status = 408
+
+
 class PayloadTooLarge(ClientError):
     status = 413
+
+
+class UnsupportedMediaType(ClientError):
+    status = 415
+
+
+class ExpectationFailed(ClientError):
+    status = 417
+
+
+class HeadersTooLarge(ClientError):
+    status = 431
 
 
 class Unavailable(ProxyError):
