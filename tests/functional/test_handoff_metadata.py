@@ -15,9 +15,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from pdproxy.client import ClientOptions, UpstreamClient
 from pdproxy.handoff.base import MetadataError
-from pdproxy.handoff.discovery import PENDING, MetadataRefresher, aiohttp_fetch_json
+from pdproxy.handoff.discovery import PENDING, MetadataRefresher, aiohttp_fetch_json, client_fetch_json
 from pdproxy.handoff.sglang import SglangHandoff
+from pdproxy.handoff.vllm_mooncake import MooncakeHandoff
 from pdproxy.health import ActiveHealthChecker, StateBoard, http_probe
 from pdproxy.mock import MockConfig, start_mock
 from pdproxy.upstreams import Role, State, Upstream, UpstreamPool
@@ -82,8 +84,9 @@ async def test_a_p_whose_metadata_probe_fails_is_unroutable_with_the_reason(http
         await runner.cleanup()
 
 
-@pytest.mark.parametrize("case", ["refused", "not-json", "timeout", "no-client"])
-async def test_fetch_json_failures_are_metadata_errors(http: aiohttp.ClientSession, case: str) -> None:
+@pytest.mark.parametrize("client", ["aiohttp", "upstream-client"])
+@pytest.mark.parametrize("case", ["refused", "not-json", "timeout", "no-client", "404"])
+async def test_fetch_json_failures_are_metadata_errors(http: aiohttp.ClientSession, case: str, client: str) -> None:
     release = asyncio.Event()
 
     async def slow(_request: web.Request) -> web.Response:
@@ -98,14 +101,36 @@ async def test_fetch_json_failures_are_metadata_errors(http: aiohttp.ClientSessi
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     base = f"http://127.0.0.1:{runner.addresses[0][1]}"
     url = {"refused": closed_port_url() + "/x", "not-json": base + "/text", "timeout": base + "/slow",
-           "no-client": base + "/text"}[case]
-    fetch = aiohttp_fetch_json((lambda: None) if case == "no-client" else (lambda: http), 0.2)
+           "no-client": base + "/text", "404": base + "/nothing"}[case]
+    upstream_client = UpstreamClient(ClientOptions(connect_timeout=1.0))
+    if client == "aiohttp":
+        fetch = aiohttp_fetch_json((lambda: None) if case == "no-client" else (lambda: http), 0.2)
+    else:
+        if case == "no-client":
+            await upstream_client.close()
+        fetch = client_fetch_json(upstream_client, 0.2)
     try:
         with pytest.raises(MetadataError) as info:
             await asyncio.wait_for(fetch(url), 2)
-        expected = {"refused": "failed", "not-json": "not JSON", "timeout": "timed out after 0.2s",
-                    "no-client": "not running"}[case]
+        expected = {"refused": "failed", "not-json": "not JSON", "timeout": "0.2",
+                    "no-client": "not running" if client == "aiohttp" else "closed", "404": "answered 404"}[case]
         assert expected in str(info.value)
     finally:
         release.set()
+        await upstream_client.close()
+        await runner.cleanup()
+
+
+async def test_discovery_on_pdproxys_own_client_against_the_mooncake_mock() -> None:
+    engine, runner, url = await start_mock(MockConfig(role="prefill", protocol="mooncake", dp_size=2))
+    client = UpstreamClient(ClientOptions())
+    try:
+        handoff = MooncakeHandoff({url: {"bootstrap_port": engine.bootstrap_port}})
+        upstream = Upstream(Role.PREFILL, url)
+        refresher = MetadataRefresher(handoff, client_fetch_json(client, 1.0))
+        refresher.prepare(upstream)
+        assert await asyncio.wait_for(refresher.refresh(upstream), 2) is True
+        assert upstream.routable and [rank for rank, _ in upstream.meta["engine_ids"]] == [0, 1]
+    finally:
+        await client.close()
         await runner.cleanup()

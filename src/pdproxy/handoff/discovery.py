@@ -14,10 +14,12 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
 
+from pdproxy.client import CallError, UpstreamClient
 from pdproxy.handoff.base import FetchJson, Handoff, MetadataError
 from pdproxy.upstreams import Upstream
 
@@ -97,6 +99,32 @@ class MetadataRefresher:
         return probe
 
 
+def _parse_json(url: str, status: int, body: bytes) -> Any:
+    if not 200 <= status < 300:
+        raise MetadataError(f"GET {url} answered {status}")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise MetadataError(f"GET {url} answered a body that is not JSON") from None
+
+
+def client_fetch_json(client: UpstreamClient, timeout: float) -> FetchJson:
+    """A `fetch_json` on pdproxy's own upstream client (keep-alive pools; `timeout` bounds the answer,
+    the client's connect_timeout the connection). Bootstrap servers get their own pool, by base URL."""
+
+    async def fetch_json(url: str) -> Any:
+        parts = urlsplit(url)
+        base = f"{parts.scheme}://{parts.netloc}"
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        try:
+            resp = await client.fetch(base, "GET", path, headers=b"Accept: application/json\r\n", timeout=timeout)
+        except CallError as exc:
+            raise MetadataError(f"GET {url} failed: {exc}") from None
+        return _parse_json(url, resp.status, resp.body)
+
+    return fetch_json
+
+
 def aiohttp_fetch_json(session: Callable[[], aiohttp.ClientSession | None], timeout: float) -> FetchJson:
     """A `fetch_json` on the app's aiohttp session (what today's health probe uses)."""
     client_timeout = aiohttp.ClientTimeout(total=timeout)
@@ -107,16 +135,11 @@ def aiohttp_fetch_json(session: Callable[[], aiohttp.ClientSession | None], time
             raise MetadataError("the HTTP client is not running")
         try:
             async with client.get(url, timeout=client_timeout) as resp:
-                body = await resp.read()
-                if not 200 <= resp.status < 300:
-                    raise MetadataError(f"GET {url} answered {resp.status}")
+                body, status = await resp.read(), resp.status
         except asyncio.TimeoutError:
             raise MetadataError(f"GET {url} timed out after {timeout:g}s") from None
         except aiohttp.ClientError as exc:
             raise MetadataError(f"GET {url} failed: {str(exc) or type(exc).__name__}") from None
-        try:
-            return orjson.loads(body)
-        except orjson.JSONDecodeError:
-            raise MetadataError(f"GET {url} answered a body that is not JSON") from None
+        return _parse_json(url, status, body)
 
     return fetch_json
