@@ -24,15 +24,22 @@
 Every error knows the HTTP status it maps to, which side caused it (for logs and
 metrics) and whether the flow may retry it on another upstream. aiohttp client
 exceptions are translated in one place, `from_client_exception`.
+
+Rendering needs no aiohttp: `http_response()` gives pdproxy.http's `Response` (what the lean server writes);
+`response()` is the same answer as an aiohttp `web.Response`, for the listeners still on aiohttp.
 """
 
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
-import aiohttp
 import orjson
-from aiohttp import web
+
+from pdproxy.http.response import Response
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 
 class ProxyError(Exception):
@@ -58,11 +65,18 @@ class ProxyError(Exception):
                        "code": self.status}}
         )
 
+    def http_response(self, request_id: str | None = None) -> Response:
+        """This error as the lean server's Response (OpenAI error body)."""
+        headers = [*self.headers.items(), ("X-Request-Id", request_id)] if request_id else self.headers.items()
+        return Response(status=self.status, body=self.body(), headers=tuple(headers))
+
     def response(self, request_id: str | None = None) -> web.Response:
-        """An HTTP response carrying this error."""
-        headers = {**self.headers, "X-Request-Id": request_id} if request_id else self.headers
-        return web.Response(status=self.status, body=self.body(), content_type="application/json",
-                            headers=headers)
+        """The same answer as an aiohttp response (for the listeners still on aiohttp)."""
+        from aiohttp import web
+
+        rendered = self.http_response(request_id)
+        return web.Response(status=rendered.status, body=rendered.body, content_type=rendered.content_type,
+                            headers=dict(rendered.headers))
 
     def sse_event(self) -> bytes:
         """A final SSE event for a stream that already started: the client reads it as an error."""
@@ -187,7 +201,13 @@ class UpstreamRejected(ProxyError):
     def body(self) -> bytes:
         return self.payload
 
+    def http_response(self, request_id: str | None = None) -> Response:
+        headers = (("X-Request-Id", request_id),) if request_id else ()
+        return Response(status=self.status, body=self.payload, headers=headers, content_type=self.content_type)
+
     def response(self, request_id: str | None = None) -> web.Response:
+        from aiohttp import web
+
         headers = {"Content-Type": self.content_type}
         if request_id:
             headers["X-Request-Id"] = request_id
@@ -198,6 +218,8 @@ def from_client_exception(
     exc: BaseException, *, side: str, upstream: str, stage: str, timeout: float | None = None
 ) -> UpstreamError:
     """Translate an aiohttp/asyncio client failure into the error tree (the one boundary that does)."""
+    import aiohttp  # here, not at the top: rendering errors must not need aiohttp
+
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return UpstreamTimeout(f"connecting to {side} upstream {upstream} timed out", side=side, upstream=upstream,
                                stage="connect")

@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import zlib
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
@@ -847,3 +848,8 @@ def test_upgrade_and_absolute_form_requests(run: Callable[..., Any]) -> None:
             writer.close()
 
     run(scenario())
+
+
+def test_the_server_and_the_error_tree_need_no_aiohttp() -> None:
+    code = "import sys, pdproxy.errors, pdproxy.http.server; assert 'aiohttp' not in sys.modules, 'aiohttp imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=30)

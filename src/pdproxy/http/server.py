@@ -105,13 +105,6 @@ class _WarnLimiter:
             logger.warning(message, *args)
 
 
-def render_error(error: ProxyError) -> Response:
-    """A ProxyError as a Response (OpenAI error body; an upstream's relayed 4xx keeps its own content type)."""
-    content_type = getattr(error, "content_type", "application/json")
-    return Response(status=error.status, body=error.body(), headers=tuple(error.headers.items()),
-                    content_type=content_type)
-
-
 class Server:
     """A running listener. `connections`: open now; `requests`: handlers running now."""
 
@@ -507,7 +500,7 @@ class HttpConnection(asyncio.Protocol):
         if error is None:
             transport.close()
             return
-        response = render_error(error)
+        response = error.http_response()
         transport.write(self._head(response.status, response.headers, response.content_type,
                                    len(response.body), close=True) + response.body)
         self._linger()
@@ -567,12 +560,12 @@ class HttpConnection(asyncio.Protocol):
         try:
             response = await handler(request)
         except ProxyError as exc:
-            response = render_error(exc)
+            response = exc.http_response()
         except asyncio.CancelledError:
             raise
         except Exception:
             logger.exception("handler for %s %s failed", request.method, request.path)
-            response = render_error(ProxyError("internal error in pdproxy; its log has the details"))
+            response = ProxyError("internal error in pdproxy; its log has the details").http_response()
             if self._stream is not None:
                 self.abort()  # a stream already started: never a second response inside it
                 return
@@ -589,7 +582,7 @@ class HttpConnection(asyncio.Protocol):
         elif response is None:
             logger.error("handler for %s %s returned None without starting a stream",
                          request.method, request.path)
-            response = render_error(ProxyError("internal error in pdproxy; its log has the details"))
+            response = ProxyError("internal error in pdproxy; its log has the details").http_response()
         if response is not None:
             self._write_response(request, response)
 
