@@ -24,6 +24,7 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
+from pdproxy.http.limits import ServerLimits
 from pdproxy.upstreams import MAX_WEIGHT, normalize_url
 
 if sys.version_info >= (3, 11):
@@ -125,6 +126,15 @@ class Settings(BaseSettings):
     # Lifecycle and limits
     drain_timeout: float = Field(60.0, ge=0)
     max_body_bytes: int = Field(100 * 1024 * 1024, ge=1024)
+    # Client-side limits of the listeners (issue 15; nginx's names where they exist)
+    client_header_timeout: float = Field(60.0, gt=0)
+    client_body_timeout: float = Field(60.0, gt=0)
+    keepalive_timeout: float = Field(75.0, gt=0)
+    send_timeout: float = Field(60.0, gt=0)
+    max_connections: int = Field(10_000, ge=1)
+    max_header_bytes: int = Field(64 * 1024, ge=1024)
+    max_headers: int = Field(128, ge=8)
+    body_budget_bytes: int = Field(512 * 1024 * 1024, ge=1024)
     upstream_api_key: SecretStr | None = None
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     access_log: bool = True
@@ -174,6 +184,14 @@ class Settings(BaseSettings):
             raise ValueError("workers > 1 needs metrics_port (--metrics-port): the supervisor serves the "
                              "workers' merged /metrics there")
         return self
+
+    def server_limits(self) -> ServerLimits:
+        """The client-side limits every listener of the lean HTTP server runs with."""
+        return ServerLimits(header_timeout=self.client_header_timeout, body_timeout=self.client_body_timeout,
+                            keepalive_timeout=self.keepalive_timeout, max_connections=self.max_connections,
+                            max_header_bytes=self.max_header_bytes, max_headers=self.max_headers,
+                            max_body_bytes=self.max_body_bytes, body_budget_bytes=self.body_budget_bytes,
+                            send_timeout=self.send_timeout)
 
     @classmethod
     def settings_customise_sources(
