@@ -853,3 +853,58 @@ def test_upgrade_and_absolute_form_requests(run: Callable[..., Any]) -> None:
 def test_the_server_and_the_error_tree_need_no_aiohttp() -> None:
     code = "import sys, pdproxy.errors, pdproxy.http.server; assert 'aiohttp' not in sys.modules, 'aiohttp imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
+
+
+def test_chunked_bodies_take_the_budget_as_they_arrive(run: Callable[..., Any]) -> None:
+    async def scenario() -> None:
+        async with serve(body_budget_bytes=1000) as (server, probe):
+            reader, writer = await connect(server)
+            writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         + (b"100\r\n" + b"c" * 256 + b"\r\n") * 3)
+            other_reader, other_writer = await connect(server)
+            other_writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 300\r\n\r\n")
+            reply = await read_reply(other_reader)  # 768 held by the chunked body: 300 more do not fit
+            assert reply.status == 503 and reply.headers["retry-after"] == "1"
+            writer.write(b"0\r\n\r\n")
+            assert len((await read_reply(reader)).json()["body"]) == 768
+            assert [e[0] for e in probe.events] == ["body_budget"]
+            writer.close()
+            other_writer.close()
+
+    run(scenario())
+
+
+def test_the_pipeline_buffer_is_bounded_while_a_handler_runs(run: Callable[..., Any]) -> None:
+    async def scenario() -> None:
+        async with serve() as (server, probe):
+            _reader, writer = await connect(server)
+            writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+            await asyncio.wait_for(probe.started.wait(), 1)
+            request = b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n"
+            writer.write(request * (32 * 1024 * 1024 // len(request)))  # 32 MiB: more than the kernel buffers
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(writer.drain(), 0.5)  # the server stopped reading
+            (conn,) = server._conns
+            assert len(conn._queue) <= 256 * 1024 // len(request) + 1  # at most one socket read of requests
+            writer.transport.abort()
+
+    run(scenario())
+
+
+def test_100_continue_for_a_pipelined_request_waits_for_the_answer_before_it(run: Callable[..., Any]) -> None:
+    async def scenario() -> None:
+        async with serve() as (server, probe):
+            reader, writer = await connect(server)
+            writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+            await asyncio.wait_for(probe.started.wait(), 1)
+            writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+            with pytest.raises(asyncio.TimeoutError):  # nothing may interleave with the running answer
+                await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 0.2)
+            probe.release.set()
+            assert (await read_reply(reader)).status == 200
+            assert (await read_reply(reader)).status == 100
+            writer.write(b"hello")
+            assert (await read_reply(reader)).json()["body"] == "hello"
+            writer.close()
+
+    run(scenario())
