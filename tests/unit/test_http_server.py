@@ -152,6 +152,11 @@ def make_router(probe: Probe) -> Router:
     async def refuse(request: Request) -> Response:
         raise Unavailable("no decode upstream", retry_after=3)
 
+    async def refuse_stream(request: Request) -> None:
+        out = request.start_stream(200, [("Content-Type", "text/event-stream")])
+        out.write(b"data: 1\n\n")
+        raise Unavailable("decode died")
+
     async def big(request: Request) -> Response:
         return Response(body=b"y" * 200_000, content_type="application/octet-stream")
 
@@ -165,6 +170,7 @@ def make_router(probe: Probe) -> Router:
     router.add("GET", "/boom", boom)
     router.add("GET", "/boom-stream", boom_stream)
     router.add("GET", "/refuse", refuse)
+    router.add("GET", "/refuse-stream", refuse_stream)
     router.add("GET", "/big", big)
     return router
 
@@ -587,6 +593,12 @@ def test_handler_exceptions(run: Callable[..., Any], caplog: pytest.LogCaptureFi
             assert head.startswith(b"HTTP/1.1 200 ")
             rest = await closed_by_server(reader)
             assert rest == b"9\r\ndata: 1\n\n\r\n"  # the chunk, then a close: never a second response
+            writer.close()
+            reader, writer = await connect(server)
+            writer.write(b"GET /refuse-stream HTTP/1.1\r\nHost: x\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 1)
+            assert head.startswith(b"HTTP/1.1 200 ")
+            assert await closed_by_server(reader) == b"9\r\ndata: 1\n\n\r\n"  # a ProxyError after the head: close
             writer.close()
 
     with caplog.at_level(logging.ERROR, logger="pdproxy.http"):

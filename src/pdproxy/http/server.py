@@ -560,6 +560,10 @@ class HttpConnection(asyncio.Protocol):
         try:
             response = await handler(request)
         except ProxyError as exc:
+            if self._stream is not None:  # the stream's head is out: the handler had to say it in the stream
+                logger.debug("%s %s: %s after its stream started; closing", request.method, request.path, exc)
+                self.abort()
+                return
             response = exc.http_response()
         except asyncio.CancelledError:
             raise
@@ -598,6 +602,7 @@ class HttpConnection(asyncio.Protocol):
         self._server.requests -= 1
         self._task = None
         self._active = None
+        request._conn = None  # start_stream is over for it; an access log may keep the request, not the socket
         stream = self._stream
         self._stream = None
         if not task.cancelled() and task.exception() is not None:  # _run itself failed: a bug in the server
