@@ -23,6 +23,7 @@ import aiohttp
 import openai
 import orjson
 import pytest
+from yarl import URL
 
 from pdproxy.errors import InvalidRequest, Unavailable
 from pdproxy.http.limits import ServerLimits
@@ -288,6 +289,8 @@ def test_routes_query_headers_and_match_info_with_aiohttp(run: Callable[..., Any
                 assert (await resp.json())["body"] == "payload"
             async with session.get(f"{server.url}/items/7/parts/b") as resp:
                 assert (await resp.json())["match"] == {"item": "7", "part": "b"}
+            async with session.get(URL(f"{server.url}/items/http%3A%2F%2Fh%3A1/parts/b", encoded=True)) as resp:
+                assert (await resp.json())["match"] == {"item": "http://h:1", "part": "b"}
             async with session.get(f"{server.url}/nowhere") as resp:
                 assert resp.status == 404
                 assert (await resp.json())["error"]["message"] == "unknown route: GET /nowhere"

@@ -376,7 +376,10 @@ class HttpConnection(asyncio.Protocol):
                        "headers_too_large")
         key = name.lower()
         if key == b"content-length":
-            length = int(value)  # llhttp accepts digits only here
+            try:
+                length = int(value)  # llhttp lets only digits through; int() is the last word
+            except ValueError:
+                self._stop(InvalidRequest("malformed Content-Length"), "malformed")
             if self._content_length is not None and self._content_length != length:
                 self._stop(InvalidRequest("two different Content-Length headers"), "malformed")
             self._content_length = length
