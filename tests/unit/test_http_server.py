@@ -923,3 +923,22 @@ def test_100_continue_for_a_pipelined_request_waits_for_the_answer_before_it(run
             writer.close()
 
     run(scenario())
+
+
+def test_a_pre_bound_socket_and_a_plain_handler(run: Callable[..., Any]) -> None:
+    async def handler(request: Request) -> Response:
+        return json_response({"path": request.path}, headers=[("X-Served-By", "sock")])
+
+    async def scenario() -> None:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))  # as the workers supervisor reserves the port
+        server = await start_server(handler, "ignored", 0, sock=sock)
+        try:
+            assert server.url == f"http://127.0.0.1:{sock.getsockname()[1]}"
+            async with aiohttp.ClientSession() as session, session.get(f"{server.url}/any/path") as resp:
+                assert resp.headers["X-Served-By"] == "sock"
+                assert (await resp.json())["path"] == "/any/path"
+        finally:
+            await server.close()
+
+    run(scenario())
