@@ -4,11 +4,13 @@ every kind (pipelined, HTTP/1.0, Expect), through the real proxy to real upstrea
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import time
 
 import aiohttp
 import orjson
+import pytest
 from aiohttp import web
 
 from pdproxy.mock import MockConfig, MockEngine
@@ -311,3 +313,25 @@ async def test_a_client_gone_after_the_first_chunk_is_a_disconnect_not_an_error(
     assert cluster.metric("pdproxy_client_disconnects_total", stage="decode") == 1
     assert cluster.metric("pdproxy_upstream_requests_total", role="decode", upstream=cluster.decode_urls[0],
                           outcome="cancelled") == 1
+
+
+# ---------------------------------------------------------------- client-side limits, wired
+
+
+async def test_refusals_by_the_server_are_counted_and_logged(cluster_factory: ClusterFactory,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    cluster = await cluster_factory(client_header_timeout=0.3, access_log=True, max_body_bytes=4096)
+    caplog.set_level(logging.INFO, logger="pdproxy.access")
+    reader, writer = await asyncio.open_connection(*host_port(cluster.url))
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: p\r\n")  # ... and the rest never comes (slowloris)
+    status, _, payload = await read_response(reader)
+    assert status == 408 and orjson.loads(payload)["error"]["code"] == 408
+    writer.close()
+    async with aiohttp.ClientSession() as http:
+        async with http.post(cluster.url + "/v1/completions", data=b"x" * 10_000) as resp:
+            assert resp.status == 413
+    assert cluster.metric("pdproxy_client_refusals_total", reason="header_timeout") == 1
+    assert cluster.metric("pdproxy_client_refusals_total", reason="too_large") == 1
+    lines = [r.getMessage() for r in caplog.records if r.name == "pdproxy.access"]
+    assert any(" 408 " in line and "header_timeout" in line for line in lines), lines
+    assert any(" 413 " in line and "too_large" in line for line in lines), lines
