@@ -20,6 +20,7 @@ from pdproxy.discovery import build_discovery
 from pdproxy.flow import FlowLimits, FlowTimeouts, PDFlow
 from pdproxy.health import ActiveHealthChecker, StateBoard, http_probe
 from pdproxy.kv import make_adapter
+from pdproxy.livez import LIVEZ_PATH, livez_handler
 from pdproxy.membership import Hooks, Membership, read_state_file
 from pdproxy.metrics import CONTENT_TYPE, Metrics
 from pdproxy.outlier import ConsecutiveFailureDetector, NoOutlierDetection, OutlierDetector
@@ -123,6 +124,7 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
     app[MEMBERSHIP] = membership
     api_key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
     OpenAIApi(flow, max_body_bytes=settings.max_body_bytes, upstream_api_key=api_key).add_routes(app)
+    app.router.add_get(LIVEZ_PATH, livez_handler(lambda: flow.draining))  # ops: liveness (issue 17)
     if settings.metrics_port is None:
         app.router.add_get("/metrics", _metrics_handler(metrics))
     admin = _admin_api(settings, membership, caps)
