@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiohttp import web
+from pdproxy.http.request import Request
+from pdproxy.http.response import Response, json_response
 
 LIVEZ_PATH = "/livez"
 
@@ -21,11 +22,11 @@ def liveness(draining: bool) -> tuple[int, dict[str, Any]]:
     return 200, {"status": "alive", "draining": draining}
 
 
-def livez_handler(draining: Callable[[], bool]) -> Callable[[web.Request], Awaitable[web.Response]]:
-    """The aiohttp handler; with another server, call `liveness()` from its route the same way."""
+def livez_handler(draining: Callable[[], bool]) -> Callable[[Request], Awaitable[Response]]:
+    """The route's handler (`router.add("GET", LIVEZ_PATH, livez_handler(lambda: flow.draining))`)."""
 
-    async def handler(request: web.Request) -> web.Response:
+    async def handler(request: Request) -> Response:
         status, body = liveness(draining())
-        return web.json_response(body, status=status, headers={"Cache-Control": "no-store"})
+        return json_response(body, status=status, headers=(("Cache-Control", "no-store"),))
 
     return handler

@@ -24,7 +24,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from pdproxy import cli
-from pdproxy.app import METRICS, build_app, build_metrics_app, start_server
+from pdproxy.app import METRICS, build_app, metrics_router, start_server
 from pdproxy.mock import MockConfig, MockEngine
 from pdproxy.settings import Settings
 from pdproxy.upstreams import State
@@ -670,7 +670,7 @@ async def test_serve_logging_writes_bare_json_access_lines(
 async def test_metrics_app_serves_metrics_alone(cluster_factory: ClusterFactory, http: aiohttp.ClientSession) -> None:
     # The port is only recorded in the settings here: build_app never binds it (serve does).
     cluster = await cluster_factory(metrics_port=9)
-    runner, metrics_url = await start_server(build_metrics_app(cluster.metrics), "127.0.0.1", 0)
+    runner, metrics_url = await start_server(metrics_router(cluster.metrics), "127.0.0.1", 0)
     try:
         async with http.post(cluster.url + COMPLETIONS, json=PLAIN) as resp:
             assert resp.status == 200

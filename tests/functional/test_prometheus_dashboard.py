@@ -241,7 +241,7 @@ async def test_every_dashboard_query_returns_data(cluster_factory: ClusterFactor
     upstreams = tmp_path / "upstreams.yaml"
     upstreams.write_text("decode: []\n", encoding="utf-8")
     cluster = await cluster_factory(
-        prefill_policy="round_robin", eject_after=1, prefill_timeout=0.2, max_concurrency=1, queue_size=0,
+        prefill_policy="round_robin", eject_after=1, prefill_timeout=0.5, max_concurrency=1, queue_size=0,
         decode_config=MockConfig(role="decode", itl_ms=2), prefill_config=MockConfig(role="prefill"),
         discovery="file", discovery_file=upstreams, discovery_interval=0.05,
     )
