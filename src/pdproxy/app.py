@@ -24,6 +24,7 @@ from pdproxy.http.response import Response
 from pdproxy.http.router import Router
 from pdproxy.http.server import Server
 from pdproxy.http.server import start_server as start_http_server
+from pdproxy.livez import LIVEZ_PATH, livez_handler
 from pdproxy.membership import Hooks, Membership, read_state_file
 from pdproxy.metrics import CONTENT_TYPE, Metrics
 from pdproxy.outlier import ConsecutiveFailureDetector, NoOutlierDetection, OutlierDetector
@@ -199,6 +200,7 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
                          timeout=settings.decode_first_byte_timeout, max_answer_bytes=limits.max_answer_bytes,
                          on_release=on_release)
     OpenAIApi(flow, models, upstream_api_key=api_key).add_routes(router)
+    router.add("GET", LIVEZ_PATH, livez_handler(lambda: flow.draining))  # liveness: never asks an engine
     if settings.metrics_port is None:
         router.add("GET", "/metrics", metrics_handler(metrics))
     admin = _admin_api(settings, membership, caps)
