@@ -153,6 +153,12 @@ class Metrics:
             for value in values:
                 labels.labels(value)
         self._zeroed: set[tuple[str, str]] = set()  # upstreams whose counters exist
+        # Label children looked up once: `labels()` takes a lock and builds a key on every call. The
+        # per-upstream caches lose an upstream's entries in forget_upstream, with its series.
+        self._request_children: dict[tuple[str, int], Any] = {}
+        self._duration_children: dict[str, Any] = {}
+        self._prefill_children: dict[str, Any] = {}
+        self._outcome_children: dict[tuple[str, str, str], Any] = {}
 
     def watch_upstreams(self, upstreams: Callable[[], Iterable[Any]], states: Iterable[str]) -> None:
         """Expose the pools' live state at scrape time (and each upstream's counters, at 0 until counted:
@@ -169,6 +175,33 @@ class Metrics:
         for outcome in UPSTREAM_OUTCOMES:
             self.upstream_requests.labels(role, url, outcome)
 
+    def requests_child(self, endpoint: str, status: int) -> Any:
+        """`requests.labels(endpoint, str(status))`, cached (endpoints and statuses are few)."""
+        child = self._request_children.get((endpoint, status))
+        if child is None:
+            child = self._request_children[(endpoint, status)] = self.requests.labels(endpoint, str(status))
+        return child
+
+    def request_duration_child(self, endpoint: str) -> Any:
+        child = self._duration_children.get(endpoint)
+        if child is None:
+            child = self._duration_children[endpoint] = self.request_duration.labels(endpoint)
+        return child
+
+    def prefill_duration_child(self, url: str) -> Any:
+        child = self._prefill_children.get(url)
+        if child is None:
+            child = self._prefill_children[url] = self.prefill_duration.labels(url)
+        return child
+
+    def upstream_outcome_child(self, role: str, url: str, outcome: str) -> Any:
+        """`upstream_requests.labels(role, url, outcome)`, cached until forget_upstream drops the upstream."""
+        key = (role, url, outcome)
+        child = self._outcome_children.get(key)
+        if child is None:
+            child = self._outcome_children[key] = self.upstream_requests.labels(role, url, outcome)
+        return child
+
     def watch_discovery(self, source: str) -> None:
         """The discovery source's counters, at 0 from the start."""
         self.discovery_updates.labels(source)
@@ -179,6 +212,10 @@ class Metrics:
     def forget_upstream(self, role: str, url: str) -> None:
         """Drop a removed upstream's series, so label sets stay bounded."""
         self._zeroed.discard((role, url))
+        for key in [key for key in self._outcome_children if key[:2] == (role, url)]:
+            del self._outcome_children[key]
+        if role == "prefill":
+            self._prefill_children.pop(url, None)
         for metric in (self.upstream_requests, self.ejections):
             for labels in list(metric._metrics):  # prometheus-client has no public way to list children
                 if labels[:2] == (role, url):

@@ -342,3 +342,29 @@ def test_text_line_reads_left_to_right() -> None:
     failed = trace(status=504, error="prefill timed out")
     assert failed.as_text(0.2).endswith('prefill_ms=- ttft_ms=- total_ms=200.0 bytes=0 retries=0 '
                                         'error="prefill timed out"')
+
+
+def test_cached_children_of_a_forgotten_upstream_are_not_reused() -> None:
+    """The label-child caches must not hand out a child whose series forget_upstream removed."""
+    metrics = Metrics()
+    url = "http://127.0.0.1:9"
+    metrics.upstream_outcome_child("prefill", url, "ok").inc()
+    metrics.prefill_duration_child(url).observe(0.01)
+    labels = {"role": "prefill", "upstream": url, "outcome": "ok"}
+    assert metrics.registry.get_sample_value("pdproxy_upstream_requests_total", labels) == 1
+    metrics.forget_upstream("prefill", url)
+    assert metrics.registry.get_sample_value("pdproxy_upstream_requests_total", labels) is None
+    assert metrics.registry.get_sample_value("pdproxy_prefill_duration_seconds_count", {"upstream": url}) is None
+    metrics.upstream_outcome_child("prefill", url, "ok").inc()  # the upstream is back (same URL)
+    metrics.prefill_duration_child(url).observe(0.01)
+    assert metrics.registry.get_sample_value("pdproxy_upstream_requests_total", labels) == 1
+    assert metrics.registry.get_sample_value("pdproxy_prefill_duration_seconds_count", {"upstream": url}) == 1
+
+
+def test_cached_request_children_count_per_endpoint_and_status() -> None:
+    metrics = Metrics()
+    for status in (200, 200, 503):
+        metrics.requests_child("/v1/completions", status).inc()
+    sample = metrics.registry.get_sample_value
+    assert sample("pdproxy_requests_total", {"endpoint": "/v1/completions", "status": "200"}) == 2
+    assert sample("pdproxy_requests_total", {"endpoint": "/v1/completions", "status": "503"}) == 1

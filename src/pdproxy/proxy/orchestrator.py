@@ -115,6 +115,8 @@ class Orchestrator:
         self._open_streams: dict[str, set[Relay]] = {}  # upstream id -> its relayed streams
         self.draining = False
         self.in_flight = 0  # requests in the handler, queued ones included
+        # read at scrape time: nothing to count per request
+        metrics.requests_in_flight.set_function(lambda: self.in_flight)
         self.admitted = 0  # requests holding a concurrency slot
         self._idle = asyncio.Event()
         self._idle.set()
@@ -143,7 +145,6 @@ class Orchestrator:
         record = RequestRecord(preq.request_id, preq.endpoint, time.perf_counter(), request.remote or "-")
         self.in_flight += 1
         self._idle.clear()
-        self.metrics.requests_in_flight.inc()
         try:
             decode_lease = await self._admit(preq)
             try:
@@ -167,7 +168,6 @@ class Orchestrator:
             self.in_flight -= 1
             if not self.in_flight:
                 self._idle.set()
-            self.metrics.requests_in_flight.dec()
             self.account(record)
 
     def refuse(self, request: Request, endpoint: str, request_id: str, error: ProxyError) -> Response:
@@ -181,8 +181,8 @@ class Orchestrator:
         """One request's metrics (unless `metrics` is False: a refusal counted elsewhere) and access-log line."""
         total = time.perf_counter() - record.start
         if metrics:
-            self.metrics.requests.labels(record.endpoint, str(record.status)).inc()
-            self.metrics.request_duration.labels(record.endpoint).observe(total)
+            self.metrics.requests_child(record.endpoint, record.status).inc()
+            self.metrics.request_duration_child(record.endpoint).observe(total)
             if record.ttft_s is not None:
                 self.metrics.ttft.observe(record.ttft_s)
         if self._log_format is not None:
@@ -207,14 +207,16 @@ class Orchestrator:
 
     def _try_admit(self, preq: ProxyRequest) -> Lease | None:
         """Grant a slot and lease a decode server, None when all are busy; 503 when none can serve."""
-        if not self.decode_pool.routable():  # before P computes KV that no D could take
+        # An available upstream is a routable one: the routable() scans run only when none is available.
+        decode = self.decode_pool.available()
+        if not decode and not self.decode_pool.routable():  # before P computes KV that no D could take
             raise Unavailable("no routable decode upstream", side="decode")
-        if not self.prefill_pool.routable():
+        prefill = self.prefill_pool.available()
+        if not prefill and not self.prefill_pool.routable():
             raise Unavailable("no routable prefill upstream", side="prefill")
         if self.limits.max_concurrency and self.admitted >= self.limits.max_concurrency:
             return None
-        decode = self.decode_pool.available()
-        if not decode or not self.prefill_pool.available():
+        if not decode or not prefill:
             return None
         self.admitted += 1
         return Lease(self.decode_policy.choose(decode, preq), self._on_release)
@@ -418,7 +420,7 @@ class Orchestrator:
         """Record one upstream call's outcome; the outlier detector decides what it means."""
         if upstream.state is State.REMOVED:  # its series are gone: recording would bring them back
             return
-        self.metrics.upstream_requests.labels(upstream.role.value, upstream.url, outcome).inc()
+        self.metrics.upstream_outcome_child(upstream.role.value, upstream.url, outcome).inc()
         if outcome == "ok":
             self.outlier.report(upstream, None)
         elif outcome in FAILURE_OUTCOMES:

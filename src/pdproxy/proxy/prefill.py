@@ -89,7 +89,7 @@ class PrefillLeg:
                                            body=call.body, timeout=timeout, max_bytes=self.max_answer_bytes)
         except CallError as exc:
             raise translate(exc, side="prefill", upstream=upstream.url, stage="prefill", timeout=timeout) from None
-        self.metrics.prefill_duration.labels(upstream.url).observe(time.perf_counter() - started)
+        self.metrics.prefill_duration_child(upstream.url).observe(time.perf_counter() - started)
         check_status(resp.status, resp.headers.get("content-type", "application/json"), resp.body, side="prefill",
                      upstream=upstream.url)
         try:
