@@ -127,10 +127,12 @@ class Exchange:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.head_size += len(name) + len(value) + 4
-        key = name.decode("latin-1").lower()
-        text = value.decode("latin-1")
-        old = self.headers.get(key)
-        self.headers[key] = text if old is None else f"{old}, {text}"
+        key = name.lower().decode("latin-1")  # llhttp lets only ASCII token characters into a name
+        headers = self.headers
+        if key in headers:
+            headers[key] = f"{headers[key]}, {value.decode('latin-1')}"
+        else:
+            headers[key] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
         if self.head_size > self.max_header_bytes:

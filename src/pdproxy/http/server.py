@@ -368,12 +368,14 @@ class HttpConnection(asyncio.Protocol):
                        "headers_too_large")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._head_bytes += len(name) + len(value) + 4
-        if self._head_bytes > self._limits.max_header_bytes:
-            self._stop(HeadersTooLarge(f"the request head is larger than {self._limits.max_header_bytes} bytes"),
+        limits = self._limits
+        raw = self._raw_headers
+        size = self._head_bytes = self._head_bytes + len(name) + len(value) + 4
+        if size > limits.max_header_bytes:
+            self._stop(HeadersTooLarge(f"the request head is larger than {limits.max_header_bytes} bytes"),
                        "headers_too_large")
-        if len(self._raw_headers) >= self._limits.max_headers:
-            self._stop(HeadersTooLarge(f"the request has more than {self._limits.max_headers} headers"),
+        if len(raw) >= limits.max_headers:
+            self._stop(HeadersTooLarge(f"the request has more than {limits.max_headers} headers"),
                        "headers_too_large")
         key = name.lower()
         if key == b"content-length":
@@ -388,7 +390,7 @@ class HttpConnection(asyncio.Protocol):
             self._expect = value.decode("latin-1")
         elif key == b"content-encoding":
             self._content_encoding = value.decode("latin-1")
-        self._raw_headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        raw.append((name.decode("latin-1"), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
         self._unheaded = 0
