@@ -6,6 +6,7 @@ they cost nothing on the request path and vanish with a removed upstream.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -38,6 +39,67 @@ DISCONNECT_STAGES = ("queue", "prefill", "decode")
 QUEUE_REJECTION_REASONS = ("full", "timeout")
 ADMIN_ACTIONS = ("add", "remove", "force_remove", "drain", "undrain", "update")
 DISCOVERY_ACTIONS = ("add", "remove", "drain", "undrain", "update")
+
+
+class _LoopValue:
+    """A sample's value without prometheus-client's per-value mutex.
+
+    Every update happens on the event loop's thread (each worker process has its own registry; the
+    threads pdproxy starts read files and never touch a metric), so the lock only cost time.
+    """
+
+    __slots__ = ("_exemplar", "_value")
+    _multiprocess = False
+
+    def __init__(self) -> None:
+        self._value = 0.0
+        self._exemplar: Any = None
+
+    def inc(self, amount: float) -> None:
+        self._value += amount
+
+    def set(self, value: float, timestamp: float | None = None) -> None:
+        self._value = value
+
+    def set_exemplar(self, exemplar: Any) -> None:
+        self._exemplar = exemplar
+
+    def get(self) -> float:
+        return self._value
+
+    def get_exemplar(self) -> Any:
+        return self._exemplar
+
+
+class LoopCounter(Counter):
+    """prometheus-client's Counter (same exposition, same API) with a lock-free value and a short `inc`."""
+
+    def _metric_init(self) -> None:
+        super()._metric_init()
+        self._value = _LoopValue()  # type: ignore[assignment]
+
+    def inc(self, amount: float = 1, exemplar: dict[str, str] | None = None) -> None:
+        if amount < 0 or exemplar or (self._labelnames and not self._labelvalues):
+            super().inc(amount, exemplar)  # its errors (negative, a parent without labels) and exemplars
+            return
+        self._value._value += amount  # type: ignore[attr-defined]
+
+
+class LoopHistogram(Histogram):
+    """prometheus-client's Histogram with lock-free values and a bisecting `observe` (same buckets, same
+    exposition: each observation lands in the first bucket whose bound is >= it)."""
+
+    def _metric_init(self) -> None:
+        super()._metric_init()
+        self._sum = _LoopValue()  # type: ignore[assignment]
+        self._buckets = [_LoopValue() for _ in self._upper_bounds]  # type: ignore[misc]
+
+    def observe(self, amount: float, exemplar: dict[str, str] | None = None) -> None:
+        if exemplar or amount != amount or (self._labelnames and not self._labelvalues):
+            super().observe(amount, exemplar)  # exemplars, NaN (no bucket) and the parent's error
+            return
+        self._sum._value += amount  # type: ignore[attr-defined]
+        self._buckets[bisect_left(self._upper_bounds, amount)]._value += 1  # type: ignore[attr-defined]
 
 
 class UpstreamCollector:
@@ -80,70 +142,70 @@ class Metrics:
         self.registry = registry = CollectorRegistry()
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
-        self.requests = Counter("pdproxy_requests", "Client requests by endpoint and final status.",
-                                ("endpoint", "status"), registry=registry)
-        self.request_duration = Histogram("pdproxy_request_duration_seconds",
-                                          "Request in to last byte out.", ("endpoint",),
-                                          buckets=LATENCY_BUCKETS, registry=registry)
+        self.requests = LoopCounter("pdproxy_requests", "Client requests by endpoint and final status.",
+                                    ("endpoint", "status"), registry=registry)
+        self.request_duration = LoopHistogram("pdproxy_request_duration_seconds",
+                                              "Request in to last byte out.", ("endpoint",),
+                                              buckets=LATENCY_BUCKETS, registry=registry)
         self.requests_in_flight = Gauge("pdproxy_requests_in_flight", "Client requests being served.",
                                         registry=registry)
-        self.prefill_duration = Histogram("pdproxy_prefill_duration_seconds",
-                                          "Prefill request sent to prefill answer read.", ("upstream",),
-                                          buckets=LATENCY_BUCKETS, registry=registry)
-        self.ttft = Histogram("pdproxy_time_to_first_token_seconds",
-                              "Client view: request in to first decode byte out.",
-                              buckets=LATENCY_BUCKETS, registry=registry)
-        self.decode_duration = Histogram("pdproxy_decode_duration_seconds",
-                                         "Decode request sent to the end of its response.",
-                                         buckets=LATENCY_BUCKETS, registry=registry)
-        self.inter_token = Histogram("pdproxy_inter_token_seconds",
-                                     "Gaps between decode stream chunks (a sample of streams; a chunk may "
-                                     "carry several tokens).", buckets=(*SMALL_BUCKETS, 2.5, 5, 10, 30),
-                                     registry=registry)
-        self.prompt_tokens = Counter("pdproxy_prompt_tokens", "Prompt tokens, as reported in the engines' usage.",
-                                     registry=registry)
-        self.completion_tokens = Counter("pdproxy_completion_tokens",
-                                         "Completion tokens, as reported in the engines' usage.", registry=registry)
-        self.handoff_gap = Histogram("pdproxy_handoff_gap_seconds",
-                                     "Prefill answer read to decode request sent (must stay tiny).",
-                                     buckets=SMALL_BUCKETS, registry=registry)
-        self.upstream_requests = Counter("pdproxy_upstream_requests",
-                                         "Upstream calls by outcome (ok, rejected, bad_status, "
-                                         "bad_response, connect_error, timeout, broken, cancelled).",
-                                         ("role", "upstream", "outcome"), registry=registry)
-        self.prefill_retries = Counter("pdproxy_prefill_retries", "Prefills re-run on another server.",
-                                       registry=registry)
-        self.flow_retries = Counter("pdproxy_flow_retries",
-                                    "Whole PD flows re-run after a decode failed before its first byte.",
-                                    registry=registry)
-        self.ejections = Counter("pdproxy_upstream_ejections", "Passive ejections (outlier detection).",
-                                 ("role", "upstream"), registry=registry)
-        self.queue_rejections = Counter("pdproxy_queue_rejections",
-                                        "Requests refused with 503 at admission (queue full or wait too long).",
-                                        ("reason",), registry=registry)
-        self.admin_changes = Counter("pdproxy_admin_changes", "Membership changes through the admin API.",
-                                     ("action",), registry=registry)
-        self.queue_waiting = Gauge("pdproxy_queue_waiting", "Requests waiting for a slot.", registry=registry)
-        self.timeouts = Counter("pdproxy_timeouts", "Upstream timeouts by stage.", ("stage",),
-                                registry=registry)
-        self.client_disconnects = Counter("pdproxy_client_disconnects",
-                                          "Clients gone before their response ended, by stage.",
-                                          ("stage",), registry=registry)
-        self.client_refusals = Counter("pdproxy_client_refusals",
-                                       "Requests and connections refused or cut by the proxy itself (client-side "
-                                       "limits, malformed HTTP), by reason.", ("reason",), registry=registry)
-        self.kv_handoff_missing = Counter("pdproxy_kv_handoff_missing",
-                                          "Prefill answers without kv_transfer_params (D recomputes).",
-                                          registry=registry)
-        self.discovery_updates = Counter("pdproxy_discovery_updates",
-                                         "Complete upstream lists read from the discovery source.", ("source",),
+        self.prefill_duration = LoopHistogram("pdproxy_prefill_duration_seconds",
+                                              "Prefill request sent to prefill answer read.", ("upstream",),
+                                              buckets=LATENCY_BUCKETS, registry=registry)
+        self.ttft = LoopHistogram("pdproxy_time_to_first_token_seconds",
+                                  "Client view: request in to first decode byte out.",
+                                  buckets=LATENCY_BUCKETS, registry=registry)
+        self.decode_duration = LoopHistogram("pdproxy_decode_duration_seconds",
+                                             "Decode request sent to the end of its response.",
+                                             buckets=LATENCY_BUCKETS, registry=registry)
+        self.inter_token = LoopHistogram("pdproxy_inter_token_seconds",
+                                         "Gaps between decode stream chunks (a sample of streams; a chunk may "
+                                         "carry several tokens).", buckets=(*SMALL_BUCKETS, 2.5, 5, 10, 30),
                                          registry=registry)
-        self.discovery_errors = Counter("pdproxy_discovery_errors",
-                                        "Looks at the discovery source that failed (the last list was kept).",
-                                        ("source",), registry=registry)
-        self.discovery_changes = Counter("pdproxy_discovery_changes",
-                                         "Membership changes made by discovery (add, remove, drain, undrain, "
-                                         "update).", ("source", "action"), registry=registry)
+        self.prompt_tokens = LoopCounter("pdproxy_prompt_tokens", "Prompt tokens, as reported in the engines' usage.",
+                                         registry=registry)
+        self.completion_tokens = LoopCounter("pdproxy_completion_tokens",
+                                             "Completion tokens, as reported in the engines' usage.", registry=registry)
+        self.handoff_gap = LoopHistogram("pdproxy_handoff_gap_seconds",
+                                         "Prefill answer read to decode request sent (must stay tiny).",
+                                         buckets=SMALL_BUCKETS, registry=registry)
+        self.upstream_requests = LoopCounter("pdproxy_upstream_requests",
+                                             "Upstream calls by outcome (ok, rejected, bad_status, "
+                                             "bad_response, connect_error, timeout, broken, cancelled).",
+                                             ("role", "upstream", "outcome"), registry=registry)
+        self.prefill_retries = LoopCounter("pdproxy_prefill_retries", "Prefills re-run on another server.",
+                                           registry=registry)
+        self.flow_retries = LoopCounter("pdproxy_flow_retries",
+                                        "Whole PD flows re-run after a decode failed before its first byte.",
+                                        registry=registry)
+        self.ejections = LoopCounter("pdproxy_upstream_ejections", "Passive ejections (outlier detection).",
+                                     ("role", "upstream"), registry=registry)
+        self.queue_rejections = LoopCounter("pdproxy_queue_rejections",
+                                            "Requests refused with 503 at admission (queue full or wait too long).",
+                                            ("reason",), registry=registry)
+        self.admin_changes = LoopCounter("pdproxy_admin_changes", "Membership changes through the admin API.",
+                                         ("action",), registry=registry)
+        self.queue_waiting = Gauge("pdproxy_queue_waiting", "Requests waiting for a slot.", registry=registry)
+        self.timeouts = LoopCounter("pdproxy_timeouts", "Upstream timeouts by stage.", ("stage",),
+                                    registry=registry)
+        self.client_disconnects = LoopCounter("pdproxy_client_disconnects",
+                                              "Clients gone before their response ended, by stage.",
+                                              ("stage",), registry=registry)
+        self.client_refusals = LoopCounter("pdproxy_client_refusals",
+                                           "Requests and connections refused or cut by the proxy itself (client-side "
+                                           "limits, malformed HTTP), by reason.", ("reason",), registry=registry)
+        self.kv_handoff_missing = LoopCounter("pdproxy_kv_handoff_missing",
+                                              "Prefill answers without kv_transfer_params (D recomputes).",
+                                              registry=registry)
+        self.discovery_updates = LoopCounter("pdproxy_discovery_updates",
+                                             "Complete upstream lists read from the discovery source.", ("source",),
+                                             registry=registry)
+        self.discovery_errors = LoopCounter("pdproxy_discovery_errors",
+                                            "Looks at the discovery source that failed (the last list was kept).",
+                                            ("source",), registry=registry)
+        self.discovery_changes = LoopCounter("pdproxy_discovery_changes",
+                                             "Membership changes made by discovery (add, remove, drain, undrain, "
+                                             "update).", ("source", "action"), registry=registry)
         self.discovery_last_success = Gauge("pdproxy_discovery_last_success_timestamp_seconds",
                                             "Unix time of the last good list from the discovery source.",
                                             ("source",), registry=registry)

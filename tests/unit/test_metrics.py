@@ -368,3 +368,41 @@ def test_cached_request_children_count_per_endpoint_and_status() -> None:
     sample = metrics.registry.get_sample_value
     assert sample("pdproxy_requests_total", {"endpoint": "/v1/completions", "status": "200"}) == 2
     assert sample("pdproxy_requests_total", {"endpoint": "/v1/completions", "status": "503"}) == 1
+
+
+def test_loop_metrics_render_exactly_like_prometheus_client() -> None:
+    """The lock-free Counter and Histogram must expose the same samples as the stock ones, bucket edges included."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    from pdproxy.metrics import SMALL_BUCKETS, LoopCounter, LoopHistogram
+
+    def exposition(counter_type: type[Counter], histogram_type: type[Histogram]) -> bytes:
+        registry = CollectorRegistry()
+        counter = counter_type("c", "A counter.", ("k",), registry=registry)
+        plain = counter_type("p", "A plain counter.", registry=registry)
+        histogram = histogram_type("h", "A histogram.", ("k",), buckets=SMALL_BUCKETS, registry=registry)
+        for amount in (0.0, 0.0001, 0.00011, 0.001, 0.3, 1, 1.5, 99.0, -0.5, float("inf")):
+            histogram.labels("a").observe(amount)
+            counter.labels("a").inc(abs(amount) if amount != float("inf") else 2)
+        histogram.labels("b").observe(float("nan"))
+        plain.inc()
+        plain.inc(2.5)
+        return generate_latest(registry)
+
+    assert exposition(LoopCounter, LoopHistogram) == exposition(Counter, Histogram)
+
+
+def test_loop_metrics_keep_prometheus_client_errors() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from pdproxy.metrics import LoopCounter, LoopHistogram
+
+    registry = CollectorRegistry()
+    counter = LoopCounter("c", "A counter.", ("k",), registry=registry)
+    histogram = LoopHistogram("h", "A histogram.", ("k",), registry=registry)
+    with pytest.raises(ValueError, match="missing label values"):
+        counter.inc()
+    with pytest.raises(ValueError, match="missing label values"):
+        histogram.observe(1.0)
+    with pytest.raises(ValueError, match="non-negative"):
+        counter.labels("a").inc(-1)
