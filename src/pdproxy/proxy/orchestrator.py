@@ -327,6 +327,7 @@ class Orchestrator:
                                         f"{self._first_byte_timeout:g}s", side="decode", upstream=upstream.url,
                                         stage=stage)
             raise error from None
+        call.sent()  # answered: no re-send can need the body any more
         if 200 <= stream.status < 300:
             return stream
         try:  # an error status: its whole (small) body, within what is left of the first-byte deadline
