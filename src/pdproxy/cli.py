@@ -83,6 +83,9 @@ SERVE_OPTIONS: tuple[tuple[tuple[str, ...], str, dict[str, Any], str], ...] = (
     (("--eject-max-time",), "eject_max_time", {"type": float}, "longest ejection in seconds (default 300)"),
     (("--eject-max-share",), "eject_max_share", {"type": float},
      "largest share of a pool ejected at once, 0-1; one upstream may always be (default 0.5)"),
+    (("--healthy-panic-threshold",), "healthy_panic_threshold", {"type": float},
+     "below this share of healthy members (0-1) a pool routes to all its members again, as Envoy's "
+     "healthy panic; 0 turns it off (default 0.5)"),
     (("--prefill-max-in-flight", "--prefill-max-num-seqs"), "prefill_max_in_flight", {"type": int},
      "cap on concurrent requests per prefill server; 0 means none (default 0)"),
     (("--decode-max-in-flight", "--decode-max-num-seqs"), "decode_max_in_flight", {"type": int},
@@ -114,6 +117,8 @@ SERVE_OPTIONS: tuple[tuple[tuple[str, ...], str, dict[str, Any], str], ...] = (
     (("--admin-host",), "admin_host", {}, "address of the admin listener (default 127.0.0.1)"),
     (("--state-file",), "state_file", {"metavar": "PATH"},
      "keep membership changes in this file and restore them at start-up (default: none)"),
+    (("--max-upstreams",), "max_upstreams", {"type": int},
+     "most upstreams per role, configured or added through the admin API (default 1024)"),
     (("--config",), "config", {"metavar": "FILE"}, "YAML or TOML config file (env: PDPROXY_CONFIG)"),
 )
 

@@ -58,6 +58,21 @@ class UpstreamCollector:
         yield per_state
 
 
+class PoolCollector:
+    """Scrape-time view of each pool as a whole: whether it is in healthy panic."""
+
+    def __init__(self, pools: Iterable[Any]) -> None:
+        self._pools = tuple(pools)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        panic = GaugeMetricFamily("pdproxy_pool_panic",
+                                  "1 while too few of the pool's members are healthy and it routes to all of them "
+                                  "(--healthy-panic-threshold), else 0.", labels=("role",))
+        for pool in self._pools:
+            panic.add_metric((pool.role.value,), 1 if pool.check_panic() else 0)
+        yield panic
+
+
 class Metrics:
     """The proxy's metrics; one instance (and registry) per application."""
 
@@ -95,7 +110,8 @@ class Metrics:
                                      buckets=SMALL_BUCKETS, registry=registry)
         self.upstream_requests = Counter("pdproxy_upstream_requests",
                                          "Upstream calls by outcome (ok, rejected, bad_status, "
-                                         "bad_response, connect_error, timeout, broken, cancelled).",
+                                         "bad_response, connect_error, timeout, broken, kv_lost, "
+                                         "cancelled).",
                                          ("role", "upstream", "outcome"), registry=registry)
         self.prefill_retries = Counter("pdproxy_prefill_retries", "Prefills re-run on another server.",
                                        registry=registry)
@@ -122,6 +138,10 @@ class Metrics:
     def watch_upstreams(self, upstreams: Callable[[], Iterable[Any]], states: Iterable[str]) -> None:
         """Expose the pools' live state at scrape time."""
         self.registry.register(UpstreamCollector(upstreams, states))  # type: ignore[arg-type]
+
+    def watch_pools(self, pools: Iterable[Any]) -> None:
+        """Expose each pool's panic state at scrape time."""
+        self.registry.register(PoolCollector(pools))  # type: ignore[arg-type]
 
     def forget_upstream(self, role: str, url: str) -> None:
         """Drop a removed upstream's series, so label sets stay bounded."""

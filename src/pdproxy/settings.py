@@ -116,6 +116,7 @@ class Settings(BaseSettings):
     eject_base_time: float = Field(30.0, gt=0)
     eject_max_time: float = Field(300.0, gt=0)
     eject_max_share: float = Field(0.5, gt=0, le=1)
+    healthy_panic_threshold: float = Field(0.5, ge=0, le=1)
     # Overload protection
     prefill_max_in_flight: int = Field(0, ge=0)
     decode_max_in_flight: int = Field(0, ge=0)
@@ -135,6 +136,7 @@ class Settings(BaseSettings):
     admin_port: int | None = Field(None, ge=0, le=65535)
     admin_host: str = "127.0.0.1"
     state_file: Path | None = None
+    max_upstreams: int = Field(1024, ge=1, le=100_000)
 
     @field_validator("prefill_servers", "decode_servers", mode="before")
     @classmethod
@@ -170,6 +172,9 @@ class Settings(BaseSettings):
             raise ValueError("prefill_deadline (all prefill attempts) must be >= prefill_timeout (one attempt)")
         if self.eject_max_time < self.eject_base_time:
             raise ValueError("eject_max_time must be >= eject_base_time")
+        for role, servers in (("prefill", self.prefill_servers), ("decode", self.decode_servers)):
+            if len(servers) > self.max_upstreams:
+                raise ValueError(f"{len(servers)} {role} servers, more than max_upstreams ({self.max_upstreams})")
         if self.workers > 1 and self.metrics_port is None:
             raise ValueError("workers > 1 needs metrics_port (--metrics-port): the supervisor serves the "
                              "workers' merged /metrics there")

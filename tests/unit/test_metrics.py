@@ -341,3 +341,19 @@ def test_text_line_reads_left_to_right() -> None:
     failed = trace(status=504, error="prefill timed out")
     assert failed.as_text(0.2).endswith('prefill_ms=- ttft_ms=- total_ms=200.0 bytes=0 retries=0 '
                                         'error="prefill timed out"')
+
+
+def test_pool_panic_gauge_is_read_at_scrape_time() -> None:
+    from pdproxy.metrics import Metrics
+    from pdproxy.upstreams import Role, State, Upstream, UpstreamPool
+
+    prefill = UpstreamPool(Role.PREFILL, [Upstream(Role.PREFILL, "http://10.0.0.1:1")], panic_threshold=0.5)
+    decode = UpstreamPool(Role.DECODE, [Upstream(Role.DECODE, "http://10.0.0.2:1")], panic_threshold=0.5)
+    metrics = Metrics()
+    metrics.watch_pools((prefill, decode))
+    value = metrics.registry.get_sample_value
+    assert (value("pdproxy_pool_panic", {"role": "prefill"}), value("pdproxy_pool_panic", {"role": "decode"})) == (0, 0)
+    decode.members[0].state = State.EJECTED
+    assert (value("pdproxy_pool_panic", {"role": "prefill"}), value("pdproxy_pool_panic", {"role": "decode"})) == (0, 1)
+    decode.members[0].state = State.HEALTHY
+    assert value("pdproxy_pool_panic", {"role": "decode"}) == 0
