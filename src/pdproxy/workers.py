@@ -47,7 +47,7 @@ import orjson
 from aiohttp import web
 from pydantic import SecretStr
 
-from pdproxy.admin import MAX_ADMIN_BODY, authorize
+from pdproxy.admin import MAX_ADMIN_BODY, authorize_request
 from pdproxy.api import openai_errors
 from pdproxy.app import ADMIN, FLOW, METRICS, build_admin_app, build_app, drain, run, start_server, wait_for_signal
 from pdproxy.errors import Forbidden, Unauthorized, Unavailable, UpstreamError
@@ -296,7 +296,7 @@ class Supervisor:
         A change is made only when every worker serves, and answered with worker 0's answer when
         every worker answered the same status; else 502 says what each one answered."""
         try:
-            authorize(request, self.admin_token)
+            authorize_request(request, self.admin_token)
         except (Unauthorized, Forbidden) as exc:
             return exc.response()
         body = await request.read()
