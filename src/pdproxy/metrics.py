@@ -156,6 +156,26 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+class SupervisorMetrics:
+    """The `--workers` supervisor's own metrics, appended to the workers' merged exposition."""
+
+    def __init__(self, workers: int) -> None:
+        disable_created_metrics()
+        self.registry = registry = CollectorRegistry()
+        self.worker_up = Gauge("pdproxy_worker_up",
+                               "1 if the worker answered this scrape within the per-worker timeout, else 0 "
+                               "(restarting, hung or gone).", ("worker",), registry=registry)
+        self.worker_restarts = Counter("pdproxy_worker_restarts",
+                                       "Worker processes started again after one exited or failed to start.",
+                                       ("worker",), registry=registry)
+        for index in range(workers):  # every series from the start, zeros included
+            self.worker_up.labels(str(index)).set(0)
+            self.worker_restarts.labels(str(index))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
 def merge_expositions(expositions: Mapping[str, str], label: str) -> str:
     """Several processes' text expositions as one, each sample labelled `label="<key>"`.
 
