@@ -17,8 +17,8 @@ from pdproxy.admin import AdminApi
 from pdproxy.admission import AdmissionQueue
 from pdproxy.api import OpenAIApi, openai_errors
 from pdproxy.flow import FlowLimits, FlowTimeouts, PDFlow
+from pdproxy.handoff import make_handoff
 from pdproxy.health import ActiveHealthChecker, StateBoard, http_probe
-from pdproxy.kv import make_adapter
 from pdproxy.membership import Hooks, Membership, read_state_file
 from pdproxy.metrics import CONTENT_TYPE, Metrics
 from pdproxy.outlier import ConsecutiveFailureDetector, NoOutlierDetection, OutlierDetector
@@ -79,7 +79,7 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
         decode_pool=pools[Role.DECODE],
         prefill_policy=make_balancer(settings.prefill_policy, policy_options, rng=rng),
         decode_policy=make_balancer(settings.decode_policy, policy_options, rng=rng),
-        kv=make_adapter(settings.kv_adapter),
+        handoff=make_handoff(settings.kv_adapter),
         timeouts=FlowTimeouts(
             connect=settings.connect_timeout, prefill=settings.prefill_timeout,
             prefill_deadline=settings.prefill_deadline, decode_first_byte=settings.decode_first_byte_timeout,

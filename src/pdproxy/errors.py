@@ -7,8 +7,12 @@
     │   ├── Forbidden               403     (admin API: not loopback and no token configured)
     │   ├── NotFound                404
     │   ├── MethodNotAllowed        405
+    │   ├── RequestTimeout          408     (the client was too slow sending its request)
     │   ├── Conflict                409     (admin API: the change conflicts with the membership, e.g. full)
-    │   └── PayloadTooLarge         413
+    │   ├── PayloadTooLarge         413
+    │   ├── UnsupportedMediaType    415     (a request Content-Encoding the proxy cannot decode)
+    │   ├── ExpectationFailed       417     (an Expect other than 100-continue)
+    │   └── HeadersTooLarge         431
     ├── Unavailable                 503     internal  no     service_unavailable   (no routable upstream)
     ├── LoopDetected                508     internal  no     loop_detected  (the request carries this proxy's
     │                                                        own Via token: an upstream points back at it)
@@ -108,12 +112,28 @@ class MethodNotAllowed(ClientError):
     status = 405
 
 
+class RequestTimeout(ClientError):
+    status = 408
+
+
 class Conflict(ClientError):
     status = 409
 
 
 class PayloadTooLarge(ClientError):
     status = 413
+
+
+class UnsupportedMediaType(ClientError):
+    status = 415
+
+
+class ExpectationFailed(ClientError):
+    status = 417
+
+
+class HeadersTooLarge(ClientError):
+    status = 431
 
 
 class Unavailable(ProxyError):

@@ -42,7 +42,7 @@ from pdproxy.errors import (
     UpstreamTimeout,
     from_client_exception,
 )
-from pdproxy.kv import KvAdapter
+from pdproxy.handoff import Handoff, Plan
 from pdproxy.metrics import Metrics
 from pdproxy.outlier import OutlierDetector
 from pdproxy.policies import Balancer
@@ -217,7 +217,7 @@ class PDFlow:
         decode_pool: UpstreamPool,
         prefill_policy: Balancer,
         decode_policy: Balancer,
-        kv: KvAdapter,
+        handoff: Handoff,
         timeouts: FlowTimeouts,
         limits: FlowLimits,
         admission: AdmissionQueue,
@@ -230,7 +230,7 @@ class PDFlow:
         self.decode_pool = decode_pool
         self.prefill_policy = prefill_policy
         self.decode_policy = decode_policy
-        self.kv = kv
+        self.handoff = handoff
         self.timeouts = timeouts
         self.limits = limits
         self.admission = admission
@@ -370,8 +370,8 @@ class PDFlow:
             try:
                 # The decode body goes straight into _decode, which drops it once sent: held for the whole
                 # stream, orjson's bytes would cost 4 KiB or more per open stream.
-                return await self._decode(request, preq, await self._handoff(preq, trace), trace,
-                                          decode_lease.upstream)
+                return await self._decode(request, preq, await self._handoff(preq, trace, decode_lease.upstream),
+                                          trace, decode_lease.upstream)
             except UpstreamError as exc:
                 if exc.side != "decode" or not exc.retryable:
                     raise
@@ -382,18 +382,18 @@ class PDFlow:
         assert last_error is not None
         raise last_error
 
-    async def _handoff(self, preq: ProxyRequest, trace: Trace) -> bytes:
+    async def _handoff(self, preq: ProxyRequest, trace: Trace, decode: Upstream) -> bytes:
         """Run the prefill; return the decode body that carries P's KV handle."""
         trace.stage = "prefill"
-        decode_body, has_handle = self.kv.decode_body(preq.body, await self._prefill(preq, trace))
+        plan, answer = await self._prefill(preq, trace, decode)
+        call, has_handle = plan.decode(answer)
         if not has_handle:
             self.metrics.kv_handoff_missing.inc()
         trace.stage = "decode"
-        return orjson.dumps(decode_body)
+        return call.body
 
-    async def _prefill(self, preq: ProxyRequest, trace: Trace) -> dict[str, Any]:
+    async def _prefill(self, preq: ProxyRequest, trace: Trace, decode: Upstream) -> tuple[Plan, dict[str, Any]]:
         """Run the prefill, failing over to another P on connect errors, 5xx, garbage or timeouts."""
-        body = orjson.dumps(self.kv.prefill_body(preq.body))
         tried: list[Upstream] = []
         last_error: UpstreamError | None = None
         started = time.perf_counter()
@@ -408,10 +408,11 @@ class PDFlow:
             if attempt:
                 trace.retries += 1
                 self.metrics.prefill_retries.inc()
+            plan = self.handoff.plan(preq, upstream, decode)
             lease = Lease(upstream, self._on_release)
             outcome, reason = "cancelled", None  # unless the call ends otherwise: the client went away
             try:
-                answer = await self._call_prefill(upstream, body, preq, remaining)
+                answer = await self._call_prefill(upstream, plan.prefill.body, preq, remaining)
                 outcome = "ok"
             except UpstreamError as exc:
                 last_error = exc
@@ -424,7 +425,7 @@ class PDFlow:
                 self._report(upstream, outcome, reason)  # before the release, which may remove the upstream
                 lease.release()
             trace.prefill_s = time.perf_counter() - trace.start
-            return answer
+            return plan, answer
         if last_error is not None:
             raise last_error
         raise Unavailable("no prefill upstream available", side="prefill")
