@@ -21,7 +21,7 @@ from prometheus_client import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from pdproxy.flow import Trace, reported_usage
-from pdproxy.metrics import LATENCY_BUCKETS, Metrics, UpstreamCollector, merge_expositions
+from pdproxy.metrics import LATENCY_BUCKETS, Metrics, SupervisorMetrics, UpstreamCollector, merge_expositions
 from pdproxy.upstreams import Lease, Role, State, Upstream, UpstreamPool
 
 # ---------------------------------------------------------------- reported_usage
@@ -146,7 +146,9 @@ def test_every_metric_is_documented() -> None:
     documented = set(re.findall(r"^\| `(pdproxy_[a-z_]+)` \|", monitoring_docs(), re.M))
     metrics = Metrics()
     metrics.watch_upstreams(list, (state.value for state in State))  # as the app does, here with no pools
-    families = text_string_to_metric_families(metrics.render().decode())
+    metrics.watch_pools(())
+    supervisor = SupervisorMetrics(1)  # the --workers supervisor's own
+    families = text_string_to_metric_families((metrics.render() + supervisor.render()).decode())
     defined = {f.name + "_total" if f.type == "counter" else f.name for f in families
                if f.name.startswith("pdproxy_") and not f.name.endswith("_created")}
     assert sorted(defined - documented) == []
@@ -344,9 +346,6 @@ def test_text_line_reads_left_to_right() -> None:
 
 
 def test_pool_panic_gauge_is_read_at_scrape_time() -> None:
-    from pdproxy.metrics import Metrics
-    from pdproxy.upstreams import Role, State, Upstream, UpstreamPool
-
     prefill = UpstreamPool(Role.PREFILL, [Upstream(Role.PREFILL, "http://10.0.0.1:1")], panic_threshold=0.5)
     decode = UpstreamPool(Role.DECODE, [Upstream(Role.DECODE, "http://10.0.0.2:1")], panic_threshold=0.5)
     metrics = Metrics()
