@@ -22,11 +22,13 @@ async def complete(http: aiohttp.ClientSession, cluster: Cluster) -> int:
 
 
 def wire_panic(cluster: Cluster, threshold: float) -> None:
-    """What build_app does with --healthy-panic-threshold once the lead wires it (UpstreamPool's
-    `panic_threshold`, `Metrics.watch_pools`)."""
-    for pool in (cluster.flow.prefill_pool, cluster.flow.decode_pool):
+    """What build_app does with --healthy-panic-threshold (UpstreamPool's `panic_threshold`,
+    `Metrics.watch_pools`), for as long as build_app does not do it yet; a no-op once it does."""
+    pools = (cluster.flow.prefill_pool, cluster.flow.decode_pool)
+    for pool in pools:
         pool.panic_threshold = threshold
-    cluster.metrics.watch_pools((cluster.flow.prefill_pool, cluster.flow.decode_pool))
+    if cluster.metrics.registry.get_sample_value("pdproxy_pool_panic", {"role": "decode"}) is None:
+        cluster.metrics.watch_pools(pools)
 
 
 async def test_one_decode_server_failing_three_times_is_not_ejected_and_keeps_serving(
@@ -51,7 +53,8 @@ async def test_one_decode_server_failing_three_times_is_not_ejected_and_keeps_se
 async def test_two_of_three_decode_servers_failing_probes_puts_the_pool_in_panic(
     cluster_factory: ClusterFactory, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
 ) -> None:
-    cluster = await cluster_factory(n_prefill=1, n_decode=3, decode_policy="round_robin", **FAST_HEALTH)
+    cluster = await cluster_factory(n_prefill=1, n_decode=3, decode_policy="round_robin",
+                                    healthy_panic_threshold=0.5, **FAST_HEALTH)
     wire_panic(cluster, 0.5)
     for url in cluster.decode_urls:
         await cluster.wait_state(url, State.HEALTHY)
@@ -81,7 +84,8 @@ async def test_two_of_three_decode_servers_failing_probes_puts_the_pool_in_panic
 async def test_without_a_threshold_unhealthy_members_get_nothing(
     cluster_factory: ClusterFactory, http: aiohttp.ClientSession
 ) -> None:
-    cluster = await cluster_factory(n_prefill=1, n_decode=3, decode_policy="round_robin", **FAST_HEALTH)
+    cluster = await cluster_factory(n_prefill=1, n_decode=3, decode_policy="round_robin",
+                                    healthy_panic_threshold=0, **FAST_HEALTH)
     wire_panic(cluster, 0.0)
     for engine in cluster.decode[1:]:
         engine.healthy = False
