@@ -281,8 +281,11 @@ class Supervisor:
                 error = await self._start(worker)
             except Exception as exc:  # e.g. out of processes or fds: never end this slot's restarts
                 error = f"{type(exc).__name__}: {exc}"
-                if worker.process is process:  # no new process: the next wait returns at once, then backs off
-                    worker.ready_at = None
+                worker.ready_at = None
+                if worker.process is not process and worker.process is not None \
+                        and worker.process.returncode is None:
+                    worker.process.kill()  # half started: its exit brings the next, backed-off, attempt
+                # (with no new process, the next wait returns at once and backs off the same way)
             if error:
                 log.error("worker %d did not start: %s", worker.index, error)
 

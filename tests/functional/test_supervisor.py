@@ -225,3 +225,24 @@ async def test_a_non_utf8_authorization_on_the_supervisors_admin_port_is_a_401()
         await writer.wait_closed()
     assert answer.startswith(b"HTTP/1.1 401 ")
     assert b"authentication_error" in answer
+
+
+async def test_a_start_that_raises_never_ends_the_restarts(http: aiohttp.ClientSession,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    backoff = RestartBackoff(base=0.02, cap=0.05, reset_after=10)
+    with caplog.at_level(logging.INFO, logger="pdproxy.workers"):
+        async with supervisor(["exit-after 0.1"], workers=1, backoff=backoff) as running:
+            sup = running.supervisor
+            sup.setup_logging = lambda: None  # cannot be pickled: the next starts raise once their process began
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 5
+            while samples(await scrape(http, running.metrics_url), "pdproxy_worker_restarts_total")["0"] < 3:
+                assert loop.time() < deadline
+                await asyncio.sleep(0.02)
+            sup.setup_logging = no_logging_setup
+            await running.starts.wait(2)  # the half-started ones were killed before they asked; this one serves
+            await wait_all_up(http, running.metrics_url, 1)
+    failed = [r.getMessage() for r in caplog.records if "did not start" in r.getMessage()]
+    assert len(failed) >= 3 and all("pickle" in line for line in failed), failed
+    killed = [r.getMessage() for r in caplog.records if "exited with code -9" in r.getMessage()]
+    assert len(killed) >= 3  # each half-started process was killed, and its exit backed off as any other
