@@ -34,6 +34,10 @@ class OutlierDetector(Protocol):
 
     def ejection_over(self, upstream: Upstream) -> bool: ...
 
+    def forget(self, upstream: Upstream) -> None:
+        """Drop what is known of a removed upstream (membership churn must not grow memory)."""
+        ...
+
 
 class NoOutlierDetection:
     """Passive ejection switched off."""
@@ -43,6 +47,9 @@ class NoOutlierDetection:
 
     def ejection_over(self, upstream: Upstream) -> bool:
         return True
+
+    def forget(self, upstream: Upstream) -> None:
+        pass
 
 
 @dataclass(slots=True)
@@ -96,6 +103,9 @@ class ConsecutiveFailureDetector:
     def ejection_over(self, upstream: Upstream) -> bool:
         record = self._records.get(upstream.id)
         return record is None or self._clock() >= record.until
+
+    def forget(self, upstream: Upstream) -> None:
+        self._records.pop(upstream.id, None)
 
     def _may_eject(self, upstream: Upstream) -> bool:
         members = self._pools[upstream.role].members

@@ -366,3 +366,14 @@ def test_no_outlier_detection_does_nothing() -> None:
     assert detector.ejection_over(u) is True
     u.state = State.EJECTED
     assert detector.ejection_over(u) is True
+
+
+def test_forget_drops_a_removed_upstreams_record() -> None:
+    s = Setup(2, eject_after=3)
+    a = s.ups[0]
+    s.fail(a, 2)
+    s.detector.forget(a)
+    s.fail(a, 2)  # counting starts again: 2 < 3
+    assert a.state is State.UNKNOWN
+    s.detector.forget(a)  # twice, or never known: harmless
+    NoOutlierDetection().forget(a)
