@@ -18,7 +18,6 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import orjson
-from aiohttp import web
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -32,6 +31,9 @@ from pydantic import (
 )
 
 from pdproxy.errors import Conflict, Forbidden, InvalidRequest, NotFound, PayloadTooLarge, Unauthorized
+from pdproxy.http.request import Request
+from pdproxy.http.response import Response, json_response
+from pdproxy.http.router import Router
 from pdproxy.http.validate import listen_addresses_conflict
 from pdproxy.membership import Membership
 from pdproxy.settings import describe_validation_error
@@ -52,7 +54,7 @@ _FORWARDING_PATTERN = re.compile(
     r"x-forwarded-.*|x-envoy-.*|x-(.*[-_])?(client|real|remote|user|socket|originating)?ip(v[46])?"
     r"|.*client-?ip(v[46])?|.*-connecting-ip(v[46])?")
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Handler = Callable[[Request], Awaitable[Response]]
 
 
 class AddUpstream(BaseModel):
@@ -101,16 +103,16 @@ class AdminApi:
         self._listen_addresses = listen_addresses
         self._local_hosts = tuple(local_hosts)
 
-    def add_routes(self, app: web.Application) -> None:
+    def add_routes(self, router: Router) -> None:
         guard = self._guarded
-        app.router.add_get("/admin/upstreams", guard(self.list_upstreams))
-        app.router.add_post("/admin/upstreams", guard(self.add))
-        app.router.add_delete("/admin/upstreams", guard(self.delete_by_url))
-        app.router.add_delete("/admin/upstreams/{id}", guard(self.delete))
-        app.router.add_patch("/admin/upstreams/{id}", guard(self.patch))
+        router.add("GET", "/admin/upstreams", guard(self.list_upstreams))
+        router.add("POST", "/admin/upstreams", guard(self.add))
+        router.add("DELETE", "/admin/upstreams", guard(self.delete_by_url))
+        router.add("DELETE", "/admin/upstreams/{id}", guard(self.delete))
+        router.add("PATCH", "/admin/upstreams/{id}", guard(self.patch))
 
     def _guarded(self, handler: Handler) -> Handler:
-        async def guarded(request: web.Request) -> web.StreamResponse:
+        async def guarded(request: Request) -> Response:
             try:
                 self.authorize(request)
                 response = await handler(request)
@@ -121,14 +123,14 @@ class AdminApi:
 
         return guarded
 
-    def authorize(self, request: web.Request) -> None:
+    def authorize(self, request: Request) -> None:
         """Raise unless the caller may use the admin API."""
         authorize_request(request, self._token)
 
-    async def list_upstreams(self, request: web.Request) -> web.Response:
+    async def list_upstreams(self, request: Request) -> Response:
         return _json({"upstreams": [self._view(u) for u in self.membership.members()]})
 
-    async def add(self, request: web.Request) -> web.Response:
+    async def add(self, request: Request) -> Response:
         payload = await _read_json(request)
         items = payload if isinstance(payload, list) else [payload]
         if not items or len(items) > MAX_BULK:
@@ -156,11 +158,11 @@ class AdminApi:
         body = {"upstreams": results} if isinstance(payload, list) else {"upstream": results[0]}
         return _json(body, status)
 
-    async def delete(self, request: web.Request) -> web.Response:
+    async def delete(self, request: Request) -> Response:
         return self._remove(self._by_id(request), request)
 
-    async def delete_by_url(self, request: web.Request) -> web.Response:
-        role, url = request.query.get("role"), request.query.get("url")
+    async def delete_by_url(self, request: Request) -> Response:
+        role, url = request.query().get("role"), request.query().get("url")
         if role not in ("prefill", "decode") or not url:
             raise InvalidRequest("give ?role=prefill|decode&url=<upstream url>, or DELETE /admin/upstreams/{id}")
         try:
@@ -171,8 +173,8 @@ class AdminApi:
             raise NotFound(f"no {role} upstream {url}")
         return self._remove(upstream, request)
 
-    def _remove(self, upstream: Upstream, request: web.Request) -> web.Response:
-        force = request.query.get("force", "false").lower() in ("1", "true", "yes")
+    def _remove(self, upstream: Upstream, request: Request) -> Response:
+        force = request.query().get("force", "false").lower() in ("1", "true", "yes")
         removed = self.membership.remove(upstream, force=force)
         if removed:
             return _json({"upstream": self._view(upstream), "removed": True})
@@ -180,7 +182,7 @@ class AdminApi:
                       "message": f"draining: removed once its {upstream.in_flight} requests in flight finish"},
                      202)
 
-    async def patch(self, request: web.Request) -> web.Response:
+    async def patch(self, request: Request) -> Response:
         upstream = self._by_id(request)
         change = _validate(PatchUpstream, await _read_json(request), "change")
         if change.weight is not None:
@@ -189,7 +191,7 @@ class AdminApi:
             self.membership.set_drained(upstream, change.drain)
         return _json({"upstream": self._view(upstream)})
 
-    def _by_id(self, request: web.Request) -> Upstream:
+    def _by_id(self, request: Request) -> Upstream:
         upstream = self.membership.get(request.match_info["id"])
         if upstream is None:
             raise NotFound(f"no upstream with id {request.match_info['id']!r}")
@@ -206,11 +208,11 @@ def authorize(authorization: str | None, token: bytes | None, remote: str | None
     `remote` whose request has no forwarding header. `headers`: the request's header names (a
     mapping of them works).
 
-    `authorization` may hold any bytes the server decoded (aiohttp escapes non-UTF-8 ones as
-    surrogates): they are compared as bytes, so a malformed header is a 401, never a 500."""
+    `authorization` may hold any bytes the server decoded: they are compared as the bytes sent, so
+    a malformed header is a 401, never a 500."""
     if token is not None:
         scheme, _, given = (authorization or "").partition(" ")
-        offered = given.strip().encode("utf-8", "surrogateescape")
+        offered = _raw_bytes(given.strip())
         if scheme.lower() != "bearer" or not hmac.compare_digest(offered, token):
             raise Unauthorized("the admin API needs 'Authorization: Bearer <admin token>'")
         return
@@ -219,9 +221,20 @@ def authorize(authorization: str | None, token: bytes | None, remote: str | None
                         "--admin-token is set")
 
 
-def authorize_request(request: web.Request, token: bytes | None) -> None:
-    """`authorize` for an aiohttp request."""
+def authorize_request(request: Request, token: bytes | None) -> None:
+    """`authorize` for a request of pdproxy's HTTP server."""
     authorize(request.headers.get("Authorization"), token, request.remote, request.headers.keys())
+
+
+def _raw_bytes(text: str) -> bytes:
+    """The bytes a header value was decoded from: pdproxy's server decodes as latin-1 (one char per
+    byte); a server that decodes UTF-8 escapes the bytes that are not as surrogates (aiohttp)."""
+    for codec, errors in (("latin-1", "strict"), ("utf-8", "surrogateescape")):
+        try:
+            return text.encode(codec, errors)
+        except UnicodeEncodeError:
+            pass
+    return text.encode("utf-8", "replace")  # any other lone surrogate: matches no token
 
 
 def is_forwarded(headers: Iterable[str]) -> bool:
@@ -245,12 +258,8 @@ def _is_loopback(remote: str | None) -> bool:
     return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
-async def _read_json(request: web.Request) -> Any:
-    if request.content_length is not None and request.content_length > MAX_ADMIN_BODY:
-        raise PayloadTooLarge(f"admin requests are limited to {MAX_ADMIN_BODY} bytes")
-    raw = await request.content.read(MAX_ADMIN_BODY + 1)
-    while len(raw) <= MAX_ADMIN_BODY and not request.content.at_eof():
-        raw += await request.content.read(MAX_ADMIN_BODY + 1 - len(raw))
+async def _read_json(request: Request) -> Any:
+    raw = request.body
     if len(raw) > MAX_ADMIN_BODY:
         raise PayloadTooLarge(f"admin requests are limited to {MAX_ADMIN_BODY} bytes")
     try:
@@ -268,5 +277,5 @@ def _validate(model: type[Any], item: Any, what: str) -> Any:
         raise InvalidRequest(f"invalid {what}: {describe_validation_error(exc)}") from None
 
 
-def _json(body: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+def _json(body: Any, status: int = 200) -> Response:
+    return json_response(body, status)

@@ -51,6 +51,10 @@ MAX_LABEL_CHARS = 63
 _LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
 
 log = logging.getLogger("pdproxy.upstreams")
+# Who put an upstream in its pool. Discovery sources (`file`, `dns`, `kubernetes`) change only their own
+# members; configured and admin-added ones are theirs to keep, and only those go into the state file.
+CONFIGURED = "config"
+ADMIN = "admin"
 
 
 def normalize_url(address: str) -> str:
@@ -130,6 +134,7 @@ class Upstream:
     served: int = 0
     last_error: str | None = None
     id: str = field(default_factory=lambda: f"u{next(_ids)}")
+    source: str = CONFIGURED
 
     @property
     def routable(self) -> bool:
@@ -147,6 +152,7 @@ class Upstream:
             "in_flight": self.in_flight,
             "served": self.served,
             "last_error": self.last_error,
+            "source": self.source,
         }
 
     @property
@@ -205,6 +211,13 @@ class UpstreamPool:
     def available(self, exclude: Collection[Upstream] = ()) -> list[Upstream]:
         """What a policy may choose from: routable, under its cap, and not in `exclude`."""
         return [u for u in self.routable() if not u.full and u not in exclude]
+
+    def may_route(self, upstream: Upstream) -> bool:
+        """Whether `upstream` may get traffic now, panic included (`upstream.routable` is its own state
+        only): for a choice made earlier and checked again, such as the D leased at admission."""
+        if upstream.routable:
+            return True
+        return upstream.state in IN_SERVICE_STATES and upstream in self.members and self.check_panic()
 
     def check_panic(self) -> bool:
         """Whether the pool routes to unhealthy members now; logs entering or leaving panic (the

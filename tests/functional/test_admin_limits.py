@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from pdproxy.admin import AdminApi
-from pdproxy.app import MEMBERSHIP, build_admin_app, start_server
+from pdproxy.app import MEMBERSHIP, admin_router, start_server
 from pdproxy.health import StateBoard
 from pdproxy.membership import MAX_UPSTREAMS, Membership
 from pdproxy.upstreams import Role, Upstream, UpstreamPool
@@ -114,7 +114,7 @@ async def own_admin() -> AsyncIterator[tuple[str, Membership]]:
     addresses: list[tuple[str, int]] = []
     api = AdminApi(membership, token=None, default_caps={Role.PREFILL: 0, Role.DECODE: 0},
                    listen_addresses=lambda: addresses, local_hosts=["gpu-node-7"])
-    runner, url = await start_server(build_admin_app(api), "127.0.0.1", 0)
+    runner, url = await start_server(admin_router(api), "127.0.0.1", 0)
     addresses += [("0.0.0.0", 18000), ("127.0.0.1", int(url.rsplit(":", 1)[1]))]
     yield url, membership
     await runner.cleanup()

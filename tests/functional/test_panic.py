@@ -50,47 +50,47 @@ async def test_one_decode_server_failing_three_times_is_not_ejected_and_keeps_se
                     "of its pool: not ejected"]
 
 
-async def test_two_of_three_decode_servers_failing_probes_puts_the_pool_in_panic(
+async def test_two_of_three_prefill_servers_failing_probes_puts_the_pool_in_panic(
     cluster_factory: ClusterFactory, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
 ) -> None:
-    cluster = await cluster_factory(n_prefill=1, n_decode=3, decode_policy="round_robin",
+    cluster = await cluster_factory(n_prefill=3, n_decode=1, prefill_policy="round_robin",
                                     healthy_panic_threshold=0.5, **FAST_HEALTH)
     wire_panic(cluster, 0.5)
-    for url in cluster.decode_urls:
+    for url in cluster.prefill_urls:
         await cluster.wait_state(url, State.HEALTHY)
-    assert cluster.metric("pdproxy_pool_panic", role="decode") == 0
+    assert cluster.metric("pdproxy_pool_panic", role="prefill") == 0
     with caplog.at_level(logging.INFO, logger="pdproxy.upstreams"):
-        for engine in cluster.decode[1:]:  # their /health fails, but they still serve (an overloaded fleet)
+        for engine in cluster.prefill[1:]:  # their /health fails, but they still serve (an overloaded fleet)
             engine.healthy = False
-        for url in cluster.decode_urls[1:]:
+        for url in cluster.prefill_urls[1:]:
             await cluster.wait_state(url, State.UNHEALTHY)
-        assert cluster.metric("pdproxy_pool_panic", role="decode") == 1
-        served = [len(engine.requests) for engine in cluster.decode]
+        assert cluster.metric("pdproxy_pool_panic", role="prefill") == 1
+        served = [len(engine.requests) for engine in cluster.prefill]
         assert [await complete(http, cluster) for _ in range(6)] == [200] * 6
-        assert [len(e.requests) - before for e, before in zip(cluster.decode, served, strict=True)] == [2, 2, 2]
-        cluster.decode[1].healthy = True  # 2 of 3 healthy: out of panic, the unhealthy one gets nothing
-        await cluster.wait_state(cluster.decode_urls[1], State.HEALTHY)
-        assert cluster.metric("pdproxy_pool_panic", role="decode") == 0
-        served = [len(engine.requests) for engine in cluster.decode]
+        assert [len(e.requests) - before for e, before in zip(cluster.prefill, served, strict=True)] == [2, 2, 2]
+        cluster.prefill[1].healthy = True  # 2 of 3 healthy: out of panic, the unhealthy one gets nothing
+        await cluster.wait_state(cluster.prefill_urls[1], State.HEALTHY)
+        assert cluster.metric("pdproxy_pool_panic", role="prefill") == 0
+        served = [len(engine.requests) for engine in cluster.prefill]
         assert [await complete(http, cluster) for _ in range(4)] == [200] * 4
-        assert [len(e.requests) - before for e, before in zip(cluster.decode, served, strict=True)] == [2, 2, 0]
-    panic_lines = [r.getMessage() for r in caplog.records if "pool" in r.getMessage() and "panic" in r.getMessage()]
+        assert [len(e.requests) - before for e, before in zip(cluster.prefill, served, strict=True)] == [2, 2, 0]
+    panic_lines = [r.getMessage() for r in caplog.records if r.name == "pdproxy.upstreams"]
     assert panic_lines == [
-        "decode pool in panic: 1 of 3 members in service are healthy (under 50%): routing to all of them",
-        "decode pool out of panic: 2 of 3 members in service are healthy",
+        "prefill pool in panic: 1 of 3 members in service are healthy (under 50%): routing to all of them",
+        "prefill pool out of panic: 2 of 3 members in service are healthy",
     ]
 
 
 async def test_without_a_threshold_unhealthy_members_get_nothing(
     cluster_factory: ClusterFactory, http: aiohttp.ClientSession
 ) -> None:
-    cluster = await cluster_factory(n_prefill=1, n_decode=3, decode_policy="round_robin",
+    cluster = await cluster_factory(n_prefill=3, n_decode=1, prefill_policy="round_robin",
                                     healthy_panic_threshold=0, **FAST_HEALTH)
     wire_panic(cluster, 0.0)
-    for engine in cluster.decode[1:]:
+    for engine in cluster.prefill[1:]:
         engine.healthy = False
-    for url in cluster.decode_urls[1:]:
+    for url in cluster.prefill_urls[1:]:
         await cluster.wait_state(url, State.UNHEALTHY)
     assert [await complete(http, cluster) for _ in range(4)] == [200] * 4
-    assert [len(e.requests) for e in cluster.decode[1:]] == [0, 0]
-    assert cluster.metric("pdproxy_pool_panic", role="decode") == 0
+    assert [len(e.requests) for e in cluster.prefill[1:]] == [0, 0]
+    assert cluster.metric("pdproxy_pool_panic", role="prefill") == 0

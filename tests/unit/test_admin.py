@@ -26,10 +26,12 @@ def test_anything_else_is_a_401_never_a_crash(authorization: str | None) -> None
         authorize(authorization, TOKEN, "127.0.0.1", {})
 
 
-def test_a_token_given_as_its_raw_utf8_bytes_matches() -> None:
+def test_a_non_ascii_token_matches_the_bytes_sent() -> None:
     token = "clé".encode()
-    as_aiohttp_decodes_it = token.decode("utf-8", "surrogateescape")
-    authorize(f"Bearer {as_aiohttp_decodes_it}", token, None, {})
+    as_pdproxys_server_decodes_it = token.decode("latin-1")  # one char per byte
+    authorize(f"Bearer {as_pdproxys_server_decodes_it}", token, None, {})
+    with pytest.raises(Unauthorized):
+        authorize("Bearer clé", token, None, {})  # é as one char is the byte 0xe9, not what the token holds
 
 
 @pytest.mark.parametrize("remote", ["127.0.0.1", "127.3.2.1", "::1", "::ffff:127.0.0.1"])

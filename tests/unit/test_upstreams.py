@@ -140,6 +140,7 @@ def test_describe_is_a_json_ready_view() -> None:
     assert view == {
         "id": u.id, "role": "decode", "url": "http://10.0.0.3:8000", "weight": 2, "max_in_flight": 4,
         "state": "ejected", "in_flight": 1, "served": 0, "last_error": "GET /health answered 503",
+        "source": "config",
     }
     assert all(type(value) in (str, int, type(None)) for value in view.values())  # plain values, no enums
 
@@ -380,3 +381,12 @@ def test_entering_and_leaving_panic_is_logged_once_each(caplog: pytest.LogCaptur
         "decode pool in panic: 0 of 2 members in service are healthy (under 50%): routing to all of them",
         "decode pool out of panic: 1 of 2 members in service are healthy",
     ]
+
+
+def test_may_route_follows_panic_for_a_choice_made_earlier() -> None:
+    pool = pool_of(State.HEALTHY, State.UNHEALTHY, State.DRAINING)
+    healthy, unhealthy, drained = pool.members
+    assert pool.may_route(healthy) and not pool.may_route(unhealthy) and not pool.may_route(drained)
+    healthy.state = State.EJECTED  # 0 of 2 in service healthy: panic
+    assert pool.may_route(unhealthy) and pool.may_route(healthy) and not pool.may_route(drained)
+    assert not pool.may_route(up(9, role=Role.DECODE, state=State.UNHEALTHY))  # not a member

@@ -45,8 +45,9 @@ class Router:
             return _refuse(NotFound(f"unknown route: {request.method} {request.path}"))
         handler = methods.get(request.method)
         if handler is None:
-            error = MethodNotAllowed(f"method {request.method} not allowed on {request.path}")
-            error.headers["Allow"] = ", ".join(sorted(methods))
+            allowed = ", ".join(sorted(methods))
+            error = MethodNotAllowed(f"method {request.method} is not allowed on {request.path}; use {allowed}")
+            error.headers["Allow"] = allowed
             return _refuse(error)
         return handler
 

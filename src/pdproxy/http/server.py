@@ -105,13 +105,6 @@ class _WarnLimiter:
             logger.warning(message, *args)
 
 
-def render_error(error: ProxyError) -> Response:
-    """A ProxyError as a Response (OpenAI error body; an upstream's relayed 4xx keeps its own content type)."""
-    content_type = getattr(error, "content_type", "application/json")
-    return Response(status=error.status, body=error.body(), headers=tuple(error.headers.items()),
-                    content_type=content_type)
-
-
 class Server:
     """A running listener. `connections`: open now; `requests`: handlers running now."""
 
@@ -297,8 +290,9 @@ class HttpConnection(asyncio.Protocol):
         if self._lingering:
             return False
         self._eof = True
-        if self._task is not None or self._queue:
-            return True  # half-closed after a whole request: it still gets its answer, then we close
+        # A client's FIN while its request is served means it is gone, as nginx, Envoy and uvicorn read it:
+        # TCP cannot tell a half-close from a close, and answering "half-closed" clients would keep every
+        # vanished client's prefill and decode running until their timeouts. connection_lost cancels the handler.
         if self._state == _BODY and self._reading is not None:
             self._server.event("client_closed", self._reading, 499)
         return False
@@ -414,8 +408,8 @@ class HttpConnection(asyncio.Protocol):
         limits = self._limits
         if length is not None:
             if length > limits.max_body_bytes:
-                self._stop(PayloadTooLarge(f"the request body is larger than {limits.max_body_bytes} bytes"),
-                           "too_large", request)
+                self._stop(PayloadTooLarge(f"the request body is larger than the limit of "
+                                           f"{limits.max_body_bytes} bytes"), "too_large", request)
             if length and not self._server.budget.take(length):
                 self._stop(Unavailable("pdproxy is reading too many request bodies; retry shortly",
                                        retry_after=1), "body_budget", request)
@@ -437,8 +431,8 @@ class HttpConnection(asyncio.Protocol):
         self._body_size += size
         if self._content_length is None:  # chunked: counted as it arrives
             if self._body_size > self._limits.max_body_bytes:
-                self._stop(PayloadTooLarge(f"the request body is larger than {self._limits.max_body_bytes} "
-                                           "bytes"), "too_large", self._reading)
+                self._stop(PayloadTooLarge(f"the request body is larger than the limit of "
+                                           f"{self._limits.max_body_bytes} bytes"), "too_large", self._reading)
             if not self._server.budget.take(size):
                 self._stop(Unavailable("pdproxy is reading too many request bodies; retry shortly",
                                        retry_after=1), "body_budget", self._reading)
@@ -507,7 +501,7 @@ class HttpConnection(asyncio.Protocol):
         if error is None:
             transport.close()
             return
-        response = render_error(error)
+        response = error.response()
         transport.write(self._head(response.status, response.headers, response.content_type,
                                    len(response.body), close=True) + response.body)
         self._linger()
@@ -567,12 +561,12 @@ class HttpConnection(asyncio.Protocol):
         try:
             response = await handler(request)
         except ProxyError as exc:
-            response = render_error(exc)
+            response = exc.response()
         except asyncio.CancelledError:
             raise
         except Exception:
             logger.exception("handler for %s %s failed", request.method, request.path)
-            response = render_error(ProxyError("internal error in pdproxy; its log has the details"))
+            response = ProxyError("internal error in pdproxy; its log has the details").response()
             if self._stream is not None:
                 self.abort()  # a stream already started: never a second response inside it
                 return
@@ -589,7 +583,7 @@ class HttpConnection(asyncio.Protocol):
         elif response is None:
             logger.error("handler for %s %s returned None without starting a stream",
                          request.method, request.path)
-            response = render_error(ProxyError("internal error in pdproxy; its log has the details"))
+            response = ProxyError("internal error in pdproxy; its log has the details").response()
         if response is not None:
             self._write_response(request, response)
 
@@ -796,3 +790,4 @@ async def start_server(router_or_handler: Router | Handler, host: str, port: int
     shown = address[0] if ":" not in address[0] else f"[{address[0]}]"
     server.url = f"http://{shown}:{server.port}"
     return server
+
