@@ -20,6 +20,7 @@ import logging
 import re
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 
@@ -135,10 +136,15 @@ class Upstream:
     last_error: str | None = None
     id: str = field(default_factory=lambda: f"u{next(_ids)}")
     source: str = CONFIGURED
+    # What the handoff learnt about this server (bootstrap port, engine id per DP rank), written only
+    # by `handoff.discovery.MetadataRefresher`. `meta_error` set: the handoff cannot use this server,
+    # so it is not routable whatever its health (the reason shows in describe()).
+    meta: dict[str, Any] = field(default_factory=dict)
+    meta_error: str | None = None
 
     @property
     def routable(self) -> bool:
-        return self.state in ROUTABLE_STATES
+        return self.state in ROUTABLE_STATES and self.meta_error is None
 
     def describe(self) -> dict[str, object]:
         """A JSON-ready view for operators (/health?verbose=1, the admin API)."""
@@ -153,6 +159,8 @@ class Upstream:
             "served": self.served,
             "last_error": self.last_error,
             "source": self.source,
+            "meta": dict(self.meta),
+            "meta_error": self.meta_error,
         }
 
     @property
