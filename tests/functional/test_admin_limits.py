@@ -75,7 +75,6 @@ async def test_a_pool_takes_at_most_max_upstreams(cluster_factory: ClusterFactor
 async def test_a_bulk_add_that_does_not_fit_adds_none_of_it(cluster_factory: ClusterFactory,
                                                             http: aiohttp.ClientSession) -> None:
     cluster = await cluster_factory(max_upstreams=4)
-    cluster.app[MEMBERSHIP].max_per_role = 4  # what build_app does with max_upstreams, until it does so itself
     batch = [{"role": "prefill", "url": f"http://10.9.0.{i}:8100"} for i in range(1, 4)]
     status, answer = await admin(http, cluster, "POST", body=batch)
     assert status == 409

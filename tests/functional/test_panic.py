@@ -21,16 +21,6 @@ async def complete(http: aiohttp.ClientSession, cluster: Cluster) -> int:
         return resp.status
 
 
-def wire_panic(cluster: Cluster, threshold: float) -> None:
-    """What build_app does with --healthy-panic-threshold (UpstreamPool's `panic_threshold`,
-    `Metrics.watch_pools`), for as long as build_app does not do it yet; a no-op once it does."""
-    pools = (cluster.flow.prefill_pool, cluster.flow.decode_pool)
-    for pool in pools:
-        pool.panic_threshold = threshold
-    if cluster.metrics.registry.get_sample_value("pdproxy_pool_panic", {"role": "decode"}) is None:
-        cluster.metrics.watch_pools(pools)
-
-
 async def test_one_decode_server_failing_three_times_is_not_ejected_and_keeps_serving(
     cluster_factory: ClusterFactory, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -55,7 +45,6 @@ async def test_two_of_three_prefill_servers_failing_probes_puts_the_pool_in_pani
 ) -> None:
     cluster = await cluster_factory(n_prefill=3, n_decode=1, prefill_policy="round_robin",
                                     healthy_panic_threshold=0.5, **FAST_HEALTH)
-    wire_panic(cluster, 0.5)
     for url in cluster.prefill_urls:
         await cluster.wait_state(url, State.HEALTHY)
     assert cluster.metric("pdproxy_pool_panic", role="prefill") == 0
@@ -86,7 +75,6 @@ async def test_without_a_threshold_unhealthy_members_get_nothing(
 ) -> None:
     cluster = await cluster_factory(n_prefill=3, n_decode=1, prefill_policy="round_robin",
                                     healthy_panic_threshold=0, **FAST_HEALTH)
-    wire_panic(cluster, 0.0)
     for engine in cluster.prefill[1:]:
         engine.healthy = False
     for url in cluster.prefill_urls[1:]:
