@@ -82,3 +82,19 @@ async def test_without_a_threshold_unhealthy_members_get_nothing(
     assert [await complete(http, cluster) for _ in range(4)] == [200] * 4
     assert [len(e.requests) for e in cluster.prefill[1:]] == [0, 0]
     assert cluster.metric("pdproxy_pool_panic", role="prefill") == 0
+
+
+async def test_in_panic_the_decode_server_admitted_is_kept_after_the_prefill(
+    cluster_factory: ClusterFactory, http: aiohttp.ClientSession
+) -> None:
+    """The D chosen at admission is checked again after P answers (pool.may_route): in panic an
+    unhealthy D is still routable, so it is kept and the load spreads over all three."""
+    cluster = await cluster_factory(n_prefill=1, n_decode=3, decode_policy="round_robin",
+                                    healthy_panic_threshold=0.5, **FAST_HEALTH)
+    for engine in cluster.decode[1:]:
+        engine.healthy = False
+    for url in cluster.decode_urls[1:]:
+        await cluster.wait_state(url, State.UNHEALTHY)
+    assert cluster.metric("pdproxy_pool_panic", role="decode") == 1
+    assert [await complete(http, cluster) for _ in range(6)] == [200] * 6
+    assert [len(engine.requests) for engine in cluster.decode] == [2, 2, 2]
