@@ -30,6 +30,7 @@ from pdproxy.outlier import ConsecutiveFailureDetector, NoOutlierDetection, Outl
 from pdproxy.policies import PolicyOptions, make_balancer
 from pdproxy.proxy.orchestrator import FlowLimits, FlowTimeouts, Orchestrator
 from pdproxy.proxy.passthrough import Passthrough
+from pdproxy.proxy.record import RequestRecord
 from pdproxy.settings import Settings
 from pdproxy.upstreams import Role, State, Upstream, UpstreamPool
 
@@ -58,6 +59,18 @@ class App:
     admin: AdminApi | None = None
     discovery: Discovery | None = None
     _started: bool = field(default=False, repr=False)
+
+    def on_server_event(self, reason: str, request: Request | None, status: int) -> None:
+        """A refusal the HTTP server made itself (a client-side limit, malformed HTTP): a metric and, when it
+        answered, an access-log line. Disconnects of requests the orchestrator serves are counted there."""
+        if reason == "client_closed":
+            return
+        self.metrics.client_refusals.labels(reason).inc()
+        if status:
+            endpoint = request.path if request is not None else "-"
+            remote = request.remote or "-" if request is not None else "-"
+            self.flow.account(RequestRecord("-", endpoint, time.perf_counter(), remote, status=status, error=reason,
+                                            stage="client"), metrics=False)
 
     def __getitem__(self, key: str) -> Any:
         value = getattr(self, key)
@@ -136,7 +149,9 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
                 metrics.upstream_requests.labels(pool.role.value, url, "stale_retry").inc()
                 return
 
-    client = UpstreamClient(ClientOptions(connect_timeout=settings.connect_timeout), on_stale_retry=on_stale_retry)
+    client = UpstreamClient(ClientOptions(connect_timeout=settings.connect_timeout,
+                                          keepalive_timeout=settings.upstream_keepalive_timeout),
+                            on_stale_retry=on_stale_retry)
     limits = FlowLimits(settings.prefill_retries, settings.flow_retries, settings.max_concurrency)
     flow = Orchestrator(
         prefill_pool=pools[Role.PREFILL],
@@ -196,7 +211,7 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
     admin = _admin_api(settings, membership, caps)
     if settings.admin_port is None:
         admin.add_routes(router)
-    server_limits = ServerLimits(max_body_bytes=settings.max_body_bytes)
+    server_limits = settings.server_limits()
     return App(router, flow, metrics, board, membership, client, server_limits, checker,
                admin if settings.admin_port is not None else None,
                build_discovery(settings, membership, metrics, caps))
@@ -260,14 +275,15 @@ async def start_server(app: App | Router, host: str, port: int, *, reuse_port: b
                        limits: ServerLimits | None = None) -> tuple[Runner, str]:
     """Start `app` (a whole App, or a bare Router) on host:port (0 picks a free port); the runner and
     the base URL. `reuse_port`: share the port with other processes' sockets (SO_REUSEPORT; workers)."""
+    on_event = None
     if isinstance(app, App):
         await app.startup()
-        router, limits = app.router, limits or app.limits
+        router, limits, on_event = app.router, limits or app.limits, app.on_server_event
     else:
         router, limits = app, limits or ServerLimits()
     try:
         server = await start_http_server(router, host, port, limits=limits, reuse_port=reuse_port,
-                                         backlog=LISTEN_BACKLOG)
+                                         backlog=LISTEN_BACKLOG, on_event=on_event)
     except BaseException:
         if isinstance(app, App):
             await app.cleanup()

@@ -131,6 +131,9 @@ class Metrics:
         self.client_disconnects = Counter("pdproxy_client_disconnects",
                                           "Clients gone before their response ended, by stage.",
                                           ("stage",), registry=registry)
+        self.client_refusals = Counter("pdproxy_client_refusals",
+                                       "Requests and connections refused or cut by the proxy itself (client-side "
+                                       "limits, malformed HTTP), by reason.", ("reason",), registry=registry)
         self.kv_handoff_missing = Counter("pdproxy_kv_handoff_missing",
                                           "Prefill answers without kv_transfer_params (D recomputes).",
                                           registry=registry)

@@ -527,6 +527,9 @@ async def test_every_metric_the_dashboard_queries_is_live(cluster_factory: Clust
         assert resp.status == 503
     async with await hanging as resp:
         assert resp.status == 504
+    # A request the server refuses itself: more headers than --max-headers.
+    async with http.get(cluster.url + "/health", headers={f"x-extra-{i}": "1" for i in range(200)}) as resp:
+        assert resp.status == 431
     # An operator re-weights an upstream.
     reweighted = cluster.upstream(cluster.prefill_urls[1])
     status, _ = await admin(http, cluster, "PATCH", json={"weight": 2}, path=f"/{reweighted.id}")
