@@ -111,7 +111,8 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
     """
     rng = rng or random.Random()
     caps = {Role.PREFILL: settings.prefill_max_in_flight, Role.DECODE: settings.decode_max_in_flight}
-    pools = {role: UpstreamPool(role, members) for role, members in _initial_members(settings, caps).items()}
+    pools = {role: UpstreamPool(role, members, panic_threshold=settings.healthy_panic_threshold)
+             for role, members in _initial_members(settings, caps).items()}
     for role, pool in pools.items():
         if not pool.members and role.value not in settings.discovered_roles():
             raise ValueError(f"no {role.value} servers (the state file {settings.state_file} lists none)")
@@ -133,7 +134,8 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
             max_time=settings.eject_max_time, max_share=settings.eject_max_share, return_on_expiry=not health_on,
             clock=time.monotonic,
         )
-    membership = Membership(pools, board, warmup=health_on, state_file=settings.state_file if persist else None)
+    membership = Membership(pools, board, warmup=health_on, state_file=settings.state_file if persist else None,
+                            max_per_role=settings.max_upstreams)
 
     def on_release(upstream: Upstream) -> None:
         admission.wake()
@@ -176,9 +178,13 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
         interval=settings.health_interval, rise=settings.health_rise, fall=settings.health_fall,
         ejection_over=outlier.ejection_over, rng=rng,
     ) if health_on else None
+    def forget(upstream: Upstream) -> None:  # a removed upstream: its series and its outlier record go
+        metrics.forget_upstream(upstream.role.value, upstream.url)
+        outlier.forget(upstream)
+
     membership.hooks = Hooks(
         cut_streams=flow.cut_streams,
-        forget=lambda upstream: metrics.forget_upstream(upstream.role.value, upstream.url),
+        forget=forget,
         changed=lambda action: metrics.admin_changes.labels(action).inc(),
     )
     if checker is not None:
@@ -192,6 +198,7 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
 
     board.listen(on_transition)
     metrics.watch_upstreams(membership.members, (state.value for state in State if state is not State.REMOVED))
+    metrics.watch_pools(pools.values())
     metrics.queue_waiting.set_function(lambda: admission.waiting)
 
     router = Router()

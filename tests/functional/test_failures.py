@@ -267,9 +267,11 @@ async def test_decode_stalling_mid_stream_times_out_with_an_sse_error_event(
     assert cluster.metric("pdproxy_timeouts_total", stage="stream_idle") == 1
 
 
-async def test_no_routable_upstream_fails_fast_with_503(cluster: Cluster, http: aiohttp.ClientSession) -> None:
+async def test_no_routable_upstream_fails_fast_with_503(cluster_factory: ClusterFactory,
+                                                         http: aiohttp.ClientSession) -> None:
     from pdproxy.upstreams import State
 
+    cluster = await cluster_factory(healthy_panic_threshold=0)  # in panic, unhealthy members would be tried
     for upstream in cluster.flow.decode_pool.members:
         upstream.state = State.UNHEALTHY
     status, payload = await post(http, cluster)

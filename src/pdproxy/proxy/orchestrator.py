@@ -264,7 +264,7 @@ class Orchestrator:
 
     def _recheck(self, lease: Lease, preq: ProxyRequest) -> Lease:
         """The D leased at admission, or another when it stopped being routable while P worked."""
-        if lease.upstream.routable:
+        if self.decode_pool.may_route(lease.upstream):  # healthy, or the pool is in panic
             return lease
         candidates = self.decode_pool.available()
         if not candidates:
