@@ -2,14 +2,19 @@
 
 Never open by accident: with `--admin-token` every call needs `Authorization: Bearer <token>`
 (compared in constant time); without one, only loopback clients that did not come through
-another proxy are served. Every input is validated before anything changes.
+another proxy are served: a request with any proxy-forwarding header (`is_forwarded`) is refused,
+since a local reverse proxy or sidecar would make every client look local. Every input is
+validated before anything changes: host names, a cap on upstreams per role, and no upstream that
+is one of this proxy's own listeners (a request loop).
 """
 
 from __future__ import annotations
 
 import hmac
 import ipaddress
-from collections.abc import Awaitable, Callable, Mapping
+import re
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import orjson
@@ -25,17 +30,29 @@ from pydantic import (
     model_validator,
 )
 
-from pdproxy.errors import Forbidden, InvalidRequest, NotFound, PayloadTooLarge, Unauthorized
+from pdproxy.errors import Conflict, Forbidden, InvalidRequest, NotFound, PayloadTooLarge, Unauthorized
 from pdproxy.http.request import Request
 from pdproxy.http.response import Response, json_response
 from pdproxy.http.router import Router
+from pdproxy.http.validate import listen_addresses_conflict
 from pdproxy.membership import Membership
 from pdproxy.settings import describe_validation_error
 from pdproxy.upstreams import MAX_WEIGHT, Role, Upstream, normalize_url
 
 MAX_ADMIN_BODY = 64 * 1024
 MAX_BULK = 256
-_FORWARDED = ("X-Forwarded-For", "Forwarded", "X-Real-IP")
+# Headers a proxy, load balancer, CDN or sidecar adds for the client behind it (lower case).
+FORWARDING_HEADERS = frozenset({
+    "via", "forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-forwarded-port",
+    "x-forwarded-server", "x-forwarded-prefix", "x-real-ip", "x-client-ip", "true-client-ip",
+    "cf-connecting-ip", "cf-connecting-ipv6", "fastly-client-ip", "x-cluster-client-ip", "x-original-forwarded-for",
+    "x-proxyuser-ip", "x-envoy-external-address", "x-envoy-internal", "x-azure-clientip", "x-azure-socketip",
+    "x-appengine-user-ip", "x-original-host", "x-original-url", "client-ip",
+})
+# ... and the families they come in: any x-forwarded-*, x-envoy-*, x-...-ip, ...client-ip, ...-connecting-ip.
+_FORWARDING_PATTERN = re.compile(
+    r"x-forwarded-.*|x-envoy-.*|x-(.*[-_])?(client|real|remote|user|socket|originating)?ip(v[46])?"
+    r"|.*client-?ip(v[46])?|.*-connecting-ip(v[46])?")
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -75,10 +92,16 @@ class PatchUpstream(BaseModel):
 class AdminApi:
     """Handlers for the admin routes, behind `authorize`."""
 
-    def __init__(self, membership: Membership, *, token: str | None, default_caps: Mapping[Role, int]) -> None:
+    def __init__(self, membership: Membership, *, token: str | None, default_caps: Mapping[Role, int],
+                 listen_addresses: Callable[[], Iterable[tuple[str, int]]] = tuple,
+                 local_hosts: Iterable[str] = ()) -> None:
+        """`listen_addresses`: this proxy's own (host, port) listeners, asked at each call (ports
+        bound to 0 are known only once they listen); `local_hosts`: other names of this machine."""
         self.membership = membership
         self._token = token.encode() if token else None
         self._default_caps = default_caps
+        self._listen_addresses = listen_addresses
+        self._local_hosts = tuple(local_hosts)
 
     def add_routes(self, router: Router) -> None:
         guard = self._guarded
@@ -95,14 +118,14 @@ class AdminApi:
                 response = await handler(request)
                 await self.membership.flush()  # an answer means the change is on disk
                 return response
-            except (InvalidRequest, Unauthorized, Forbidden, NotFound, PayloadTooLarge) as exc:
+            except (InvalidRequest, Unauthorized, Forbidden, NotFound, PayloadTooLarge, Conflict) as exc:
                 return exc.response()
 
         return guarded
 
     def authorize(self, request: Request) -> None:
         """Raise unless the caller may use the admin API."""
-        authorize(request, self._token)
+        authorize_request(request, self._token)
 
     async def list_upstreams(self, request: Request) -> Response:
         return _json({"upstreams": [self._view(u) for u in self.membership.members()]})
@@ -114,6 +137,17 @@ class AdminApi:
             raise InvalidRequest(f"send one upstream or a list of 1 to {MAX_BULK}")
         specs = [_validate(AddUpstream, item, f"upstream {i}" if isinstance(payload, list) else "upstream")
                  for i, item in enumerate(items)]
+        own = tuple(self._listen_addresses())
+        for spec in specs:
+            if listen_addresses_conflict(spec.url, own, self._local_hosts):
+                raise InvalidRequest(f"upstream {spec.url} is this proxy's own listener: requests would loop "
+                                     "back into it", param="url")
+        new = Counter(role for role, url in {(s.role, s.url) for s in specs} if self.membership.find(role, url) is None)
+        for role, count in new.items():
+            if count > self.membership.room(role):
+                raise Conflict(f"the {role.value} pool may hold {self.membership.max_per_role} upstreams "
+                               f"(--max-upstreams) and has {len(self.membership.pools[role].members)}: "
+                               f"{count} more do not fit; nothing was added")
         results = []
         for spec in specs:  # all validated first: a bad item changes nothing
             cap = spec.max_in_flight if spec.max_in_flight is not None else self._default_caps[spec.role]
@@ -167,23 +201,61 @@ class AdminApi:
         return {**upstream.describe(), "removing": self.membership.removing(upstream)}
 
 
-def authorize(request: Request, token: bytes | None) -> None:
+def authorize(authorization: str | None, token: bytes | None, remote: str | None,
+              headers: Iterable[str]) -> None:
     """Raise Unauthorized or Forbidden unless the caller may use the admin API (here or in the
-    supervisor of worker processes): the bearer `token` when there is one, else loopback only."""
+    supervisor of worker processes): the bearer `token` when there is one, else a loopback
+    `remote` whose request has no forwarding header. `headers`: the request's header names (a
+    mapping of them works).
+
+    `authorization` may hold any bytes the server decoded: they are compared as the bytes sent, so
+    a malformed header is a 401, never a 500."""
     if token is not None:
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token):
+        scheme, _, given = (authorization or "").partition(" ")
+        offered = _raw_bytes(given.strip())
+        if scheme.lower() != "bearer" or not hmac.compare_digest(offered, token):
             raise Unauthorized("the admin API needs 'Authorization: Bearer <admin token>'")
         return
-    if not _is_loopback(request.remote) or any(request.headers.get(name) is not None for name in _FORWARDED):
-        raise Forbidden("the admin API answers only loopback clients unless --admin-token is set")
+    if not _is_loopback(remote) or is_forwarded(headers):
+        raise Forbidden("the admin API answers only loopback clients that come through no other proxy, unless "
+                        "--admin-token is set")
+
+
+def authorize_request(request: Request, token: bytes | None) -> None:
+    """`authorize` for a request of pdproxy's HTTP server."""
+    authorize(request.headers.get("Authorization"), token, request.remote, request.headers.keys())
+
+
+def _raw_bytes(text: str) -> bytes:
+    """The bytes a header value was decoded from: pdproxy's server decodes as latin-1 (one char per
+    byte); a server that decodes UTF-8 escapes the bytes that are not as surrogates (aiohttp)."""
+    for codec, errors in (("latin-1", "strict"), ("utf-8", "surrogateescape")):
+        try:
+            return text.encode(codec, errors)
+        except UnicodeEncodeError:
+            pass
+    return text.encode("utf-8", "replace")  # any other lone surrogate: matches no token
+
+
+def is_forwarded(headers: Iterable[str]) -> bool:
+    """Whether any header name says the request came through a proxy (FORWARDING_HEADERS or one of
+    their families: x-forwarded-*, x-envoy-*, x-...ip, ...client-ip, ...-connecting-ip)."""
+    for name in headers:
+        lower = name.lower()
+        if lower in FORWARDING_HEADERS or _FORWARDING_PATTERN.fullmatch(lower):
+            return True
+    return False
 
 
 def _is_loopback(remote: str | None) -> bool:
     try:
-        return remote is not None and ipaddress.ip_address(remote).is_loopback
+        address = ipaddress.ip_address(remote) if remote is not None else None
     except ValueError:
         return False
+    if address is None:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1 (a dual-stack listener)
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 async def _read_json(request: Request) -> Any:

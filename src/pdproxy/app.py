@@ -6,6 +6,7 @@ import asyncio
 import logging
 import random
 import signal
+import socket
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from pdproxy.http.response import Response
 from pdproxy.http.router import Router
 from pdproxy.http.server import Server
 from pdproxy.http.server import start_server as start_http_server
+from pdproxy.http.validate import LoopGuard
 from pdproxy.livez import LIVEZ_PATH, livez_handler
 from pdproxy.membership import Hooks, Membership, read_state_file
 from pdproxy.metrics import CONTENT_TYPE, Metrics
@@ -57,6 +59,7 @@ class App:
     client: UpstreamClient
     limits: ServerLimits
     checker: ActiveHealthChecker | None = None
+    listening: list[tuple[str, int]] = field(default_factory=list)
     admin: AdminApi | None = None
     discovery: Discovery | None = None
     _started: bool = field(default=False, repr=False)
@@ -111,7 +114,8 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
     """
     rng = rng or random.Random()
     caps = {Role.PREFILL: settings.prefill_max_in_flight, Role.DECODE: settings.decode_max_in_flight}
-    pools = {role: UpstreamPool(role, members) for role, members in _initial_members(settings, caps).items()}
+    pools = {role: UpstreamPool(role, members, panic_threshold=settings.healthy_panic_threshold)
+             for role, members in _initial_members(settings, caps).items()}
     for role, pool in pools.items():
         if not pool.members and role.value not in settings.discovered_roles():
             raise ValueError(f"no {role.value} servers (the state file {settings.state_file} lists none)")
@@ -133,7 +137,8 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
             max_time=settings.eject_max_time, max_share=settings.eject_max_share, return_on_expiry=not health_on,
             clock=time.monotonic,
         )
-    membership = Membership(pools, board, warmup=health_on, state_file=settings.state_file if persist else None)
+    membership = Membership(pools, board, warmup=health_on, state_file=settings.state_file if persist else None,
+                            max_per_role=settings.max_upstreams)
 
     def on_release(upstream: Upstream) -> None:
         admission.wake()
@@ -176,9 +181,13 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
         interval=settings.health_interval, rise=settings.health_rise, fall=settings.health_fall,
         ejection_over=outlier.ejection_over, rng=rng,
     ) if health_on else None
+    def forget(upstream: Upstream) -> None:  # a removed upstream: its series and its outlier record go
+        metrics.forget_upstream(upstream.role.value, upstream.url)
+        outlier.forget(upstream)
+
     membership.hooks = Hooks(
         cut_streams=flow.cut_streams,
-        forget=lambda upstream: metrics.forget_upstream(upstream.role.value, upstream.url),
+        forget=forget,
         changed=lambda action: metrics.admin_changes.labels(action).inc(),
     )
     if checker is not None:
@@ -192,6 +201,7 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
 
     board.listen(on_transition)
     metrics.watch_upstreams(membership.members, (state.value for state in State if state is not State.REMOVED))
+    metrics.watch_pools(pools.values())
     metrics.queue_waiting.set_function(lambda: admission.waiting)
 
     router = Router()
@@ -199,15 +209,16 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
     models = Passthrough(pool=pools[Role.DECODE], policy=flow.decode_policy, client=client,
                          timeout=settings.decode_first_byte_timeout, max_answer_bytes=limits.max_answer_bytes,
                          on_release=on_release)
-    OpenAIApi(flow, models, upstream_api_key=api_key).add_routes(router)
+    OpenAIApi(flow, models, upstream_api_key=api_key, loop_guard=LoopGuard.create()).add_routes(router)
     router.add("GET", LIVEZ_PATH, livez_handler(lambda: flow.draining))  # liveness: never asks an engine
     if settings.metrics_port is None:
         router.add("GET", "/metrics", metrics_handler(metrics))
-    admin = _admin_api(settings, membership, caps)
+    listening: list[tuple[str, int]] = []  # (host, port) of this process's listeners, once they listen
+    admin = _admin_api(settings, membership, caps, listening)
     if settings.admin_port is None:
         admin.add_routes(router)
     server_limits = settings.server_limits()
-    return App(router, flow, metrics, board, membership, client, server_limits, checker,
+    return App(router, flow, metrics, board, membership, client, server_limits, checker, listening,
                admin if settings.admin_port is not None else None,
                build_discovery(settings, membership, metrics, caps))
 
@@ -227,9 +238,12 @@ def _initial_members(settings: Settings, caps: dict[Role, int]) -> dict[Role, li
     return members
 
 
-def _admin_api(settings: Settings, membership: Membership, caps: dict[Role, int]) -> AdminApi:
+def _admin_api(settings: Settings, membership: Membership, caps: dict[Role, int],
+               listening: list[tuple[str, int]]) -> AdminApi:
+    """The admin API; it refuses an upstream that is one of this process's own listeners (a loop)."""
     token = settings.admin_token.get_secret_value() if settings.admin_token else None
-    return AdminApi(membership, token=token, default_caps=caps)
+    return AdminApi(membership, token=token, default_caps=caps, listen_addresses=lambda: listening,
+                    local_hosts=(socket.gethostname(),))
 
 
 def admin_router(admin: AdminApi) -> Router:
@@ -283,6 +297,8 @@ async def start_server(app: App | Router, host: str, port: int, *, reuse_port: b
         if isinstance(app, App):
             await app.cleanup()
         raise
+    if isinstance(app, App):
+        app.listening.append((host, server.port))
     shown_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
     return Runner(server, app if isinstance(app, App) else None), f"http://{shown_host}:{server.port}"
 

@@ -8,18 +8,27 @@
     │   ├── NotFound                404
     │   ├── MethodNotAllowed        405
     │   ├── RequestTimeout          408     (the client was too slow sending its request)
+    │   ├── Conflict                409     (admin API: the change conflicts with the membership, e.g. full)
     │   ├── PayloadTooLarge         413
     │   ├── UnsupportedMediaType    415     (a request Content-Encoding the proxy cannot decode)
     │   ├── ExpectationFailed       417     (an Expect other than 100-continue)
     │   └── HeadersTooLarge         431
     ├── Unavailable                 503     internal  no     service_unavailable   (no routable upstream)
+    ├── LoopDetected                508     internal  no     loop_detected  (the request carries this proxy's
+    │                                                        own Via token: an upstream points back at it)
     ├── UpstreamError               502     prefill/  yes    upstream_error
     │   ├── UpstreamConnectError    502     decode
     │   ├── UpstreamBadStatus       502            (5xx from the upstream)
     │   ├── UpstreamBadResponse     502            (a 2xx body that is not what the protocol says)
     │   ├── UpstreamTimeout         504
+    │   ├── UpstreamKvLost          502     decode    yes    (D could not load the KV blocks: P died or freed
+    │   │                                                    them; blamed on P, outcome `kv_lost`)
     │   └── UpstreamStreamBroken    502     decode    no     (died after bytes reached the client)
     └── UpstreamRejected            4xx     client    no     relayed unchanged: the client's own mistake
+
+Blame (what counts toward an upstream's ejection) follows the upstream at fault, not the one that
+reported it: `UpstreamKvLost` surfaces on D's leg but names the P whose KV handle was lost in
+`blamed`, and the flow reports the failure against that P (outcome `kv_lost`); D is not charged.
 
 Every error knows the HTTP status it maps to, which side caused it (for logs and
 metrics) and whether the flow may retry it on another upstream. Upstream-call failures are
@@ -104,6 +113,10 @@ class RequestTimeout(ClientError):
     status = 408
 
 
+class Conflict(ClientError):
+    status = 409
+
+
 class PayloadTooLarge(ClientError):
     status = 413
 
@@ -131,6 +144,14 @@ class Unavailable(ProxyError):
         super().__init__(message, param=param, side=side)
         if retry_after is not None:
             self.headers["Retry-After"] = str(retry_after)
+
+
+class LoopDetected(ProxyError):
+    """The request came back to this proxy (its own Via token): answered at once, so a
+    misconfigured upstream fails fast instead of multiplying one request into thousands."""
+
+    status = 508
+    error_type = "loop_detected"
 
 
 class UpstreamError(ProxyError):
@@ -161,6 +182,18 @@ class UpstreamBadResponse(UpstreamError):
 class UpstreamTimeout(UpstreamError):
     status = 504
     error_type = "upstream_timeout"
+
+
+class UpstreamKvLost(UpstreamError):
+    """D answered that it could not load the prefilled KV blocks: the fault of the P that made
+    them (it died, or freed them), so `blamed` names that P. Retryable: a fresh prefill on
+    another P, then D again."""
+
+    outcome = "kv_lost"  # the `outcome` label of pdproxy_upstream_requests_total, reported against P
+
+    def __init__(self, message: str, *, upstream: str, blamed: str, stage: str = "decode_first_byte") -> None:
+        super().__init__(message, side="decode", upstream=upstream, stage=stage)
+        self.blamed = blamed
 
 
 class UpstreamStreamBroken(UpstreamError):

@@ -117,6 +117,7 @@ class ActiveHealthChecker:
         self._rng = rng
         self._counters: dict[str, Hysteresis] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._raising: dict[str, str] = {}  # upstream id -> the unexpected error its probe raises (logged once)
 
     def start(self, upstreams: Iterable[Upstream]) -> None:
         for upstream in upstreams:
@@ -133,6 +134,7 @@ class ActiveHealthChecker:
         if task is not None:
             task.cancel()
         self._counters.pop(upstream.id, None)
+        self._raising.pop(upstream.id, None)
 
     async def stop(self) -> None:
         tasks = list(self._tasks.values())
@@ -146,13 +148,32 @@ class ActiveHealthChecker:
         while True:
             try:
                 await self.check(upstream)
-            except Exception:  # a bug must not end this upstream's checks for good
-                log.exception("health check of %s failed unexpectedly", upstream.url)
+            except Exception as exc:  # a bug must not end this upstream's checks for good
+                self._unexpected(upstream, exc, "health check")
             await asyncio.sleep(self._interval * self._rng.uniform(0.9, 1.1))
 
+    def _unexpected(self, upstream: Upstream, exc: Exception, what: str) -> str:
+        """Log an unexpected error with its traceback once per upstream and error (every interval
+        would flood the log), and at debug level after that; returns it as a probe failure."""
+        error = f"{what} raised {type(exc).__name__}: {exc}"
+        if self._raising.get(upstream.id) != error:
+            self._raising[upstream.id] = error
+            log.error("%s of %s raised an unexpected error (logged once; it counts as a failed probe)",
+                      what, upstream.url, exc_info=exc)
+        else:
+            log.debug("%s of %s: %s", what, upstream.url, error)
+        return error
+
     async def check(self, upstream: Upstream) -> None:
-        """Probe once and apply the result."""
-        error = await self._probe(upstream)
+        """Probe once and apply the result; a probe that raises counts as a failed one."""
+        try:
+            error = await self._probe(upstream)
+        except Exception as exc:
+            error = self._unexpected(upstream, exc, "health probe")
+        else:
+            if upstream.id in self._raising:
+                del self._raising[upstream.id]
+                log.info("health probe of %s works again", upstream.url)
         counter = self._counters.setdefault(upstream.id, Hysteresis(self._rise, self._fall))
         verdict = counter.observe(error is None)
         if error is not None:

@@ -25,8 +25,15 @@ log = logging.getLogger("pdproxy.membership")
 STATE_FILE_VERSION = 1
 
 
+MAX_UPSTREAMS = 1024  # per role unless told otherwise (--max-upstreams)
+
+
 class StateFileError(Exception):
     """The state file cannot be read or is not what pdproxy writes; the message says why."""
+
+
+class MembershipFull(Exception):
+    """Adding would take a pool over its cap (`max_per_role`); nothing was changed."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -55,8 +62,10 @@ class Membership:
     """The only writer of pool membership."""
 
     def __init__(self, pools: Mapping[Role, UpstreamPool], board: StateBoard, *, warmup: bool,
-                 state_file: Path | None = None, hooks: Hooks | None = None) -> None:
+                 state_file: Path | None = None, hooks: Hooks | None = None,
+                 max_per_role: int = MAX_UPSTREAMS) -> None:
         self.pools = pools
+        self.max_per_role = max_per_role  # bounds every per-request scan of a pool and /metrics
         self._board = board
         self._warmup = warmup
         self._state_file = state_file
@@ -64,6 +73,12 @@ class Membership:
         self._removing: set[str] = set()  # ids draining towards removal (not merely paused)
         self._dirty = False
         self._writer: asyncio.Task[None] | None = None
+        board.listen(lambda upstream, old, new, reason: self._recheck_panic(upstream.role))
+
+    def _recheck_panic(self, role: Role) -> None:
+        """A state or the membership changed: the pool logs entering or leaving panic now, not at its
+        next request."""
+        self.pools[role].check_panic()
 
     def members(self) -> list[Upstream]:
         return [u for pool in self.pools.values() for u in pool.members]
@@ -77,11 +92,15 @@ class Membership:
     def removing(self, upstream: Upstream) -> bool:
         return upstream.id in self._removing
 
+    def room(self, role: Role) -> int:
+        """How many more upstreams the `role` pool may take."""
+        return max(0, self.max_per_role - len(self.pools[role].members))
+
     def add(self, role: Role, url: str, *, weight: int = 1, max_in_flight: int = 0,
             skip_warmup: bool = False, by: str = ADMIN) -> tuple[Upstream, bool]:
         """Add an upstream; (upstream, created). Re-adding one that exists is harmless: a draining
         one is taken back, a new weight or cap is applied. `by` (admin, or a discovery source's name)
-        becomes a new upstream's `source`."""
+        becomes a new upstream's `source`. MembershipFull when the pool is full."""
         existing = self.find(role, url)
         if existing is not None:
             existing.weight, existing.max_in_flight = weight, max_in_flight
@@ -90,9 +109,13 @@ class Membership:
                 self._board.set(existing, State.UNKNOWN, "added again while draining")
             self.save()
             return existing, False
+        if not self.room(role):
+            raise MembershipFull(f"the {role.value} pool already has {self.max_per_role} upstreams "
+                                 "(--max-upstreams); remove one first")
         state = State.WARMING if self._warmup and not skip_warmup else State.UNKNOWN
         upstream = Upstream(role, url, weight, max_in_flight, state=state, source=by)
         self.pools[role].add(upstream)
+        self._recheck_panic(role)
         log.info("%s upstream %s added by %s (%s, weight %d)", role.value, url, by, state.value, weight)
         self.hooks.watch(upstream)
         self._changed(by, "add")
@@ -145,7 +168,7 @@ class Membership:
     def _detach(self, upstream: Upstream, reason: str) -> None:
         self._removing.discard(upstream.id)
         self.pools[upstream.role].remove(upstream)
-        self._board.set(upstream, State.REMOVED, reason)
+        self._board.set(upstream, State.REMOVED, reason)  # the panic re-check follows the state change
         self.hooks.unwatch(upstream)
         self.hooks.forget(upstream)
         self.save()

@@ -134,6 +134,21 @@ class UpstreamCollector:
         yield per_state
 
 
+class PoolCollector:
+    """Scrape-time view of each pool as a whole: whether it is in healthy panic."""
+
+    def __init__(self, pools: Iterable[Any]) -> None:
+        self._pools = tuple(pools)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        panic = GaugeMetricFamily("pdproxy_pool_panic",
+                                  "1 while too few of the pool's members are healthy and it routes to all of them "
+                                  "(--healthy-panic-threshold), else 0.", labels=("role",))
+        for pool in self._pools:
+            panic.add_metric((pool.role.value,), 1 if pool.check_panic() else 0)
+        yield panic
+
+
 class Metrics:
     """The proxy's metrics; one instance (and registry) per application."""
 
@@ -171,7 +186,8 @@ class Metrics:
                                          buckets=SMALL_BUCKETS, registry=registry)
         self.upstream_requests = LoopCounter("pdproxy_upstream_requests",
                                              "Upstream calls by outcome (ok, rejected, bad_status, "
-                                             "bad_response, connect_error, timeout, broken, cancelled).",
+                                             "bad_response, connect_error, timeout, broken, kv_lost, "
+                                             "cancelled).",
                                              ("role", "upstream", "outcome"), registry=registry)
         self.prefill_retries = LoopCounter("pdproxy_prefill_retries", "Prefills re-run on another server.",
                                            registry=registry)
@@ -271,6 +287,10 @@ class Metrics:
         for action in DISCOVERY_ACTIONS:
             self.discovery_changes.labels(source, action)
 
+    def watch_pools(self, pools: Iterable[Any]) -> None:
+        """Expose each pool's panic state at scrape time."""
+        self.registry.register(PoolCollector(pools))  # type: ignore[arg-type]
+
     def forget_upstream(self, role: str, url: str) -> None:
         """Drop a removed upstream's series, so label sets stay bounded."""
         self._zeroed.discard((role, url))
@@ -284,6 +304,26 @@ class Metrics:
                     metric.remove(*labels)
         if role == "prefill" and (url,) in self.prefill_duration._metrics:
             self.prefill_duration.remove(url)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class SupervisorMetrics:
+    """The `--workers` supervisor's own metrics, appended to the workers' merged exposition."""
+
+    def __init__(self, workers: int) -> None:
+        disable_created_metrics()
+        self.registry = registry = CollectorRegistry()
+        self.worker_up = Gauge("pdproxy_worker_up",
+                               "1 if the worker answered this scrape within the per-worker timeout, else 0 "
+                               "(restarting, hung or gone).", ("worker",), registry=registry)
+        self.worker_restarts = Counter("pdproxy_worker_restarts",
+                                       "Worker processes started again after one exited or failed to start.",
+                                       ("worker",), registry=registry)
+        for index in range(workers):  # every series from the start, zeros included
+            self.worker_up.labels(str(index)).set(0)
+            self.worker_restarts.labels(str(index))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

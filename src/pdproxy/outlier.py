@@ -5,12 +5,16 @@ failures (connect errors, timeouts, 5xx, broken answers; never a 4xx) eject an
 upstream for `base × (times ejected)` seconds, capped at `max_time`. With active
 health checks it returns on the first successful probe after that; without them,
 when the time is over. At most `max_share` of a pool is ejected at once (always at
-least one upstream may be), so a flaky network cannot empty a pool by itself.
+least one upstream may be), so a flaky network cannot empty a pool by itself, and the last
+healthy member of a pool is never ejected: for a one-D deployment, three failures of any origin
+would otherwise mean an outage of `base` seconds. Its failures keep counting, so it is ejected
+as soon as another member is healthy again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -19,6 +23,7 @@ from typing import Protocol
 from pdproxy.health import StateBoard
 from pdproxy.upstreams import ROUTABLE_STATES, Role, State, Upstream, UpstreamPool
 
+log = logging.getLogger("pdproxy.outlier")
 
 class OutlierDetector(Protocol):
     """Receives every upstream call's outcome."""
@@ -28,6 +33,10 @@ class OutlierDetector(Protocol):
         ...
 
     def ejection_over(self, upstream: Upstream) -> bool: ...
+
+    def forget(self, upstream: Upstream) -> None:
+        """Drop what is known of a removed upstream (membership churn must not grow memory)."""
+        ...
 
 
 class NoOutlierDetection:
@@ -39,12 +48,16 @@ class NoOutlierDetection:
     def ejection_over(self, upstream: Upstream) -> bool:
         return True
 
+    def forget(self, upstream: Upstream) -> None:
+        pass
+
 
 @dataclass(slots=True)
 class _Record:
     consecutive: int = 0
     ejections: int = 0
     until: float = 0.0
+    held: bool = False  # over the limit but kept as its pool's last healthy member (said once per streak)
 
 
 class ConsecutiveFailureDetector:
@@ -77,6 +90,7 @@ class ConsecutiveFailureDetector:
         if failure is None:
             if record is not None:
                 record.consecutive = 0
+                record.held = False
                 if record.ejections and self._clock() > record.until + self._max_time:
                     record.ejections = 0  # well behaved for a long while: start again from the base time
             return
@@ -90,8 +104,18 @@ class ConsecutiveFailureDetector:
         record = self._records.get(upstream.id)
         return record is None or self._clock() >= record.until
 
+    def forget(self, upstream: Upstream) -> None:
+        self._records.pop(upstream.id, None)
+
     def _may_eject(self, upstream: Upstream) -> bool:
         members = self._pools[upstream.role].members
+        if not any(u.routable for u in members if u is not upstream):
+            record = self._records[upstream.id]
+            if not record.held:
+                record.held = True
+                log.warning("%s upstream %s: %d consecutive failures, but it is the last healthy member of its "
+                            "pool: not ejected", upstream.role.value, upstream.url, record.consecutive)
+            return False
         ejected = sum(1 for u in members if u.state is State.EJECTED)
         return ejected < max(1, math.floor(self._max_share * len(members)))
 
@@ -99,7 +123,7 @@ class ConsecutiveFailureDetector:
         record.ejections += 1
         duration = min(self._base_time * record.ejections, self._max_time)
         record.until = self._clock() + duration
-        failures, record.consecutive = record.consecutive, 0
+        failures, record.consecutive, record.held = record.consecutive, 0, False
         self._board.set(upstream, State.EJECTED,
                         f"{failures} consecutive failures, last: {failure}; ejected for {duration:g}s")
         if self._return_on_expiry:

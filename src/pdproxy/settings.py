@@ -345,6 +345,15 @@ class Settings(BaseSettings):
         description='largest share of a pool ejected at once, 0-1; one upstream may always be',
         doc=('Largest share of a pool that may be ejected at once (one upstream always may be). Unit: a fraction, '
              'more than 0 and at most 1.'))
+    healthy_panic_threshold: float = setting(
+        0.5, group=EJECTION, ge=0, le=1,
+        description=("below this share of healthy members (0-1) a pool routes to all its members again, as Envoy's "
+                     "healthy panic; 0 turns it off"),
+        doc=("The last healthy member of a pool is never ejected. Healthy panic (Envoy's): when fewer than this "
+             "share of a pool's members in service (not drained, removed or warming) are healthy, the pool routes "
+             "to all of them again, unhealthy and ejected included: the health signal itself is then suspect, and "
+             "the few healthy members would take the whole load. pdproxy_pool_panic{role} is 1 and one line is "
+             "logged on entering and on leaving panic. Unit: a fraction, 0-1; 0 turns it off."))
     # ---- overload protection
     prefill_max_in_flight: int = setting(
         0, group=ADMISSION, ge=0, aliases=('--prefill-max-num-seqs',),
@@ -476,6 +485,12 @@ class Settings(BaseSettings):
         doc=('Keep membership changes made through the admin API in this JSON file (written atomically) and '
              'restore them at start-up; when the file exists it wins over the server lists above. A corrupt file '
              'stops the start-up with a clear message.'))
+    max_upstreams: int = setting(
+        1024, group=ADMIN, ge=1, le=100_000,
+        description='most upstreams per role, configured or added at runtime',
+        doc=('Most upstreams per role, from the server lists, the state file, discovery or the admin API (an admin '
+             'call that would go over answers 409 and changes nothing). It bounds every scan of a pool on the '
+             'request path and the size of /metrics.'))
 
     # ---- discovery
     discovery: Literal["none", "file", "dns", "kubernetes"] = setting(
@@ -605,6 +620,9 @@ class Settings(BaseSettings):
             raise ValueError("prefill_deadline (all prefill attempts) must be >= prefill_timeout (one attempt)")
         if self.eject_max_time < self.eject_base_time:
             raise ValueError("eject_max_time must be >= eject_base_time")
+        for role, servers in (("prefill", self.prefill_servers), ("decode", self.decode_servers)):
+            if len(servers) > self.max_upstreams:
+                raise ValueError(f"{len(servers)} {role} servers, more than max_upstreams ({self.max_upstreams})")
         if self.workers > 1 and self.metrics_port is None:
             raise ValueError("workers > 1 needs metrics_port (--metrics-port): the supervisor serves the "
                              "workers' merged /metrics there")

@@ -4,12 +4,20 @@ A pool's membership is an immutable tuple replaced in one assignment, so a
 request reads one consistent snapshot without locks. In-flight counts change
 only through `Lease`, whose `release()` is idempotent and is called in `finally`
 on every path of the flow.
+
+Healthy panic (Envoy's): when fewer than `panic_threshold` of a pool's members in service are
+healthy, the health signal itself is suspect (an overloaded fleet failing its probes, a network
+blip ejecting half the pool), so the pool routes to every member in service again rather than
+pile the whole load on the few that remain.
 """
 
 from __future__ import annotations
 
 import enum
+import ipaddress
 import itertools
+import logging
+import re
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +42,16 @@ class State(str, enum.Enum):
 
 
 ROUTABLE_STATES = frozenset({State.UNKNOWN, State.HEALTHY})
+# Members in service: routable, or kept out by health alone. Panic routes to these; an operator's
+# drain, a removal and a warm-up (weights may still be loading) are never overridden.
+IN_SERVICE_STATES = frozenset({*ROUTABLE_STATES, State.UNHEALTHY, State.EJECTED})
 MAX_WEIGHT = 1000
+MAX_HOST_CHARS = 253  # RFC 1035/1123: a name's text form
+MAX_LABEL_CHARS = 63
+# RFC 1123 labels, plus `_`: Docker Compose service names use it and resolvers accept it.
+_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
+
+log = logging.getLogger("pdproxy.upstreams")
 # Who put an upstream in its pool. Discovery sources (`file`, `dns`, `kubernetes`) change only their own
 # members; configured and admin-added ones are theirs to keep, and only those go into the state file.
 CONFIGURED = "config"
@@ -48,7 +65,10 @@ def normalize_url(address: str) -> str:
         raise ValueError("empty upstream address")
     if "://" not in text:
         text = "http://" + text
-    parts = urlsplit(text)
+    try:
+        parts = urlsplit(text)
+    except ValueError:  # e.g. a bracketed host that is no IPv6 address
+        raise ValueError(f"upstream {address!r}: host must be an IP address or a DNS name") from None
     if parts.scheme not in ("http", "https"):
         raise ValueError(f"upstream {address!r}: scheme must be http or https")
     if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username or parts.password:
@@ -63,10 +83,40 @@ def normalize_url(address: str) -> str:
         raise ValueError(f"upstream {address!r}: missing port")
     if not 1 <= port <= 65535:
         raise ValueError(f"upstream {address!r}: port must be 1-65535")
-    host = parts.hostname
+    host = _valid_host(parts.hostname, address)
     if ":" in host:
         host = f"[{host}]"
     return f"{parts.scheme}://{host}:{port}"
+
+
+def _valid_host(host: str, address: str) -> str:
+    """An IP literal, or a DNS name of RFC 1123 labels (IDNA names as their ASCII form); ValueError else.
+
+    The check runs before anything is added, so a bad name fails its admin call with 400 instead
+    of failing every health probe for ever."""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    if not host.isascii():
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise ValueError(f"upstream {address!r}: host is not a valid internationalized name") from None
+    name = host[:-1] if host.endswith(".") else host  # a fully qualified name may end with a dot
+    if len(name) > MAX_HOST_CHARS:
+        raise ValueError(f"upstream {address!r}: host names are at most {MAX_HOST_CHARS} characters")
+    labels = name.split(".")
+    for label in labels:
+        if len(label) > MAX_LABEL_CHARS:
+            raise ValueError(f"upstream {address!r}: each part of a host name is at most {MAX_LABEL_CHARS} "
+                             "characters")
+        if not _LABEL.fullmatch(label):
+            raise ValueError(f"upstream {address!r}: host must be an IP address or a DNS name (letters, digits, "
+                             "'-' and '_' between dots)")
+    if all(label.isdigit() for label in labels):  # `10.1` or `999.0.0.1`: neither a name nor an IPv4 address
+        raise ValueError(f"upstream {address!r}: {host!r} is not a valid IPv4 address")
+    return host
 
 
 _ids = itertools.count(1)
@@ -141,19 +191,60 @@ class Lease:
 
 
 class UpstreamPool:
-    """The upstreams of one role; `members` is an immutable snapshot."""
+    """The upstreams of one role; `members` is an immutable snapshot.
 
-    def __init__(self, role: Role, members: Iterable[Upstream] = ()) -> None:
+    `panic_threshold` (0 turns panic off): below this share of healthy members in service, the
+    pool is in panic and routes to every member in service (see the module docstring)."""
+
+    def __init__(self, role: Role, members: Iterable[Upstream] = (), *, panic_threshold: float = 0.0) -> None:
+        if not 0.0 <= panic_threshold <= 1.0:
+            raise ValueError("panic_threshold is a share of the pool: 0 to 1")
         self.role = role
         self.members: tuple[Upstream, ...] = tuple(members)
+        self.panic_threshold = panic_threshold
+        self._in_panic = False  # as last computed; a change is logged once
+
+    def healthy(self) -> tuple[Upstream, ...]:
+        """Members whose own state allows traffic, panic or not (for /health and the ejection budget)."""
+        return tuple(u for u in self.members if u.routable)
 
     def routable(self) -> tuple[Upstream, ...]:
-        """Upstreams whose state allows traffic (health is filtered here and only here)."""
-        return tuple(u for u in self.members if u.routable)
+        """Upstreams that may get traffic now (health is filtered here and only here): the healthy
+        ones, or in panic every member in service."""
+        healthy = self.healthy()
+        if self.panic_threshold and self._check_panic(len(healthy)):
+            return tuple(u for u in self.members if u.state in IN_SERVICE_STATES)
+        return healthy
 
     def available(self, exclude: Collection[Upstream] = ()) -> list[Upstream]:
         """What a policy may choose from: routable, under its cap, and not in `exclude`."""
-        return [u for u in self.members if u.routable and not u.full and u not in exclude]
+        return [u for u in self.routable() if not u.full and u not in exclude]
+
+    def may_route(self, upstream: Upstream) -> bool:
+        """Whether `upstream` may get traffic now, panic included (`upstream.routable` is its own state
+        only): for a choice made earlier and checked again, such as the D leased at admission."""
+        if upstream.routable:
+            return True
+        return upstream.state in IN_SERVICE_STATES and upstream in self.members and self.check_panic()
+
+    def check_panic(self) -> bool:
+        """Whether the pool routes to unhealthy members now; logs entering or leaving panic (the
+        metrics ask at scrape time, membership after every state change)."""
+        return bool(self.panic_threshold) and self._check_panic(sum(1 for u in self.members if u.routable))
+
+    def _check_panic(self, healthy: int) -> bool:
+        """Panic when `healthy` is under the threshold's share of the members in service; log a change."""
+        in_service = sum(1 for u in self.members if u.state in IN_SERVICE_STATES)
+        panic = healthy < self.panic_threshold * in_service
+        if panic is not self._in_panic:
+            self._in_panic = panic
+            if panic:
+                log.warning("%s pool in panic: %d of %d members in service are healthy (under %g%%): routing to "
+                            "all of them", self.role.value, healthy, in_service, self.panic_threshold * 100)
+            else:
+                log.info("%s pool out of panic: %d of %d members in service are healthy", self.role.value,
+                         healthy, in_service)
+        return panic
 
     def find(self, url: str) -> Upstream | None:
         return next((u for u in self.members if u.url == url), None)

@@ -12,10 +12,14 @@ The `serve` process becomes the supervisor. It
   stays open as a lifeline: a worker that reads EOF (the supervisor died, even by SIGKILL) drains
   and exits, so no worker outlives it. stdout carries one line back: `ready <control URL>` or
   `error <reason>`;
-- restarts a worker that dies, at most once a second per worker, and on SIGTERM/SIGINT sends every
-  worker SIGTERM: each drains exactly as a single process does;
-- serves `/metrics` on `--metrics-port`, every worker's merged with a `worker` label, and the admin
-  API on `--admin-port`, where each call goes to every worker.
+- restarts a worker that dies, after a delay that doubles with each quick failure in a row (1 s,
+  2 s, 4 s ... at most 30 s; back to 1 s once a worker stayed up a minute), and on SIGTERM/SIGINT
+  sends every worker SIGTERM: each drains exactly as a single process does;
+- serves `/metrics` on `--metrics-port`, every worker's merged with a `worker` label plus its own
+  `pdproxy_worker_up` and `pdproxy_worker_restarts_total`; each worker gets 2 s to answer, and one
+  that does not (hung, restarting) is left out of that scrape with `pdproxy_worker_up` 0, so one
+  worker never fails the whole scrape;
+- serves the admin API on `--admin-port`, where each call goes to every worker.
 
 A worker serves the OpenAI routes, /v1/models and /health on the shared port. Its own /metrics and
 admin API are on a private control listener (127.0.0.1, a free port) that needs a token only this
@@ -36,7 +40,7 @@ import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -46,7 +50,7 @@ import aiohttp
 import orjson
 from pydantic import SecretStr
 
-from pdproxy.admin import MAX_ADMIN_BODY, authorize
+from pdproxy.admin import MAX_ADMIN_BODY, authorize_request
 from pdproxy.app import (
     ADMIN,
     FLOW,
@@ -66,15 +70,36 @@ from pdproxy.http.request import Request
 from pdproxy.http.response import Response
 from pdproxy.http.router import Router
 from pdproxy.membership import StateFileError
-from pdproxy.metrics import CONTENT_TYPE, merge_expositions
+from pdproxy.metrics import CONTENT_TYPE, SupervisorMetrics, merge_expositions
 from pdproxy.settings import Settings
 
 log = logging.getLogger("pdproxy.workers")
 
-RESPAWN_INTERVAL = 1.0  # seconds between two starts of the same worker: a crash loop does not spin
 START_TIMEOUT = 60.0  # seconds a worker may take to report ready
 STOP_GRACE = 5.0  # seconds on top of drain_timeout before the workers still running are killed
 CONTROL_TIMEOUT = 10.0  # seconds for one call to a worker's control listener
+SCRAPE_TIMEOUT = 2.0  # seconds one worker may take to answer a /metrics scrape (Prometheus' default is 10)
+WORKER_COMMAND = (sys.executable, "-m", "pdproxy.workers")
+
+
+@dataclass(slots=True, frozen=True)
+class RestartBackoff:
+    """How long to wait before starting a worker again: `base` × 2^(n-1) after the n-th quick failure
+    in a row, at most `cap`; a worker that stayed up `reset_after` seconds starts from `base` again.
+
+    A crash loop (a bad state file, no fds left) then costs a start every `cap` seconds, not every second."""
+
+    base: float = 1.0
+    cap: float = 30.0
+    reset_after: float = 60.0
+
+    def delay(self, failures: int) -> float:
+        """The wait after `failures` (>= 1) quick failures in a row."""
+        return min(self.cap, self.base * 2.0 ** min(max(failures - 1, 0), 64))
+
+    def failures_after(self, failures: int, up_for: float) -> int:
+        """The failure count once a worker that had failed `failures` times ended after `up_for` seconds."""
+        return 1 if up_for >= self.reset_after else failures + 1
 
 
 class WorkerStartError(Exception):
@@ -89,6 +114,8 @@ class Worker:
     process: asyncio.subprocess.Process | None = None
     control_url: str | None = None
     started_at: float = float("-inf")
+    ready_at: float | None = None  # when the current process reported ready
+    failures: int = 0  # quick failures in a row (see RestartBackoff)
 
 
 class Answer(NamedTuple):
@@ -131,9 +158,17 @@ def reserve_port(host: str, port: int) -> socket.socket:
 class Supervisor:
     """Starts, restarts and stops the workers; merges their /metrics; sends admin calls to each."""
 
-    def __init__(self, settings: Settings, setup_logging: Callable[[], None]) -> None:
+    def __init__(self, settings: Settings, setup_logging: Callable[[], None], *,
+                 command: Sequence[str] = WORKER_COMMAND, backoff: RestartBackoff | None = None,
+                 scrape_timeout: float = SCRAPE_TIMEOUT) -> None:
+        """`command` starts one worker process (tests give a small stand-in that speaks the same protocol)."""
         self.settings = settings
         self.setup_logging = setup_logging
+        self.command = tuple(command)
+        self.backoff = backoff or RestartBackoff()
+        self.scrape_timeout = scrape_timeout
+        self.metrics = SupervisorMetrics(settings.workers)
+        self._stopped = asyncio.Event()  # wakes restart delays when the supervisor stops
         self.token = secrets.token_urlsafe(32)  # the workers' control listeners answer only this
         self.admin_token = settings.admin_token.get_secret_value().encode() if settings.admin_token else None
         self.workers = [Worker(index) for index in range(settings.workers)]
@@ -142,7 +177,8 @@ class Supervisor:
         self.state_file = settings.state_file
         self._session: aiohttp.ClientSession | None = None
 
-    async def run(self) -> None:
+    async def run(self, until: Callable[[], Awaitable[None]] = wait_for_signal) -> None:
+        """Serve until `until()` returns (SIGTERM or SIGINT by default), then stop the workers."""
         settings = self.settings
         reservation = reserve_port(settings.host, settings.port)
         self.port = reservation.getsockname()[1]
@@ -163,10 +199,11 @@ class Supervisor:
                      ", ".join(s.url for s in settings.prefill_servers),
                      ", ".join(s.url for s in settings.decode_servers))
             watchers = [asyncio.create_task(self._watch(worker)) for worker in self.workers]
-            await wait_for_signal()
+            await until()
             await self._stop(watchers)
         finally:
             self.stopping = True
+            self._stopped.set()
             self._signal(signal.SIGKILL)  # only on an error path is anything left by now
             for worker in self.workers:
                 if worker.process is not None:
@@ -205,12 +242,13 @@ class Supervisor:
         """Start a process for `worker`; None once it serves, else why it did not."""
         worker.started_at = asyncio.get_running_loop().time()
         worker.control_url = None
+        worker.ready_at = None
         settings = self.settings.model_copy(update={
             "port": self.port, "state_file": self.state_file,
             "admin_port": 0, "admin_token": SecretStr(self.token),  # admin off the main port, behind our token
         })
         process = worker.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "pdproxy.workers", stdin=asyncio.subprocess.PIPE,
+            *self.command, stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, start_new_session=True,  # a terminal's Ctrl-C reaches only us
         )
         if self.stopping:  # stopped while this process was being created: it was not signalled
@@ -228,11 +266,13 @@ class Supervisor:
         if kind != "ready":
             return detail or f"exited with code {await process.wait()} before it was ready"
         worker.control_url = detail
+        worker.ready_at = asyncio.get_running_loop().time()
         log.info("worker %d ready (pid %d)", worker.index, process.pid)
         return None
 
     async def _watch(self, worker: Worker) -> None:
-        """Restart `worker` whenever its process ends, until the supervisor stops."""
+        """Restart `worker` whenever its process ends, until the supervisor stops, waiting longer
+        after each quick failure in a row (RestartBackoff)."""
         loop = asyncio.get_running_loop()
         while True:
             process = worker.process
@@ -243,20 +283,32 @@ class Supervisor:
                 process.stdin.close()
             if self.stopping:
                 return
-            log.error("worker %d (pid %d) exited with code %s: starting a new one", worker.index, process.pid, code)
-            await asyncio.sleep(worker.started_at + RESPAWN_INTERVAL - loop.time())
+            up_for = loop.time() - worker.ready_at if worker.ready_at is not None else 0.0
+            worker.failures = self.backoff.failures_after(worker.failures, up_for)
+            delay = self.backoff.delay(worker.failures)
+            log.error("worker %d (pid %d) exited with code %s after %.1fs up: restarting in %gs (quick failures "
+                      "in a row: %d)", worker.index, process.pid, code, up_for, delay, worker.failures)
+            with contextlib.suppress(asyncio.TimeoutError):  # woken early only when the supervisor stops
+                await asyncio.wait_for(self._stopped.wait(), delay)
             if self.stopping:
                 return
+            self.metrics.worker_restarts.labels(str(worker.index)).inc()
             try:
                 error = await self._start(worker)
-            except OSError as exc:  # e.g. out of processes or fds: try again after the interval
-                error = str(exc)
+            except Exception as exc:  # e.g. out of processes or fds: never end this slot's restarts
+                error = f"{type(exc).__name__}: {exc}"
+                worker.ready_at = None
+                if worker.process is not process and worker.process is not None \
+                        and worker.process.returncode is None:
+                    worker.process.kill()  # half started: its exit brings the next, backed-off, attempt
+                # (with no new process, the next wait returns at once and backs off the same way)
             if error:
                 log.error("worker %d did not start: %s", worker.index, error)
 
     async def _stop(self, watchers: list[asyncio.Task[None]]) -> None:
         """SIGTERM to every worker, which drains; a second signal, or the drain timeout, kills them."""
         self.stopping = True
+        self._stopped.set()
         log.info("stopping: each worker drains its requests for up to %gs (a second signal stops at once)",
                  self.settings.drain_timeout)
         self._signal(signal.SIGTERM)
@@ -282,8 +334,8 @@ class Supervisor:
     # -- control plane: merged /metrics, admin fan-out ---------------------------------------------
 
     async def _call(self, worker: Worker, method: str, path: str, body: bytes = b"",
-                    content_type: str | None = None) -> Answer:
-        """One call to a worker's control listener."""
+                    content_type: str | None = None, timeout: float = CONTROL_TIMEOUT) -> Answer:
+        """One call to a worker's control listener, bounded by `timeout` seconds."""
         if worker.control_url is None or self._session is None:
             return Answer(None, b"restarting")
         headers = {"Authorization": f"Bearer {self.token}"}
@@ -291,7 +343,8 @@ class Supervisor:
             headers["Content-Type"] = content_type
         try:
             async with self._session.request(method, worker.control_url + path, data=body or None,
-                                             headers=headers) as response:
+                                             headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)
+                                             ) as response:
                 return Answer(response.status, await response.read(), response.content_type)
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             return Answer(None, (str(exc) or type(exc).__name__).encode())
@@ -300,11 +353,16 @@ class Supervisor:
         return list(await asyncio.gather(*(self._call(worker, method, path) for worker in self.workers)))
 
     async def _metrics(self, request: Request) -> Response:
-        """Every serving worker's exposition, each sample labelled with its `worker`."""
-        answers = await self._everyone("GET", "/metrics")
+        """Every worker's exposition that came within `scrape_timeout`, each sample labelled with its
+        `worker`, then the supervisor's own metrics (`pdproxy_worker_up` says who answered)."""
+        answers = await asyncio.gather(*(self._call(worker, "GET", "/metrics", timeout=self.scrape_timeout)
+                                         for worker in self.workers))
+        for index, answer in enumerate(answers):
+            self.metrics.worker_up.labels(str(index)).set(1 if answer.status == 200 else 0)
         merged = merge_expositions(
-            {str(index): a.body.decode() for index, a in enumerate(answers) if a.status == 200}, "worker")
-        return Response(body=merged.encode(), content_type=CONTENT_TYPE)
+            {str(index): a.body.decode(errors="replace") for index, a in enumerate(answers) if a.status == 200},
+            "worker")
+        return Response(body=merged.encode() + self.metrics.render(), content_type=CONTENT_TYPE)
 
     async def _admin(self, request: Request) -> Response:
         """The admin API of a single process, answered by all workers.
@@ -312,7 +370,7 @@ class Supervisor:
         A change is made only when every worker serves, and answered with worker 0's answer when
         every worker answered the same status; else 502 says what each one answered."""
         try:
-            authorize(request, self.admin_token)
+            authorize_request(request, self.admin_token)
         except (Unauthorized, Forbidden) as exc:
             return exc.response()
         body = request.body

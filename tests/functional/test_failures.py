@@ -267,9 +267,11 @@ async def test_decode_stalling_mid_stream_times_out_with_an_sse_error_event(
     assert cluster.metric("pdproxy_timeouts_total", stage="stream_idle") == 1
 
 
-async def test_no_routable_upstream_fails_fast_with_503(cluster: Cluster, http: aiohttp.ClientSession) -> None:
+async def test_no_routable_upstream_fails_fast_with_503(cluster_factory: ClusterFactory,
+                                                         http: aiohttp.ClientSession) -> None:
     from pdproxy.upstreams import State
 
+    cluster = await cluster_factory(healthy_panic_threshold=0)  # in panic, unhealthy members would be tried
     for upstream in cluster.flow.decode_pool.members:
         upstream.state = State.UNHEALTHY
     status, payload = await post(http, cluster)
@@ -286,3 +288,20 @@ async def test_no_routable_upstream_fails_fast_with_503(cluster: Cluster, http: 
     status, payload = await post(http, cluster)
     assert status == 503
     assert_openai_error(payload, 503, "no routable prefill upstream")
+
+
+async def test_a_lost_kv_is_blamed_on_the_prefill_server_not_the_decode_server(
+        cluster_factory: ClusterFactory, http: aiohttp.ClientSession) -> None:
+    """D's first event says it could not load the KV P made: P's fault (it died or freed it), never D's."""
+    cluster = await cluster_factory(eject_after=1, health_interval=0, flow_retries=0, prefill_policy="round_robin",
+                                    n_prefill=3)
+    cluster.decode[0].lose_kv_next()
+    status, payload = await post(http, cluster, PROMPT | {"stream": True})
+    assert status == 502
+    assert_openai_error(payload, 502, "error event before any token")
+    blamed = next(url for url, engine in zip(cluster.prefill_urls, cluster.prefill, strict=True) if engine.requests)
+    d = cluster.decode_urls[0]
+    assert cluster.metric("pdproxy_upstream_requests_total", role="decode", upstream=d, outcome="kv_lost") == 1
+    assert cluster.metric("pdproxy_upstream_requests_total", role="prefill", upstream=blamed, outcome="kv_lost") == 1
+    assert cluster.upstream(d).state.value == "unknown" and cluster.upstream(d).last_error is None
+    assert cluster.upstream(blamed).state.value == "ejected"  # eject_after=1: the strike went to P

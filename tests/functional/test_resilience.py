@@ -162,7 +162,7 @@ async def test_decode_total_timeout_caps_a_stream(cluster_factory: ClusterFactor
 async def test_all_prefill_down_fails_fast_then_recovers_without_restart(
     cluster_factory: ClusterFactory, http: aiohttp.ClientSession
 ) -> None:
-    cluster = await cluster_factory(**FAST_HEALTH)
+    cluster = await cluster_factory(healthy_panic_threshold=0, **FAST_HEALTH)  # in panic, the dead ones are tried
     for engine in list(cluster.prefill):
         await cluster.kill(engine)
     for url in cluster.prefill_urls:

@@ -16,7 +16,9 @@ async def test_health_ok_lists_routable_counts(cluster: Cluster, http: aiohttp.C
                                      "decode": {"routable": 1, "total": 1}}
 
 
-async def test_health_503_names_every_missing_role(cluster: Cluster, http: aiohttp.ClientSession) -> None:
+async def test_health_503_names_every_missing_role(cluster_factory: ClusterFactory,
+                                                   http: aiohttp.ClientSession) -> None:
+    cluster = await cluster_factory(healthy_panic_threshold=0)  # in panic, ejected members would be routable
     for upstream in cluster.upstreams():
         upstream.state = State.EJECTED
     async with http.get(cluster.url + "/health") as resp:

@@ -8,10 +8,12 @@ import pytest
 from pdproxy import client, errors
 from pdproxy.errors import (
     ClientError,
+    Conflict,
     ExpectationFailed,
     Forbidden,
     HeadersTooLarge,
     InvalidRequest,
+    LoopDetected,
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
@@ -24,6 +26,7 @@ from pdproxy.errors import (
     UpstreamBadStatus,
     UpstreamConnectError,
     UpstreamError,
+    UpstreamKvLost,
     UpstreamRejected,
     UpstreamStreamBroken,
     UpstreamTimeout,
@@ -42,16 +45,19 @@ EXPECTED: dict[type[ProxyError], tuple[int, str, bool]] = {
     NotFound: (404, "invalid_request_error", False),
     MethodNotAllowed: (405, "invalid_request_error", False),
     RequestTimeout: (408, "invalid_request_error", False),
+    Conflict: (409, "invalid_request_error", False),
     PayloadTooLarge: (413, "invalid_request_error", False),
     UnsupportedMediaType: (415, "invalid_request_error", False),
     ExpectationFailed: (417, "invalid_request_error", False),
     HeadersTooLarge: (431, "invalid_request_error", False),
     Unavailable: (503, "service_unavailable", False),
+    LoopDetected: (508, "loop_detected", False),
     UpstreamError: (502, "upstream_error", True),
     UpstreamConnectError: (502, "upstream_error", True),
     UpstreamBadStatus: (502, "upstream_error", True),
     UpstreamBadResponse: (502, "upstream_error", True),
     UpstreamTimeout: (504, "upstream_timeout", True),
+    UpstreamKvLost: (502, "upstream_error", True),
     UpstreamStreamBroken: (502, "upstream_error", False),
 }
 
@@ -64,6 +70,8 @@ def all_subclasses(cls: type) -> set[type]:
 
 
 def make(cls: type[ProxyError]) -> ProxyError:
+    if cls is UpstreamKvLost:
+        return UpstreamKvLost("it broke", upstream=UPSTREAM, blamed="http://10.0.0.2:8100")
     if issubclass(cls, UpstreamError):
         return cls("it broke", side="decode", upstream=UPSTREAM)
     return cls("it broke", param="prompt")
@@ -127,6 +135,14 @@ def test_sides() -> None:
     assert UpstreamConnectError("x", side="decode", upstream=UPSTREAM).upstream == UPSTREAM
     assert Unavailable("x", side="decode").side == "decode"
     assert Unavailable("x").side == "internal"  # an instance override does not leak into the class
+
+
+def test_kv_lost_surfaces_on_decode_and_blames_the_prefill_server() -> None:
+    error = UpstreamKvLost("decode upstream could not load the KV blocks", upstream=UPSTREAM,
+                           blamed="http://10.0.0.2:8100")
+    assert (error.side, error.upstream, error.blamed, error.outcome) == (
+        "decode", UPSTREAM, "http://10.0.0.2:8100", "kv_lost")
+    assert isinstance(error, UpstreamError)
 
 
 def test_message_with_quotes_and_unicode_is_valid_json() -> None:

@@ -595,3 +595,59 @@ async def test_http_probe_failure_with_message_keeps_it() -> None:
 async def test_http_probe_failure_without_message_names_the_error() -> None:
     probe = http_probe(raising(ConnectionLost("")), "/health", 1.0)
     assert await probe(up()) == "GET /health failed: connection_lost"
+
+
+# ---------------------------------------------------------------- a probe that raises
+
+
+class RaisingProbe:
+    """Raises `error` for the first `times` calls, then answers healthy; sets `done` after `n` calls."""
+
+    def __init__(self, error: Exception, times: int, n: int) -> None:
+        self.error, self.times, self.n = error, times, n
+        self.calls = 0
+        self.done = asyncio.Event()
+
+    async def __call__(self, upstream: Upstream) -> str | None:
+        self.calls += 1
+        if self.calls >= self.n:
+            self.done.set()
+        if self.calls <= self.times:
+            raise self.error
+        return None
+
+
+async def test_a_probe_that_raises_logs_once_and_counts_as_a_failed_probe(caplog: pytest.LogCaptureFixture) -> None:
+    u = up(url="http://a:1")
+    probe = RaisingProbe(UnicodeError("label too long"), times=20, n=25)
+    checker = make_checker(probe, interval=0.001, rise=1)
+    with caplog.at_level(logging.DEBUG, logger="pdproxy.health"):
+        checker.start([u])
+        try:
+            await asyncio.wait_for(probe.done.wait(), 2)
+        finally:
+            await stop(checker)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1
+    assert errors[0].exc_info is not None  # the traceback, once
+    assert "raised an unexpected error" in errors[0].getMessage()
+    assert sum("works again" in r.getMessage() for r in caplog.records) == 1
+    transitions = [r.getMessage() for r in caplog.records if "->" in r.getMessage()]
+    assert transitions[0].startswith("prefill upstream http://a:1: unknown -> unhealthy (first health probe failed: "
+                                     "health probe raised UnicodeError: label too long)")
+    assert u.state is State.HEALTHY  # good probes after that, with rise = 1
+
+
+async def test_a_different_unexpected_error_is_logged_again(caplog: pytest.LogCaptureFixture) -> None:
+    u = up()
+    errors = [RuntimeError("one"), RuntimeError("one"), ValueError("two"), ValueError("two")]
+
+    async def probe(upstream: Upstream) -> str | None:
+        raise errors.pop(0)
+
+    checker = make_checker(probe)
+    with caplog.at_level(logging.ERROR, logger="pdproxy.health"):
+        for _ in range(4):
+            await checker.check(u)
+    assert len(caplog.records) == 2
+    assert u.last_error == "health probe raised ValueError: two"

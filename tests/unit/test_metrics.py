@@ -20,7 +20,7 @@ from prometheus_client import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from pdproxy.metrics import LATENCY_BUCKETS, Metrics, UpstreamCollector, merge_expositions
+from pdproxy.metrics import LATENCY_BUCKETS, Metrics, SupervisorMetrics, UpstreamCollector, merge_expositions
 from pdproxy.proxy.record import RequestRecord as Trace
 from pdproxy.proxy.record import reported_usage
 from pdproxy.upstreams import Lease, Role, State, Upstream, UpstreamPool
@@ -147,7 +147,9 @@ def test_every_metric_is_documented() -> None:
     documented = set(re.findall(r"^\| `(pdproxy_[a-z_]+)` \|", monitoring_docs(), re.M))
     metrics = Metrics()
     metrics.watch_upstreams(list, (state.value for state in State))  # as the app does, here with no pools
-    families = text_string_to_metric_families(metrics.render().decode())
+    metrics.watch_pools(())
+    supervisor = SupervisorMetrics(1)  # the --workers supervisor's own
+    families = text_string_to_metric_families((metrics.render() + supervisor.render()).decode())
     defined = {f.name + "_total" if f.type == "counter" else f.name for f in families
                if f.name.startswith("pdproxy_") and not f.name.endswith("_created")}
     assert sorted(defined - documented) == []
@@ -406,3 +408,16 @@ def test_loop_metrics_keep_prometheus_client_errors() -> None:
         histogram.observe(1.0)
     with pytest.raises(ValueError, match="non-negative"):
         counter.labels("a").inc(-1)
+
+
+def test_pool_panic_gauge_is_read_at_scrape_time() -> None:
+    prefill = UpstreamPool(Role.PREFILL, [Upstream(Role.PREFILL, "http://10.0.0.1:1")], panic_threshold=0.5)
+    decode = UpstreamPool(Role.DECODE, [Upstream(Role.DECODE, "http://10.0.0.2:1")], panic_threshold=0.5)
+    metrics = Metrics()
+    metrics.watch_pools((prefill, decode))
+    value = metrics.registry.get_sample_value
+    assert (value("pdproxy_pool_panic", {"role": "prefill"}), value("pdproxy_pool_panic", {"role": "decode"})) == (0, 0)
+    decode.members[0].state = State.EJECTED
+    assert (value("pdproxy_pool_panic", {"role": "prefill"}), value("pdproxy_pool_panic", {"role": "decode"})) == (0, 1)
+    decode.members[0].state = State.HEALTHY
+    assert value("pdproxy_pool_panic", {"role": "decode"}) == 0

@@ -239,9 +239,44 @@ def test_max_share_half_of_three_is_one() -> None:
     assert eject_all(s) == [State.EJECTED, State.UNKNOWN, State.UNKNOWN]
 
 
-def test_a_single_upstream_may_be_ejected() -> None:
-    s = Setup(1, eject_after=3, max_share=0.5)
-    assert eject_all(s) == [State.EJECTED]
+def test_the_only_upstream_of_a_pool_is_never_ejected() -> None:
+    s = Setup(1, eject_after=3, max_share=1.0)
+    s.fail(s.ups[0], 30)
+    assert s.ups[0].state is State.UNKNOWN
+    assert s.transitions == []
+
+
+def test_the_last_healthy_member_is_kept_while_the_others_are_out() -> None:
+    s = Setup(4, eject_after=1, max_share=1.0)
+    a, b, c, d = s.ups
+    s.fail(a, 1)
+    b.state, c.state = State.UNHEALTHY, State.DRAINING  # out for other reasons
+    s.fail(d, 5)
+    assert [u.state for u in s.ups] == [State.EJECTED, State.UNHEALTHY, State.DRAINING, State.UNKNOWN]
+
+
+def test_a_kept_member_is_ejected_once_another_is_healthy_again() -> None:
+    s = Setup(2, eject_after=3, max_share=1.0)
+    a, b = s.ups
+    s.fail(a, 3)
+    s.fail(b, 3)
+    assert b.state is State.UNKNOWN  # a is out: b is the last one
+    s.recover(a)
+    s.fail(b, 1)  # its failures kept counting
+    assert b.state is State.EJECTED
+    assert "4 consecutive failures" in s.transitions[-1][3]
+
+
+def test_keeping_the_last_member_is_logged_once_per_streak(caplog: pytest.LogCaptureFixture) -> None:
+    s = Setup(1, eject_after=2)
+    u = s.ups[0]
+    with caplog.at_level("WARNING", logger="pdproxy.outlier"):
+        s.fail(u, 10)
+        s.detector.report(u, None)  # the streak ends
+        s.fail(u, 10)
+    held = [r.getMessage() for r in caplog.records if "last healthy member" in r.getMessage()]
+    assert held == ["prefill upstream http://10.0.0.0:8000: 2 consecutive failures, but it is the last healthy "
+                    "member of its pool: not ejected"] * 2
 
 
 def test_max_share_zero_still_allows_one() -> None:
@@ -251,11 +286,12 @@ def test_max_share_zero_still_allows_one() -> None:
 
 def test_max_share_counts_only_the_upstreams_role() -> None:
     s = Setup(2, eject_after=1, max_share=0.5)
-    d = Upstream(Role.DECODE, "http://10.0.1.1:8000")
-    s.pools[Role.DECODE].add(d)
+    d = [Upstream(Role.DECODE, f"http://10.0.1.{i}:8000") for i in range(2)]
+    for upstream in d:
+        s.pools[Role.DECODE].add(upstream)
     s.fail(s.ups[0], 1)
-    s.fail(d, 1)  # the decode pool has its own budget
-    assert (s.ups[0].state, s.ups[1].state, d.state) == (State.EJECTED, State.UNKNOWN, State.EJECTED)
+    s.fail(d[0], 1)  # the decode pool has its own budget
+    assert [u.state for u in (*s.ups, *d)] == [State.EJECTED, State.UNKNOWN, State.EJECTED, State.UNKNOWN]
 
 
 def test_blocked_upstream_is_ejected_once_room_frees_up() -> None:
@@ -330,3 +366,14 @@ def test_no_outlier_detection_does_nothing() -> None:
     assert detector.ejection_over(u) is True
     u.state = State.EJECTED
     assert detector.ejection_over(u) is True
+
+
+def test_forget_drops_a_removed_upstreams_record() -> None:
+    s = Setup(2, eject_after=3)
+    a = s.ups[0]
+    s.fail(a, 2)
+    s.detector.forget(a)
+    s.fail(a, 2)  # counting starts again: 2 < 3
+    assert a.state is State.UNKNOWN
+    s.detector.forget(a)  # twice, or never known: harmless
+    NoOutlierDetection().forget(a)

@@ -429,6 +429,17 @@ def test_yaml_example_every_key_has_a_comment() -> None:
             assert "default" in " ".join(comment).lower(), f"no default stated above {line!r}"
 
 
+def test_more_servers_than_max_upstreams_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"3 prefill servers, more than max_upstreams \(2\)"):
+        load_settings({"prefill_servers": "h:1,h:2,h:3", "decode_servers": "h:4", "max_upstreams": 2})
+
+
+@pytest.mark.parametrize("threshold", [-0.1, 1.1])
+def test_healthy_panic_threshold_is_a_share(threshold: float) -> None:
+    with pytest.raises(ConfigError, match="healthy_panic_threshold"):
+        load_settings({"prefill_servers": "h:1", "decode_servers": "h:4", "healthy_panic_threshold": threshold})
+
+
 def test_server_limits_come_from_the_settings() -> None:
     settings = load_settings({"prefill_servers": "p:1", "decode_servers": "d:1", "client_header_timeout": 3,
                               "client_body_timeout": 4, "keepalive_timeout": 5, "send_timeout": 6,

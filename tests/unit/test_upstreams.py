@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from pdproxy.upstreams import ROUTABLE_STATES, Lease, Role, State, Upstream, UpstreamPool, normalize_url
@@ -74,6 +76,50 @@ def test_normalize_url_rejects(address: str, message: str) -> None:
 def test_normalize_url_error_names_the_address() -> None:
     with pytest.raises(ValueError, match="ftp://h:21"):
         normalize_url("ftp://h:21")
+
+
+LONGEST_NAME = ".".join(["a" * 63] * 3) + "." + "b" * 61  # 253 characters
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        ("http://vllm-prefill-0.vllm.svc.cluster.local:8100", "http://vllm-prefill-0.vllm.svc.cluster.local:8100"),
+        ("prefill_0:8100", "http://prefill_0:8100"),  # Docker Compose service names
+        ("p0.example.:8100", "http://p0.example.:8100"),  # fully qualified
+        ("http://b\u00fccher.example:80", "http://xn--bcher-kva.example:80"),  # IDNA: its ASCII form
+        ("[::ffff:10.0.0.1]:80", "http://[::ffff:a00:1]:80"),
+        ("[fe80::1%eth0]:80", "http://[fe80::1%eth0]:80"),
+        ("1host:80", "http://1host:80"),
+        ("a" * 63 + ".b:80", "http://" + "a" * 63 + ".b:80"),
+        (LONGEST_NAME + ":80", f"http://{LONGEST_NAME}:80"),
+    ],
+)
+def test_normalize_url_accepts_dns_names_and_ip_literals(address: str, expected: str) -> None:
+    assert normalize_url(address) == expected
+
+
+@pytest.mark.parametrize(
+    ("address", "message"),
+    [
+        ("http://a b:9", "IP address or a DNS name"),
+        ("http://%00:9", "IP address or a DNS name"),
+        ("http://a\x00b:9", "IP address or a DNS name"),
+        ("http://" + "a" * 10_000 + ":9", "at most 253 characters"),
+        (".".join(["a" * 63] * 4) + ":80", "at most 253 characters"),
+        ("a" * 64 + ".b:80", "at most 63 characters"),
+        ("-a:80", "IP address or a DNS name"),
+        ("a-:80", "IP address or a DNS name"),
+        ("a..b:80", "IP address or a DNS name"),
+        ("h*st:80", "IP address or a DNS name"),
+        ("999.0.0.1:80", "not a valid IPv4 address"),
+        ("10.1:80", "not a valid IPv4 address"),
+        ("[::g]:80", "IP address or a DNS name"),
+    ],
+)
+def test_normalize_url_rejects_bad_hosts(address: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        normalize_url(address)
 
 
 # ---------------------------------------------------------------- Upstream
@@ -255,3 +301,93 @@ def test_total_in_flight() -> None:
     for lease in leases:
         lease.release()
     assert pool.total_in_flight() == 0
+
+
+# ---------------------------------------------------------------- healthy panic
+
+
+def pool_of(*states: State, threshold: float = 0.5) -> UpstreamPool:
+    return UpstreamPool(Role.DECODE, [up(i, role=Role.DECODE, state=state) for i, state in enumerate(states)],
+                        panic_threshold=threshold)
+
+
+def test_at_the_threshold_the_pool_is_not_in_panic() -> None:
+    pool = pool_of(State.HEALTHY, State.UNHEALTHY)  # 1 of 2 = 50%: not under 50%
+    assert not pool.check_panic()
+    assert pool.routable() == pool.healthy() == pool.members[:1]
+
+
+def test_under_the_threshold_every_member_in_service_is_routable() -> None:
+    pool = pool_of(State.HEALTHY, State.UNHEALTHY, State.EJECTED, State.DRAINING, State.WARMING, State.UNKNOWN)
+    # in service: healthy, unhealthy, ejected, unknown; healthy among them: 2 of 4 = 50% -> not in panic
+    assert not pool.check_panic()
+    pool.members[5].state = State.EJECTED  # 1 of 4
+    assert pool.check_panic()
+    assert [u.state for u in pool.routable()] == [State.HEALTHY, State.UNHEALTHY, State.EJECTED, State.EJECTED]
+    assert pool.healthy() == pool.members[:1]
+
+
+def test_panic_with_no_healthy_member_routes_to_all_in_service() -> None:
+    pool = pool_of(State.EJECTED)
+    assert pool.routable() == pool.members
+    assert pool.available() == list(pool.members)
+    assert pool.healthy() == ()
+
+
+def test_panic_keeps_caps_and_exclusions() -> None:
+    pool = pool_of(State.UNHEALTHY, State.EJECTED, State.UNHEALTHY)
+    full, excluded, free = pool.members
+    full.max_in_flight = 1
+    Lease(full)
+    assert pool.available(exclude=[excluded]) == [free]
+
+
+def test_panic_never_routes_to_drained_warming_or_removed_members() -> None:
+    pool = pool_of(State.DRAINING, State.WARMING, State.REMOVED)
+    assert not pool.check_panic()  # nothing in service: no panic, nothing routable
+    assert pool.routable() == ()
+
+
+def test_threshold_zero_turns_panic_off() -> None:
+    pool = pool_of(State.EJECTED, State.UNHEALTHY, threshold=0.0)
+    assert not pool.check_panic()
+    assert pool.routable() == ()
+
+
+def test_threshold_one_panics_as_soon_as_one_member_is_out() -> None:
+    pool = pool_of(State.HEALTHY, State.HEALTHY, State.UNHEALTHY, threshold=1.0)
+    assert pool.check_panic()
+    assert len(pool.routable()) == 3
+
+
+@pytest.mark.parametrize("threshold", [-0.1, 1.5])
+def test_threshold_out_of_range_is_refused(threshold: float) -> None:
+    with pytest.raises(ValueError, match="0 to 1"):
+        UpstreamPool(Role.DECODE, panic_threshold=threshold)
+
+
+def test_entering_and_leaving_panic_is_logged_once_each(caplog: pytest.LogCaptureFixture) -> None:
+    pool = pool_of(State.HEALTHY, State.HEALTHY)
+    with caplog.at_level(logging.INFO, logger="pdproxy.upstreams"):
+        pool.routable()
+        pool.members[0].state = State.EJECTED
+        pool.members[1].state = State.UNHEALTHY
+        for _ in range(5):
+            pool.available()
+            assert pool.check_panic()
+        pool.members[0].state = State.HEALTHY
+        for _ in range(5):
+            pool.routable()
+    assert [r.getMessage() for r in caplog.records] == [
+        "decode pool in panic: 0 of 2 members in service are healthy (under 50%): routing to all of them",
+        "decode pool out of panic: 1 of 2 members in service are healthy",
+    ]
+
+
+def test_may_route_follows_panic_for_a_choice_made_earlier() -> None:
+    pool = pool_of(State.HEALTHY, State.UNHEALTHY, State.DRAINING)
+    healthy, unhealthy, drained = pool.members
+    assert pool.may_route(healthy) and not pool.may_route(unhealthy) and not pool.may_route(drained)
+    healthy.state = State.EJECTED  # 0 of 2 in service healthy: panic
+    assert pool.may_route(unhealthy) and pool.may_route(healthy) and not pool.may_route(drained)
+    assert not pool.may_route(up(9, role=Role.DECODE, state=State.UNHEALTHY))  # not a member

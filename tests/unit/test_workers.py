@@ -1,4 +1,5 @@
-"""The supervisor's pure parts: the port reservation, per-worker upstream ids, the disagreement answer."""
+"""The supervisor's pure parts: the port reservation, per-worker upstream ids, the disagreement answer,
+the restart backoff."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import socket
 import orjson
 import pytest
 
-from pdproxy.workers import Answer, _disagreement, _local_paths, reserve_port
+from pdproxy.workers import Answer, RestartBackoff, _disagreement, _local_paths, reserve_port
 
 
 def listing(*upstreams: tuple[str, str, str]) -> Answer:
@@ -63,3 +64,22 @@ def test_the_reserved_port_is_shared_only_with_reuse_port_sockets() -> None:
                 accepted.close()
     finally:
         reservation.close()
+
+
+# ---------------------------------------------------------------- restart backoff
+
+
+def test_restart_delay_doubles_with_each_quick_failure_up_to_the_cap() -> None:
+    backoff = RestartBackoff(base=1.0, cap=30.0, reset_after=60.0)
+    assert [backoff.delay(n) for n in range(1, 9)] == [1, 2, 4, 8, 16, 30, 30, 30]
+    assert backoff.delay(10_000) == 30  # no overflow however long the loop
+
+
+def test_a_worker_that_stayed_up_starts_again_from_the_base_delay() -> None:
+    backoff = RestartBackoff(base=1.0, cap=30.0, reset_after=60.0)
+    failures = 0
+    for up_for in (0.1, 5.0, 59.9):  # quick failures: counted
+        failures = backoff.failures_after(failures, up_for)
+    assert failures == 3 and backoff.delay(failures) == 4
+    failures = backoff.failures_after(failures, 60.0)  # up for a minute: a fresh start
+    assert failures == 1 and backoff.delay(failures) == 1

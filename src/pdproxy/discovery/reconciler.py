@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from pdproxy.discovery.base import Source, SourceFailure, Target, Update
-from pdproxy.membership import Membership
+from pdproxy.membership import Membership, MembershipFull
 from pdproxy.metrics import Metrics
 from pdproxy.upstreams import Role, State, Upstream
 
@@ -69,8 +69,16 @@ class Reconciler:
         upstream = self.membership.find(role, target.url)
         if upstream is None:
             if target.ready:  # a target never seen ready is not worth warming up yet
-                self.membership.add(role, target.url, weight=target.weight, max_in_flight=self.caps.get(role, 0),
-                                    by=self.source)
+                try:
+                    self.membership.add(role, target.url, weight=target.weight,
+                                        max_in_flight=self.caps.get(role, 0), by=self.source)
+                except MembershipFull as exc:  # --max-upstreams: say it once per target, try again at each look
+                    if (role, target.url) not in self._foreign:
+                        self._foreign.add((role, target.url))
+                        log.warning("%s discovery lists %s %s, not added: %s", self.source, role.value,
+                                    target.url, exc)
+                    return
+                self._foreign.discard((role, target.url))
                 self._count("add")
             return
         if upstream.source != self.source:

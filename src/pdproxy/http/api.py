@@ -6,28 +6,28 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-import orjson
-
-from pdproxy.errors import InvalidRequest, ProxyError
+from pdproxy.errors import InvalidRequest, LoopDetected, ProxyError
 from pdproxy.http.request import Request
 from pdproxy.http.response import Response, json_response
 from pdproxy.http.router import Router
+from pdproxy.http.validate import LoopGuard, loads_request, sanitize_request_id
 from pdproxy.proxy.orchestrator import Orchestrator
 from pdproxy.proxy.passthrough import Passthrough
 from pdproxy.request import ProxyRequest
 
 COMPLETIONS = "/v1/completions"
 CHAT_COMPLETIONS = "/v1/chat/completions"
-MAX_REQUEST_ID_LENGTH = 256
 _FORWARDED_TRACE_HEADERS = ("traceparent", "tracestate")
 
 
 class OpenAIApi:
     """`/v1/completions`, `/v1/chat/completions`, `/v1/models` and `/health`."""
 
-    def __init__(self, flow: Orchestrator, models: Passthrough, *, upstream_api_key: str | None) -> None:
+    def __init__(self, flow: Orchestrator, models: Passthrough, *, upstream_api_key: str | None,
+                 loop_guard: LoopGuard) -> None:
         self.flow = flow
         self.models_route = models
+        self.loop_guard = loop_guard
         self._upstream_authorization = f"Bearer {upstream_api_key}" if upstream_api_key else None
 
     def add_routes(self, router: Router) -> None:
@@ -45,7 +45,9 @@ class OpenAIApi:
     async def _proxy(self, request: Request, endpoint: str, check: Callable[[dict[str, Any]], None]) -> Response | None:
         request_id = _request_id(request)
         try:
+            self._check_loop(request)
             body = parse_json_object(request.body)
+            request.body = b""  # parsed: the raw bytes are not held for the whole stream
             check(body)
             stream = _check_common(body)
         except ProxyError as exc:
@@ -56,6 +58,7 @@ class OpenAIApi:
     async def models(self, request: Request) -> Response:
         request_id = _request_id(request)
         try:
+            self._check_loop(request)
             response = await self.models_route.forward("GET", "/v1/models", self._upstream_headers(request, request_id,
                                                                                                   json=False),
                                                        request_id)
@@ -83,9 +86,14 @@ class OpenAIApi:
             return json_response({"status": "unavailable", "reason": "; ".join(problems), **body}, status=503)
         return json_response({"status": "ok", **body})
 
+    def _check_loop(self, request: Request) -> None:
+        """508 for a request that already went through this proxy (an upstream that points back at it)."""
+        if self.loop_guard.seen_self(request.headers.get("via")):
+            raise LoopDetected("this request already went through this pdproxy: an upstream points back at it")
+
     def _upstream_headers(self, request: Request, request_id: str, *, json: bool = True) -> bytes:
         """The header lines both legs carry, built once per request."""
-        lines = [f"X-Request-Id: {request_id}\r\n"]
+        lines = [f"X-Request-Id: {request_id}\r\nVia: {self.loop_guard.via_header(request.headers.get('via'))}\r\n"]
         if json:
             lines.append("Content-Type: application/json\r\n")
         authorization = self._upstream_authorization or request.headers.get("authorization")
@@ -102,21 +110,15 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     """The request body as a JSON object, or a 400 saying what is wrong with it."""
     if not raw:
         raise InvalidRequest("the request body is empty; send a JSON object")
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+    body = loads_request(raw)
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
     return body
 
 
 def _request_id(request: Request) -> str:
-    """The client's X-Request-Id when it is sane, else a fresh unique one."""
-    given = request.headers.get("x-request-id")
-    if given and len(given) <= MAX_REQUEST_ID_LENGTH and given.isascii() and given.isprintable():
-        return given
-    return os.urandom(16).hex()
+    """The client's X-Request-Id when it is fit for a log line, else a fresh unique one."""
+    return sanitize_request_id(request.headers.get("x-request-id")) or os.urandom(16).hex()
 
 
 def _check_common(body: dict[str, Any]) -> bool:

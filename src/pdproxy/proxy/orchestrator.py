@@ -27,8 +27,8 @@ from pdproxy.errors import (
     ProxyError,
     Unavailable,
     UpstreamBadResponse,
-    UpstreamBadStatus,
     UpstreamError,
+    UpstreamKvLost,
     UpstreamStreamBroken,
     UpstreamTimeout,
 )
@@ -44,7 +44,7 @@ from pdproxy.proxy.prefill import PrefillLeg
 from pdproxy.proxy.record import CLIENT_CLOSED, LOG_FORMATS, RequestRecord, access_log, reported_usage
 from pdproxy.proxy.relay import SSE_EVENT_END, Relay
 from pdproxy.request import ProxyRequest
-from pdproxy.upstreams import Lease, State, Upstream, UpstreamPool
+from pdproxy.upstreams import Lease, Role, State, Upstream, UpstreamPool
 
 RETRY_AFTER_SECONDS = 1
 # A stream whose first event is an error (vLLM: its KV never arrived) failed before any token: rerun it.
@@ -266,7 +266,7 @@ class Orchestrator:
 
     def _recheck(self, lease: Lease, preq: ProxyRequest) -> Lease:
         """The D leased at admission, or another when it stopped being routable while P worked."""
-        if lease.upstream.routable:
+        if self.decode_pool.may_route(lease.upstream):  # healthy, or the pool is in panic
             return lease
         candidates = self.decode_pool.available()
         if not candidates:
@@ -292,6 +292,12 @@ class Orchestrator:
             outcome, reason = ("broken", record.error) if record.error else ("ok", None)
             self.metrics.decode_duration.observe(time.perf_counter() - sent)
             return response
+        except UpstreamKvLost as exc:  # P's fault: counted against P, and D's call gets its own outcome
+            outcome, reason = "kv_lost", exc.message
+            prefill = self.prefill_pool.find(exc.blamed)
+            if prefill is not None:
+                self.report(prefill, "kv_lost", exc.message)
+            raise
         except ProxyError as exc:
             outcome, reason = outcome_of(exc), exc.message
             raise
@@ -329,6 +335,7 @@ class Orchestrator:
                                         f"{self._first_byte_timeout:g}s", side="decode", upstream=upstream.url,
                                         stage=stage)
             raise error from None
+        call.sent()  # answered: no re-send can need the body any more
         if 200 <= stream.status < 300:
             return stream
         try:  # an error status: its whole (small) body, within what is left of the first-byte deadline
@@ -354,10 +361,10 @@ class Orchestrator:
             if not first:
                 raise UpstreamBadResponse(f"decode upstream {upstream.url} closed the stream before any data",
                                           side="decode", upstream=upstream.url)
-            if first.startswith(SSE_ERROR_EVENT):
-                raise UpstreamBadStatus(f"decode upstream {upstream.url} answered with an error event: "
-                                        f"{first[:300].decode(errors='replace').strip()}",
-                                        side="decode", upstream=upstream.url)
+            if first.startswith(SSE_ERROR_EVENT):  # vLLM: D could not load the KV blocks P made (P died or freed)
+                raise UpstreamKvLost(f"decode upstream {upstream.url} answered with an error event before any "
+                                     f"token: {first[:300].decode(errors='replace').strip()}",
+                                     upstream=upstream.url, blamed=record.prefill_upstream)
             out = request.start_stream(stream.status, (
                 ("Content-Type", stream.headers.get("content-type", "text/event-stream")),
                 ("Cache-Control", "no-cache"),
@@ -417,12 +424,13 @@ class Orchestrator:
     # -- outcomes --------------------------------------------------------------------------
 
     def report(self, upstream: Upstream, outcome: str, reason: str | None = None) -> None:
-        """Record one upstream call's outcome; the outlier detector decides what it means."""
+        """Record one upstream call's outcome; the outlier detector decides what it means. A lost KV counts
+        against the P that made it, never against the D that could not load it."""
         if upstream.state is State.REMOVED:  # its series are gone: recording would bring them back
             return
         self.metrics.upstream_outcome_child(upstream.role.value, upstream.url, outcome).inc()
         if outcome == "ok":
             self.outlier.report(upstream, None)
-        elif outcome in FAILURE_OUTCOMES:
+        elif outcome in FAILURE_OUTCOMES or (outcome == "kv_lost" and upstream.role is Role.PREFILL):
             upstream.last_error = reason or outcome
             self.outlier.report(upstream, upstream.last_error)
