@@ -17,19 +17,27 @@ measured best in benchmarks/routing.py (w = 1 gave up a fifth of the hits on a b
 One continuous cost, no on/off threshold: a long match behind a long queue loses to an idle
 server once the wait outweighs the recomputation. The index is updated at decision time, so a
 burst sees its own decisions.
+
+With `--workers`, `share(feed)` makes the index the host's: each decision first replays the
+other workers' decisions from the feed, then publishes its own; servers are then known by their
+shared key (role and url) instead of this process's upstream id.
 """
 
 from __future__ import annotations
 
 import random
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
+from typing import TYPE_CHECKING
 
 from pdproxy.policies.base import RoutingRequest
 from pdproxy.policies.ledger import InFlightTokens
 from pdproxy.policies.prefix_index import PrefixIndex, block_keys
 from pdproxy.policies.tokens import TokenCounter
 from pdproxy.upstreams import Upstream
+
+if TYPE_CHECKING:
+    from pdproxy.routing.feed import DecisionFeed
 
 LOAD_MEASURES = ("tokens", "requests")
 FORGET_AFTER = 60.0  # seconds a server may be absent from the candidates before its index entries go
@@ -65,6 +73,20 @@ class CacheAware:
         self._by_tokens = load == "tokens"
         self._index = PrefixIndex(max_blocks, clock=clock, forget_after=forget_after)
         self._ledger = InFlightTokens()
+        self._feed: DecisionFeed | None = None
+        self._servers: set[Hashable] = set()  # shared keys offered to this policy: others' feed entries are skipped
+
+    def share(self, feed: DecisionFeed) -> None:
+        """Learn from, and tell, the other workers of the host (cells must be set on every candidate)."""
+        self._feed = feed
+
+    def _server(self, upstream: Upstream) -> Hashable:
+        shared = upstream.shared
+        return upstream.id if shared is None or self._feed is None else shared.key  # type: ignore[attr-defined]
+
+    def _learn(self, server: int, keys: list[int]) -> None:
+        if server in self._servers:
+            self._index.insert(server, keys)
 
     def choose(self, candidates: Sequence[Upstream], request: RoutingRequest) -> Upstream:
         text = request.prompt_prefix(WHOLE)
@@ -73,20 +95,27 @@ class CacheAware:
         keys = block_keys(text if len(text) <= self._max_chars else text[:self._max_chars], block_chars)
         tokens_per_block = tokens * block_chars / len(text) if text else 0.0
         index, ledger, w, by_tokens = self._index, self._ledger, self._weight, self._by_tokens
-        index.seen(u.id for u in candidates)
-        best: list[tuple[Upstream, float]] = []
+        feed, server = self._feed, self._server
+        servers = [server(u) for u in candidates]
+        if feed is not None:
+            self._servers.update(servers)
+            feed.drain(self._learn)
+        index.seen(servers)
+        best: list[tuple[Upstream, Hashable, float]] = []
         best_cost = float("inf")
-        for upstream in candidates:
-            uncached = max(tokens - index.matched(upstream.id, keys) * tokens_per_block, 0.0) if keys else tokens
-            load = ledger.tokens(upstream) if by_tokens else upstream.in_flight
+        for upstream, key in zip(candidates, servers, strict=True):
+            uncached = max(tokens - index.matched(key, keys) * tokens_per_block, 0.0) if keys else tokens
+            load = ledger.tokens(upstream) if by_tokens else upstream.load
             cost = (w * uncached + load) / upstream.weight
             if cost < best_cost:
-                best_cost, best = cost, [(upstream, uncached)]
+                best_cost, best = cost, [(upstream, key, uncached)]
             elif cost == best_cost:
-                best.append((upstream, uncached))
-        chosen, uncached = best[0] if len(best) == 1 else self._rng.choice(best)
+                best.append((upstream, key, uncached))
+        chosen, key, uncached = best[0] if len(best) == 1 else self._rng.choice(best)
         if keys:
-            index.insert(chosen.id, keys)
+            index.insert(key, keys)
+            if feed is not None:
+                feed.publish(key, keys)
         if by_tokens:
             ledger.add(chosen, round(uncached))
         return chosen
@@ -94,8 +123,8 @@ class CacheAware:
     def matched_blocks(self, upstream: Upstream, request: RoutingRequest) -> int:
         """Leading blocks of the request the index believes `upstream` holds (for tests and introspection)."""
         text = request.prompt_prefix(self._max_chars)
-        return self._index.matched(upstream.id, block_keys(text, self._block_chars))
+        return self._index.matched(self._server(upstream), block_keys(text, self._block_chars))
 
     def indexed_blocks(self, upstream: Upstream) -> int:
         """Blocks the index keeps for `upstream`."""
-        return self._index.size(upstream.id)
+        return self._index.size(self._server(upstream))

@@ -36,7 +36,7 @@ class LeastTokens:
         best: list[Upstream] = []
         best_key = (float("inf"), float("inf"))
         for upstream in candidates:
-            key = ((ledger.tokens(upstream) + tokens) / upstream.weight, upstream.in_flight / upstream.weight)
+            key = ((ledger.tokens(upstream) + tokens) / upstream.weight, upstream.load / upstream.weight)
             if key < best_key:
                 best_key = key
                 best = [upstream]
