@@ -51,6 +51,14 @@ SERVE_OPTIONS: tuple[tuple[tuple[str, ...], str, dict[str, Any], str], ...] = (
     (("--tokenizer",), "tokenizer", {"metavar": "PATH"},
      "cache_aware, least_tokens: count tokens with this local tokenizer.json (needs pdproxy[tokenizer]; "
      "default: estimate from characters)"),
+    (("--kv-events",), "kv_events", {"action": "store_true"},
+     "cache_aware: route on each prefill engine's KV-cache events (vLLM --kv-events-config), found at its "
+     "GET /kv_event_sources unless --kv-event-sources names them; needs --tokenizer"),
+    (("--kv-event-sources",), "kv_event_sources", {"metavar": "URL=PUB[|REPLAY],..."},
+     "cache_aware: where prefill servers publish KV events, e.g. http://p1:8100=tcp://p1:5557|tcp://p1:5558"),
+    (("--chat-template",), "chat_template", {"metavar": "PATH"},
+     "kv events: the model's chat template (default: chat_template in the tokenizer_config.json beside "
+     "--tokenizer)"),
     (("--prefill-retries",), "prefill_retries", {"type": int},
      "other prefill servers tried after a failed prefill (default 2)"),
     (("--flow-retries",), "flow_retries", {"type": int},

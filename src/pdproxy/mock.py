@@ -8,7 +8,10 @@ function of the prompt, so a decode engine can check it without shared state.
 Scripted faults (fail, hang, garbage, drop, die/stall mid-stream) let tests
 drive the proxy's failure paths deterministically.
 
-Standalone on purpose: it imports nothing from ``pdproxy``.
+With ``kv_events`` on, the prefix-cache model publishes vLLM-format KV-cache events over ZMQ
+(``mock_kv_events``) and ``/kv_event_sources`` says where, as vLLM does.
+
+Standalone on purpose: it imports nothing from ``pdproxy`` (but its own ``mock_kv_events``).
 """
 
 from __future__ import annotations
@@ -22,10 +25,13 @@ import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
+
+if TYPE_CHECKING:
+    from pdproxy.mock_kv_events import KvEventPublisher
 
 __all__ = [
     "BLOCK_SIZE",
@@ -72,6 +78,11 @@ class MockConfig:
     # Prefill compute: this many ms per uncached prompt token, one prompt at a time (FIFO), before
     # ttft_ms. 0 (the default) adds no delay, so timing is ttft_ms alone.
     prefill_ms_per_token: float = 0.0
+    # KV-cache events (vLLM's --kv-events-config): published from the prefix-cache model over ZMQ.
+    kv_events: bool = False
+    kv_events_port: int = 0  # 0: a free port; give the old one to stand in for an engine restarted in place
+    kv_events_replay_port: int = 0  # the same, for the replay socket
+    kv_events_replay: bool = True  # False: no replay socket (a subscriber that misses a batch cannot catch up)
 
     def __post_init__(self) -> None:
         """Reject nonsense early, so a typo in a demo config fails at start-up."""
@@ -181,10 +192,11 @@ class PrefixCache:
     to its start, so eviction removes the ends of prompts first and what is held stays a prefix.
     """
 
-    __slots__ = ("_blocks",)
+    __slots__ = ("_blocks", "events")
 
     def __init__(self) -> None:
         self._blocks: OrderedDict[int, None] = OrderedDict()
+        self.events: KvEventPublisher | None = None  # told of every block stored, evicted or cleared
 
     def __len__(self) -> int:
         return len(self._blocks)
@@ -192,6 +204,8 @@ class PrefixCache:
     def lookup_and_insert(self, words: list[str], capacity: int) -> int:
         """Tokens of ``words`` already cached; then cache all its whole blocks (bounded by ``capacity``)."""
         if capacity <= 0:
+            if self._blocks and self.events is not None:
+                self.events.cleared()
             self._blocks.clear()
             return 0
         keys: list[int] = []
@@ -210,8 +224,13 @@ class PrefixCache:
                 blocks.move_to_end(key)
             else:
                 blocks[key] = None
-        for _ in range(len(blocks) - capacity):
-            blocks.popitem(last=False)
+        evicted = [blocks.popitem(last=False)[0] for _ in range(len(blocks) - capacity)]
+        if self.events is not None:
+            if hit < len(keys):  # what is held is a prefix: the new blocks are the rest, one chain
+                self.events.stored(keys[hit:], keys[hit - 1] if hit else None,
+                                   words[hit * BLOCK_SIZE:len(keys) * BLOCK_SIZE], BLOCK_SIZE)
+            if evicted:
+                self.events.removed(evicted)
         return min(hit * BLOCK_SIZE, max(len(words) - 1, 0))
 
 
@@ -312,8 +331,34 @@ class MockEngine:
         app.router.add_get("/health", self._handle_health)
         app.router.add_get("/v1/models", self._handle_models)
         app.router.add_get("/stats", self._handle_stats)
+        app.router.add_get("/kv_event_sources", self._handle_kv_event_sources)
         app.on_shutdown.append(self._on_shutdown)
+        if self.config.kv_events:
+            app.on_startup.append(self._start_kv_events)
+            app.on_cleanup.append(self._stop_kv_events)
         return app
+
+    async def _start_kv_events(self, _app: web.Application) -> None:
+        from pdproxy.mock_kv_events import KvEventPublisher  # pyzmq only when events are on
+
+        self.prefix_cache.events = KvEventPublisher(port=self.config.kv_events_port,
+                                                    replay=self.config.kv_events_replay,
+                                                    replay_port=self.config.kv_events_replay_port)
+
+    async def _stop_kv_events(self, _app: web.Application) -> None:
+        publisher, self.prefix_cache.events = self.prefix_cache.events, None
+        if publisher is not None:
+            await publisher.close()
+
+    @property
+    def kv_events(self) -> KvEventPublisher | None:
+        """The KV-event publisher while the engine serves with ``kv_events`` on (for tests)."""
+        return self.prefix_cache.events
+
+    async def _handle_kv_event_sources(self, _request: web.Request) -> web.Response:
+        events = self.prefix_cache.events
+        return web.Response(body=orjson.dumps(events.sources() if events is not None else {}),
+                            content_type="application/json")
 
     async def _on_shutdown(self, _app: web.Application) -> None:
         """Cancel hanging/stalled/slow generations so runner.cleanup() never waits on them."""

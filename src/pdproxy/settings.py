@@ -94,6 +94,10 @@ class Settings(BaseSettings):
     cache_aware_load: Literal["tokens", "requests"] = "tokens"
     chars_per_token: float = Field(4.0, gt=0)
     tokenizer: Path | None = None
+    # Exact routing from the engines' KV-cache events (pdproxy.routing; needs pyzmq and msgspec)
+    kv_events: bool = False
+    kv_event_sources: str = ""
+    chat_template: Path | None = None
     kv_adapter: str = "vllm"
     # Failover
     prefill_retries: int = Field(2, ge=0, le=16)
@@ -170,6 +174,9 @@ class Settings(BaseSettings):
             raise ValueError("prefill_deadline (all prefill attempts) must be >= prefill_timeout (one attempt)")
         if self.eject_max_time < self.eject_base_time:
             raise ValueError("eject_max_time must be >= eject_base_time")
+        if self.kv_events and not self.tokenizer:
+            raise ValueError("kv_events needs tokenizer (--tokenizer): the request's token blocks are matched "
+                             "against the engine's")
         if self.workers > 1 and self.metrics_port is None:
             raise ValueError("workers > 1 needs metrics_port (--metrics-port): the supervisor serves the "
                              "workers' merged /metrics there")

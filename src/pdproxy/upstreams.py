@@ -99,6 +99,7 @@ class Upstream:
     last_error: str | None = None
     id: str = field(default_factory=lambda: f"u{next(_ids)}")
     shared: SharedLoad | None = field(default=None, repr=False)  # set by pdproxy.routing when workers share
+    kv_events: Callable[[], dict[str, object]] | None = field(default=None, repr=False)  # its KV-event view
 
     @property
     def load(self) -> int:
@@ -121,6 +122,7 @@ class Upstream:
             "in_flight": self.in_flight,
             "served": self.served,
             "last_error": self.last_error,
+            **({"kv_events": self.kv_events()} if self.kv_events is not None else {}),
         }
 
     @property

@@ -21,6 +21,10 @@ burst sees its own decisions.
 With `--workers`, `share(feed)` makes the index the host's: each decision first replays the
 other workers' decisions from the feed, then publishes its own; servers are then known by their
 shared key (role and url) instead of this process's upstream id.
+
+With KV events (`use_kv_events`), a server whose event view is exact is asked instead of the
+index: the request's token blocks (as the engine hashes them) against the blocks the engine
+said it holds. Servers whose view is degraded or in fallback keep the approximate estimate.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from pdproxy.upstreams import Upstream
 
 if TYPE_CHECKING:
     from pdproxy.routing.feed import DecisionFeed
+    from pdproxy.routing.kv_view import KvEventsView
 
 LOAD_MEASURES = ("tokens", "requests")
 FORGET_AFTER = 60.0  # seconds a server may be absent from the candidates before its index entries go
@@ -74,11 +79,16 @@ class CacheAware:
         self._index = PrefixIndex(max_blocks, clock=clock, forget_after=forget_after)
         self._ledger = InFlightTokens()
         self._feed: DecisionFeed | None = None
+        self._kv: KvEventsView | None = None
         self._servers: set[Hashable] = set()  # shared keys offered to this policy: others' feed entries are skipped
 
     def share(self, feed: DecisionFeed) -> None:
         """Learn from, and tell, the other workers of the host (cells must be set on every candidate)."""
         self._feed = feed
+
+    def use_kv_events(self, view: KvEventsView) -> None:
+        """Prefer the engines' own KV events, where exact, to the approximate index."""
+        self._kv = view
 
     def _server(self, upstream: Upstream) -> Hashable:
         shared = upstream.shared
@@ -93,6 +103,12 @@ class CacheAware:
         tokens = self._counter.count(text)
         block_chars = self._block_chars
         keys = block_keys(text if len(text) <= self._max_chars else text[:self._max_chars], block_chars)
+        kv, blocks = self._kv, None
+        if kv is not None and any(kv.exact(u) for u in candidates):
+            body = getattr(request, "body", None)  # the client's JSON (pdproxy.request.ProxyRequest)
+            blocks = kv.blocks(body) if isinstance(body, dict) else None
+            if blocks is not None:
+                tokens = len(blocks.tokens)  # real tokens: every candidate's estimate in the same unit
         tokens_per_block = tokens * block_chars / len(text) if text else 0.0
         index, ledger, w, by_tokens = self._index, self._ledger, self._weight, self._by_tokens
         feed, server = self._feed, self._server
@@ -104,7 +120,11 @@ class CacheAware:
         best: list[tuple[Upstream, Hashable, float]] = []
         best_cost = float("inf")
         for upstream, key in zip(candidates, servers, strict=True):
-            uncached = max(tokens - index.matched(key, keys) * tokens_per_block, 0.0) if keys else tokens
+            held = kv.matched_tokens(upstream, blocks) if blocks is not None else None  # type: ignore[union-attr]
+            if held is not None:
+                uncached = float(max(tokens - held, 0))
+            else:
+                uncached = max(tokens - index.matched(key, keys) * tokens_per_block, 0.0) if keys else tokens
             load = ledger.tokens(upstream) if by_tokens else upstream.load
             cost = (w * uncached + load) / upstream.weight
             if cost < best_cost:
