@@ -315,25 +315,27 @@ class ProxyProcess:
         await self._reader
 
 
-def _variant(policy: str) -> tuple[str, int, int]:
-    """`cache_aware@w4` -> (cache_aware, 4 workers, 0 replicas); `cache_aware@r2` -> 2 replicas."""
+def _variant(policy: str) -> tuple[str, int, int, bool]:
+    """`cache_aware@w4` -> (cache_aware, 4 workers, 0 replicas, no events); `cache_aware@r2` -> 2 replicas;
+    `cache_aware@r2e` -> 2 replicas routing on the mock engines' KV events."""
     name, _, where = policy.partition("@")
     if not where:
-        return name, 0, 0
-    count = int(where[1:])
-    return (name, count, 0) if where[0] == "w" else (name, 1, count)
+        return name, 0, 0, False
+    events = where.endswith("e")
+    count = int(where[1:].rstrip("e"))
+    return (name, count, 0, events) if where[0] == "w" else (name, 1, count, events)
 
 
 def label(policy: str) -> str:
-    name, workers, replicas = _variant(policy)
+    name, workers, replicas, events = _variant(policy)
     if replicas:
-        return f"{name}, {replicas} replicas"
+        return f"{name}, {replicas} replicas" + (" + KV events" if events else "")
     return f"{name}, --workers {workers}" if workers else name
 
 
 async def run_policy(workload: Workload, policy: str, args: argparse.Namespace) -> Result:
     """Fresh engines and a fresh proxy, the whole workload, then the engines' counters."""
-    policy, workers, replicas = _variant(policy)
+    policy, workers, replicas, events = _variant(policy)
     words_per_server = args.cache_factor * workload.working_set_words / args.prefill
     cache_blocks = math.ceil(words_per_server / BLOCK_SIZE)
     index_blocks = math.ceil(words_per_server * workload.chars_per_word / args.cache_block_chars)
@@ -344,7 +346,7 @@ async def run_policy(workload: Workload, policy: str, args: argparse.Namespace) 
     try:
         for _ in range(args.prefill):
             engine, runner, url = await start_mock(MockConfig(
-                role="prefill", cache_blocks=cache_blocks, prefill_ms_per_token=args.ms_per_token))
+                role="prefill", cache_blocks=cache_blocks, prefill_ms_per_token=args.ms_per_token, kv_events=events))
             runners.append(runner)
             engines.append(engine)
             urls.append(url)
@@ -360,10 +362,13 @@ async def run_policy(workload: Workload, policy: str, args: argparse.Namespace) 
                     "--cache-block-chars", str(args.cache_block_chars),
                     "--cache-index-max-blocks", str(index_blocks),
                     "--cache-aware-weight", str(args.cache_aware_weight),
-                    "--cache-aware-load", args.cache_aware_load])
+                    "--cache-aware-load", args.cache_aware_load,
+                    *(["--kv-events", "--tokenizer", "words"] if events else [])])
                 processes.append(proxy)
                 proxy_urls.append(proxy.url.result())
-            name = label(f"{policy}@{'r' if replicas else 'w'}{replicas or workers}")
+                if events:
+                    await _wait_exact(proxy_urls[-1])
+            name = label(f"{policy}@{'r' if replicas else 'w'}{replicas or workers}{'e' if events else ''}")
             progress = Progress(f"{workload.name} / {name}", workload.requests)
             started = time.perf_counter()
             ttfts, errors = await _client(proxy_urls, workload, args.concurrency, progress)
@@ -392,6 +397,21 @@ async def run_policy(workload: Workload, policy: str, args: argparse.Namespace) 
         for runner in reversed(runners):
             await runner.cleanup()
     return _result(workload, policy, stats, ttfts, errors, seconds)
+
+
+async def _wait_exact(proxy_url: str, timeout: float = 20.0) -> None:
+    """Until the proxy's view of every prefill server's KV events is exact (its subscriptions caught up)."""
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as http:
+        while True:
+            async with http.get(proxy_url + "/health?verbose=1") as resp:
+                upstreams = (await resp.json())["upstreams"]
+            states = [u.get("kv_events", {}).get("state") for u in upstreams if u["role"] == "prefill"]
+            if states and all(state == "exact" for state in states):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"KV-event views not exact after {timeout:g}s: {states}")
+            await asyncio.sleep(0.1)
 
 
 async def _engine_stats(urls: Sequence[str]) -> list[dict[str, Any]]:
@@ -599,7 +619,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", default="",
                         help="comma list of worker counts: cache_aware in a real `pdproxy --workers N` per count")
     parser.add_argument("--replicas", type=int, default=0,
-                        help="also run cache_aware in this many pdproxy replicas, the client alternating between them")
+                        help="also run cache_aware in this many pdproxy replicas, the client alternating between them, "
+                             "without and with the mock engines' KV events")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     parser.add_argument("--no-chart", action="store_true")
@@ -617,6 +638,7 @@ async def main_async(args: argparse.Namespace) -> list[Result]:
     policies += [f"cache_aware@w{int(n)}" for n in args.workers.split(",") if n.strip()]
     if args.replicas:
         policies.append(f"cache_aware@r{args.replicas}")
+        policies.append(f"cache_aware@r{args.replicas}e")
     costs = decision_cost()
     results = []
     for workload in workloads.values():

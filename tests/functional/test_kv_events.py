@@ -18,7 +18,7 @@ from pdproxy.request import ProxyRequest
 from pdproxy.routing.kv_events import EXACT, FALLBACK, ServerCache
 from pdproxy.routing.kv_view import KvEventsView
 from pdproxy.routing.prompt_tokens import WordPromptTokens
-from pdproxy.upstreams import Role, Upstream, UpstreamPool
+from pdproxy.upstreams import Lease, Role, Upstream, UpstreamPool
 
 DOCUMENT = " ".join(f"w{i}" for i in range(3 * BLOCK_SIZE + 5))  # 3 whole blocks
 
@@ -218,3 +218,27 @@ async def test_the_proxy_shows_each_servers_state_in_health_metrics_and_logs(
     finally:
         for runner in (proxy_runner, prefill_runner, decode_runner):
             await runner.cleanup()
+
+
+async def test_its_own_decisions_count_until_the_events_confirm_them(harness: Harness) -> None:
+    _, first = await harness.engine()
+    _, second = await harness.engine()
+    harness.start()
+    await harness.exact(first)
+    await harness.exact(second)
+    options = PolicyOptions(prefix_chars=256, vnodes=40, load_factor=0.25, block_chars=64, index_max_blocks=1000,
+                            cache_weight=2.0, cache_load="requests", chars_per_token=4.0, tokenizer="words")
+    now = [100.0]
+    policy = make_balancer("cache_aware", options, rng=random.Random(3), clock=lambda: now[0])
+    policy.use_kv_events(harness.view)  # type: ignore[attr-defined]
+
+    def choose(i: int) -> Upstream:
+        return policy.choose([first, second], ProxyRequest("/v1/completions", {"prompt": f"{DOCUMENT} q{i}"},
+                                                           False, str(i), {}))
+
+    home = choose(0)  # sent nowhere yet: no engine has said it holds the document
+    lease = Lease(home)  # one more request in flight there than on the other
+    assert all(choose(i) is home for i in range(1, 4))  # a burst stays together all the same
+    now[0] += 2.5  # the events never confirmed it (nothing was sent): it no longer counts
+    assert choose(4) is not home  # only the load differs now
+    lease.release()

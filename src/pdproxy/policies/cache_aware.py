@@ -25,6 +25,8 @@ shared key (role and url) instead of this process's upstream id.
 With KV events (`use_kv_events`), a server whose event view is exact is asked instead of the
 index: the request's token blocks (as the engine hashes them) against the blocks the engine
 said it holds. Servers whose view is degraded or in fallback keep the approximate estimate.
+Events lag a decision by the time the request takes to reach the engine, so this policy's own
+decisions of the last `RECENT` seconds count as held too: a burst of one prefix stays together.
 """
 
 from __future__ import annotations
@@ -42,10 +44,11 @@ from pdproxy.upstreams import Upstream
 
 if TYPE_CHECKING:
     from pdproxy.routing.feed import DecisionFeed
-    from pdproxy.routing.kv_view import KvEventsView
+    from pdproxy.routing.kv_view import KvEventsView, RequestBlocks
 
 LOAD_MEASURES = ("tokens", "requests")
 FORGET_AFTER = 60.0  # seconds a server may be absent from the candidates before its index entries go
+RECENT = 2.0  # seconds this policy's own decisions count as held before the engine's events confirm them
 WHOLE = sys.maxsize
 
 
@@ -80,6 +83,8 @@ class CacheAware:
         self._ledger = InFlightTokens()
         self._feed: DecisionFeed | None = None
         self._kv: KvEventsView | None = None
+        self._clock = clock
+        self._recent: dict[str, dict[int, float]] = {}  # url -> token-block key -> when this policy sent it there
         self._servers: set[Hashable] = set()  # shared keys offered to this policy: others' feed entries are skipped
 
     def share(self, feed: DecisionFeed) -> None:
@@ -122,6 +127,7 @@ class CacheAware:
         for upstream, key in zip(candidates, servers, strict=True):
             held = kv.matched_tokens(upstream, blocks) if blocks is not None else None  # type: ignore[union-attr]
             if held is not None:
+                held = max(held, self._recently_sent(upstream, blocks))  # type: ignore[arg-type]
                 uncached = float(max(tokens - held, 0))
             else:
                 uncached = max(tokens - index.matched(key, keys) * tokens_per_block, 0.0) if keys else tokens
@@ -132,6 +138,8 @@ class CacheAware:
             elif cost == best_cost:
                 best.append((upstream, key, uncached))
         chosen, key, uncached = best[0] if len(best) == 1 else self._rng.choice(best)
+        if blocks is not None:
+            self._sent(chosen, blocks)
         if keys:
             index.insert(key, keys)
             if feed is not None:
@@ -139,6 +147,32 @@ class CacheAware:
         if by_tokens:
             ledger.add(chosen, round(uncached))
         return chosen
+
+    def _recently_sent(self, upstream: Upstream, blocks: RequestBlocks) -> int:
+        """Leading tokens of the request this policy sent to `upstream` in the last RECENT seconds."""
+        recent = self._recent.get(upstream.url)
+        size = self._kv.block_size(upstream) if self._kv is not None else None
+        if not recent or size is None:
+            return 0
+        since = self._clock() - RECENT
+        count = 0
+        for key in blocks.keys(size):
+            if recent.get(key, since - 1) < since:
+                break
+            count += 1
+        return count * size
+
+    def _sent(self, upstream: Upstream, blocks: RequestBlocks) -> None:
+        size = self._kv.block_size(upstream) if self._kv is not None else None
+        if size is None:
+            return
+        recent = self._recent.setdefault(upstream.url, {})
+        now = self._clock()
+        for key in blocks.keys(size):
+            recent[key] = now
+        if len(recent) > 4096:  # forget what the events had time to confirm (or deny)
+            since = now - RECENT
+            self._recent[upstream.url] = {k: t for k, t in recent.items() if t >= since}
 
     def matched_blocks(self, upstream: Upstream, request: RoutingRequest) -> int:
         """Leading blocks of the request the index believes `upstream` holds (for tests and introspection)."""

@@ -65,6 +65,10 @@ class KvEventsView:
         tokens = self.prompt_tokens.ids(body)
         return RequestBlocks(tokens) if tokens else None
 
+    def block_size(self, upstream: Upstream) -> int | None:
+        cache = self.caches.get(upstream.url)
+        return cache.block_size if cache is not None else None
+
     def exact(self, upstream: Upstream) -> bool:
         cache = self.caches.get(upstream.url)
         return cache is not None and cache.usable and cache.block_size is not None
