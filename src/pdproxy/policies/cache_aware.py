@@ -151,9 +151,9 @@ class CacheAware:
     def _recently_sent(self, upstream: Upstream, blocks: RequestBlocks) -> int:
         """Leading tokens of the request this policy sent to `upstream` in the last RECENT seconds."""
         recent = self._recent.get(upstream.url)
-        size = self._kv.block_size(upstream) if self._kv is not None else None
-        if not recent or size is None:
+        if not recent or self._kv is None:
             return 0
+        size = self._kv.block_size(upstream)
         since = self._clock() - RECENT
         count = 0
         for key in blocks.keys(size):
@@ -163,9 +163,9 @@ class CacheAware:
         return count * size
 
     def _sent(self, upstream: Upstream, blocks: RequestBlocks) -> None:
-        size = self._kv.block_size(upstream) if self._kv is not None else None
-        if size is None:
+        if self._kv is None:
             return
+        size = self._kv.block_size(upstream)
         recent = self._recent.setdefault(upstream.url, {})
         now = self._clock()
         for key in blocks.keys(size):

@@ -24,6 +24,7 @@ from pdproxy.upstreams import Upstream, UpstreamPool
 
 log = logging.getLogger("pdproxy.kv_events")
 
+DEFAULT_BLOCK_SIZE = 16  # vLLM's default --block-size
 SYNC_INTERVAL = 1.0  # seconds between looks at the pool's membership (and retries of discovery)
 
 
@@ -65,19 +66,24 @@ class KvEventsView:
         tokens = self.prompt_tokens.ids(body)
         return RequestBlocks(tokens) if tokens else None
 
-    def block_size(self, upstream: Upstream) -> int | None:
+    def block_size(self, upstream: Upstream) -> int:
+        """The server's block size, once an event said it; until then another server's, or vLLM's default."""
         cache = self.caches.get(upstream.url)
-        return cache.block_size if cache is not None else None
+        if cache is not None and cache.block_size is not None:
+            return cache.block_size
+        return next((c.block_size for c in self.caches.values() if c.block_size is not None), DEFAULT_BLOCK_SIZE)
 
     def exact(self, upstream: Upstream) -> bool:
         cache = self.caches.get(upstream.url)
-        return cache is not None and cache.usable and cache.block_size is not None
+        return cache is not None and cache.usable
 
     def matched_tokens(self, upstream: Upstream, blocks: RequestBlocks) -> int | None:
         """Prompt tokens the server holds for this request, or None when its view is not exact."""
         cache = self.caches.get(upstream.url)
-        if cache is None or not cache.usable or cache.block_size is None:
+        if cache is None or not cache.usable:
             return None
+        if cache.block_size is None:  # exact, and no block stored yet: it holds nothing
+            return 0
         size = cache.block_size
         return cache.matched(blocks.keys(size)) * size
 
