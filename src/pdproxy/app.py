@@ -132,10 +132,10 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
     app.cleanup_ctx.append(_client_session(flow))
     if checker is not None:
         app.cleanup_ctx.append(_health_checks(checker, membership))
-    if settings.kv_events:  # pdproxy.routing: exact routing from the engines' KV-cache events
-        from pdproxy.routing.kv_wiring import enable_kv_events
+    if settings.kv_events or settings.engine_metrics_interval:  # pdproxy.routing: the engines' own view
+        from pdproxy.routing.wiring import enable_routing
 
-        enable_kv_events(app, settings)
+        enable_routing(app, settings)
     return app
 
 

@@ -56,6 +56,9 @@ SERVE_OPTIONS: tuple[tuple[tuple[str, ...], str, dict[str, Any], str], ...] = (
      "GET /kv_event_sources unless --kv-event-sources names them; needs --tokenizer"),
     (("--kv-event-sources",), "kv_event_sources", {"metavar": "URL=PUB[|REPLAY],..."},
      "cache_aware: where prefill servers publish KV events, e.g. http://p1:8100=tcp://p1:5557|tcp://p1:5558"),
+    (("--engine-metrics-interval",), "engine_metrics_interval", {"type": float},
+     "cache_aware, least_tokens: read each engine's running/waiting requests from its /metrics every this "
+     "many seconds and count them in its load (0 is off; default 0)"),
     (("--chat-template",), "chat_template", {"metavar": "PATH"},
      "kv events: the model's chat template (default: chat_template in the tokenizer_config.json beside "
      "--tokenizer)"),

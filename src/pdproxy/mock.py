@@ -316,6 +316,7 @@ class MockEngine:
         self.health_probes = 0
         self.prefix_cache = PrefixCache()
         self._compute_free_at = 0.0  # loop time when the prompt computed last is done (FIFO compute)
+        self._compute_starts: deque[float] = deque()  # loop times prompts queued for compute start at
 
     # ------------------------------------------------------------------ app
 
@@ -332,6 +333,7 @@ class MockEngine:
         app.router.add_get("/v1/models", self._handle_models)
         app.router.add_get("/stats", self._handle_stats)
         app.router.add_get("/kv_event_sources", self._handle_kv_event_sources)
+        app.router.add_get("/metrics", self._handle_metrics)
         app.on_shutdown.append(self._on_shutdown)
         if self.config.kv_events:
             app.on_startup.append(self._start_kv_events)
@@ -354,6 +356,28 @@ class MockEngine:
     def kv_events(self) -> KvEventPublisher | None:
         """The KV-event publisher while the engine serves with ``kv_events`` on (for tests)."""
         return self.prefix_cache.events
+
+    async def _handle_metrics(self, _request: web.Request) -> web.Response:
+        """vLLM's scheduler gauges: requests running and waiting (prompt compute not started), KV usage."""
+        now = asyncio.get_running_loop().time()
+        starts = self._compute_starts
+        while starts and starts[0] <= now:
+            starts.popleft()
+        waiting = min(len(starts), self.stats.in_flight)
+        usage = len(self.prefix_cache) / self.config.cache_blocks if self.config.cache_blocks else 0.0
+        labels = f'engine="0",model_name="{self.config.model}"'
+        text = (
+            "# HELP vllm:num_requests_running Number of requests in model execution batches.\n"
+            "# TYPE vllm:num_requests_running gauge\n"
+            f"vllm:num_requests_running{{{labels}}} {float(self.stats.in_flight - waiting)}\n"
+            "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n"
+            "# TYPE vllm:num_requests_waiting gauge\n"
+            f"vllm:num_requests_waiting{{{labels}}} {float(waiting)}\n"
+            "# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.\n"
+            "# TYPE vllm:kv_cache_usage_perc gauge\n"
+            f"vllm:kv_cache_usage_perc{{{labels}}} {usage}\n"
+        )
+        return web.Response(text=text, content_type="text/plain")
 
     async def _handle_kv_event_sources(self, _request: web.Request) -> web.Response:
         events = self.prefix_cache.events
@@ -580,8 +604,10 @@ class MockEngine:
         work_s = miss * cfg.prefill_ms_per_token / 1000.0
         if work_s <= 0:
             return t0
-        done = max(t0, self._compute_free_at) + work_s
+        start = max(t0, self._compute_free_at)
+        done = start + work_s
         self._compute_free_at = done
+        self._compute_starts.append(start)
         return done
 
     async def _apply_fault(self, request: web.Request, fault: _Fault) -> web.StreamResponse:

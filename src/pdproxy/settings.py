@@ -98,6 +98,7 @@ class Settings(BaseSettings):
     kv_events: bool = False
     kv_event_sources: str = ""
     chat_template: Path | None = None
+    engine_metrics_interval: float = Field(0.0, ge=0)
     kv_adapter: str = "vllm"
     # Failover
     prefill_retries: int = Field(2, ge=0, le=16)

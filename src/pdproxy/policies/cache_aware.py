@@ -27,6 +27,10 @@ index: the request's token blocks (as the engine hashes them) against the blocks
 said it holds. Servers whose view is degraded or in fallback keep the approximate estimate.
 Events lag a decision by the time the request takes to reach the engine, so this policy's own
 decisions of the last `RECENT` seconds count as held too: a burst of one prefix stays together.
+
+With engine load (`use_engine_load`), a server's load is the larger of this policy's count and
+the engine's own running + waiting requests (in tokens: times the mean uncached tokens of a
+decision), so replicas that do not see each other's requests still see a busy engine.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from pdproxy.policies.tokens import TokenCounter
 from pdproxy.upstreams import Upstream
 
 if TYPE_CHECKING:
+    from pdproxy.routing.engine_load import EngineLoads
     from pdproxy.routing.feed import DecisionFeed
     from pdproxy.routing.kv_view import KvEventsView, RequestBlocks
 
@@ -84,6 +89,8 @@ class CacheAware:
         self._feed: DecisionFeed | None = None
         self._kv: KvEventsView | None = None
         self._clock = clock
+        self._engines: EngineLoads | None = None
+        self._mean_uncached = 0.0  # moving mean of a decision's uncached tokens: engine requests -> tokens
         self._recent: dict[str, dict[int, float]] = {}  # url -> token-block key -> when this policy sent it there
         self._servers: set[Hashable] = set()  # shared keys offered to this policy: others' feed entries are skipped
 
@@ -94,6 +101,10 @@ class CacheAware:
     def use_kv_events(self, view: KvEventsView) -> None:
         """Prefer the engines' own KV events, where exact, to the approximate index."""
         self._kv = view
+
+    def use_engine_load(self, loads: EngineLoads) -> None:
+        """Count the engines' own running and waiting requests too (never less than our own)."""
+        self._engines = loads
 
     def _server(self, upstream: Upstream) -> Hashable:
         shared = upstream.shared
@@ -122,6 +133,7 @@ class CacheAware:
             self._servers.update(servers)
             feed.drain(self._learn)
         index.seen(servers)
+        engines = self._engines
         best: list[tuple[Upstream, Hashable, float]] = []
         best_cost = float("inf")
         for upstream, key in zip(candidates, servers, strict=True):
@@ -132,12 +144,16 @@ class CacheAware:
             else:
                 uncached = max(tokens - index.matched(key, keys) * tokens_per_block, 0.0) if keys else tokens
             load = ledger.tokens(upstream) if by_tokens else upstream.load
+            if engines is not None:
+                busy = engines.requests(upstream)
+                load = max(load, busy * (self._mean_uncached or tokens) if by_tokens else busy)
             cost = (w * uncached + load) / upstream.weight
             if cost < best_cost:
                 best_cost, best = cost, [(upstream, key, uncached)]
             elif cost == best_cost:
                 best.append((upstream, key, uncached))
         chosen, key, uncached = best[0] if len(best) == 1 else self._rng.choice(best)
+        self._mean_uncached += (uncached - self._mean_uncached) / 32  # over about the last 32 decisions
         if blocks is not None:
             self._sent(chosen, blocks)
         if keys:
