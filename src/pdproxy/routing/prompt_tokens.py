@@ -74,7 +74,8 @@ class HfPromptTokens:
         if template:
             from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)  # as transformers renders
+            env = ImmutableSandboxedEnvironment(  # as transformers renders chat templates
+                trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
             env.filters["tojson"] = lambda value, indent=None, **_: json.dumps(value, indent=indent,
                                                                                 ensure_ascii=False)
             env.globals["raise_exception"] = _raise
