@@ -1,9 +1,10 @@
 """The mock engine's KV-cache event publisher, in vLLM's format (see `vllm/distributed/kv_events.py`).
 
-Like vLLM's ZmqEventPublisher: a PUB socket sends `(topic, seq as 8 bytes big-endian, msgpack
+Like vLLM 0.32's ZmqEventPublisher: a PUB socket sends `(topic, seq as 8 bytes big-endian, msgpack
 batch)`, seq counting from 0; a ROUTER socket answers a replay request (an 8-byte start seq) with
-`(b"", seq, batch)` for each buffered batch from there, then `(b"", -1, b"")`. Batches and events
-are array-like tagged msgspec structs with vLLM's field order. The mock's tokens are words, so a
+`(b"", topic, seq, batch)` for each buffered batch from there, then `(b"", b"", -1, b"")`. As in vLLM 0.32, a
+batch is an array-like msgspec struct `[ts, events, data_parallel_rank]` and each event a tagged map
+(`{"type": "BlockStored", "block_hashes": ..., ...}`), block hashes as ints. The mock's tokens are words, so a
 block's token ids are `word_token_id` of its words (the same function pdproxy's "words"
 tokenizer uses). Test hooks: drop batches (a gap), send raw frames (garbage), no replay socket.
 
@@ -34,7 +35,7 @@ def word_token_id(word: str) -> int:
     return zlib.crc32(word.encode()) & 0x7FFFFFFF
 
 
-class _KvEvent(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, tag=True):  # type: ignore[call-arg]
+class _KvEvent(msgspec.Struct, omit_defaults=True, gc=False, tag=True):  # type: ignore[call-arg]
     pass
 
 
@@ -146,8 +147,8 @@ class KvEventPublisher:
             first = int.from_bytes(start, "big")
             for seq, payload in list(self._buffer):
                 if seq >= first:
-                    await self._replay.send_multipart((client, b"", seq.to_bytes(8, "big"), payload))
-            await self._replay.send_multipart((client, b"", END_SEQ, b""))
+                    await self._replay.send_multipart((client, b"", self._topic, seq.to_bytes(8, "big"), payload))
+            await self._replay.send_multipart((client, b"", b"", END_SEQ, b""))
 
     async def close(self) -> None:
         if self._task is not None:

@@ -115,9 +115,8 @@ def test_garbage_is_counted_and_changes_nothing(payload: bytes) -> None:
     assert cache.garbage == 1 and cache.state == EXACT and cache.next_seq == 1 and cache.matched(KEYS) == 1
 
 
-def test_the_map_form_and_bytes_hashes_decode_too() -> None:
-    batch = encode({"ts": 1.0, "events": [{"type": "BlockStored", "block_hashes": [b"\x01" * 32],
-                                          "parent_block_hash": None, "token_ids": PROMPT[:4], "block_size": SIZE}]})
+def test_the_array_form_and_bytes_hashes_decode_too() -> None:
+    batch = encode([1.0, [["BlockStored", [b"\x01" * 32], None, PROMPT[:4], SIZE, None, "GPU", None]]])
     cache = caught_up(ServerCache("p1"))
     cache.live(0, batch)
     assert cache.matched(KEYS) == 1

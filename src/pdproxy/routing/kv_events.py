@@ -2,10 +2,12 @@
 
 vLLM (`--kv-events-config`, publisher "zmq") sends each batch as three ZMQ frames: topic, an
 8-byte big-endian sequence number (from 0, +1 per batch), and a msgpack `KVEventBatch`
-`[ts, [event, ...], data_parallel_rank?]`. Events are tagged msgspec structs, array-like:
-`["BlockStored", block_hashes, parent_block_hash, token_ids, block_size, lora_id, medium, ...]`,
-`["BlockRemoved", block_hashes, medium?, ...]`, `["AllBlocksCleared"]`. The decoder also takes
-the map form (`{"type": "BlockStored", ...}`) that msgspec writes for non-array-like structs.
+`[ts, [event, ...], data_parallel_rank?]`. In vLLM 0.32 each event is a tagged map
+(`{"type": "BlockStored", "block_hashes": [...], "parent_block_hash": ..., "token_ids": [...],
+"block_size": n, ...}`, `{"type": "BlockRemoved", ...}`, `{"type": "AllBlocksCleared"}`); older
+versions sent tagged arrays (`["BlockStored", block_hashes, parent, token_ids, block_size, ...]`),
+which the decoder takes too. Block hashes are ints (VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=1, the
+default) or bytes.
 
 Why the view keeps its own keys: the engine's block hashes depend on its hash function and seed
 (`--prefix-caching-hash-algo`, NONE_HASH from PYTHONHASHSEED) and can be bytes or ints. A
@@ -301,7 +303,9 @@ class ServerCache:
         keys, held = self._keys, self._held
         for event in events:
             if isinstance(event, Stored):
-                self.block_size = event.block_size
+                # A model whose hash blocks are smaller than its KV blocks also stores partial
+                # blocks; the largest size seen is the whole block the request side cuts.
+                self.block_size = max(self.block_size or 0, event.block_size)
                 if event.parent is None:
                     key = 0
                 else:

@@ -177,6 +177,9 @@ class KvSubscriber:
                     cache.replayed(None)
                     return
                 frames = await dealer.recv_multipart()
+                # vLLM 0.32: (b"", topic, seq, batch), the end (b"", b"", -1, b""); before: (b"", seq, batch)
+                if len(frames) == 4 and frames[0] == b"":
+                    frames = frames[:1] + frames[2:]
                 if len(frames) != 3 or frames[0] != b"":
                     self._garbage(f"replay message of {len(frames)} frames")
                     continue
