@@ -43,7 +43,7 @@ from progress import Progress  # noqa: E402
 from report import summarize  # noqa: E402
 
 LOADGEN = HERE / "loadgen.py"
-SYSTEM_ORDER = ("direct-pd", "pdproxy", "nginx", "vllm-router", "sglang-router")
+SYSTEM_ORDER = ("direct-pd", "pdproxy", "floor", "nginx", "vllm-router", "sglang-router")
 STREAMS_PER_ENGINE = 4096  # S4: streams per decode engine and per load generator process
 # S4: streams being opened at once per load generator. Bursts of new connections beyond a listener's
 # backlog (aiohttp's default is 128, the mock engines' too) are dropped by the kernel and retried

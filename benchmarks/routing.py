@@ -55,7 +55,7 @@ import aiohttp
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without installing
-from pdproxy.app import FLOW, build_app, start_server
+from pdproxy.app import build_app, start_server
 from pdproxy.mock import BLOCK_SIZE, MockConfig, MockEngine, start_mock
 from pdproxy.policies import PolicyOptions, make_balancer
 from pdproxy.request import ProxyRequest
@@ -383,7 +383,7 @@ async def run_policy(workload: Workload, policy: str, args: argparse.Namespace) 
         )
         app = build_app(settings, rng=random.Random(args.seed))
         if policy == "oracle":
-            app[FLOW].prefill_policy = PinByGroup(urls)
+            app.flow.prefill.policy = PinByGroup(urls)
         proxy_runner, proxy_url = await start_server(app, "127.0.0.1", 0)
         runners.append(proxy_runner)
         progress = Progress(f"{workload.name} / {policy}", workload.requests)

@@ -208,6 +208,30 @@ class PdProxy(System):
         return running
 
 
+class Floor(System):
+    name = "floor"
+    description = ("benchmarks/floor_proxy.py: a bare PD proxy on raw asyncio protocols (httptools, uvloop), no "
+                   "error handling, health, metrics or timeouts: a floor, not a product")
+
+    def start(self, engines: Engines, opts: Options, workload: Any) -> Running:
+        log = opts.logs / f"{workload.name}-{self.name}.log"
+        command = [sys.executable, str(HERE / "floor_proxy.py"), "--prefill", ",".join(engines.prefill),
+                   "--decode", ",".join(engines.decode), "--port", "0"]
+        if workload.proxy_processes > 1:
+            raise Skip("one process only: it cannot hold this many streams under the fd limit")
+        try:
+            ((process, url),) = processes.start_servers([(command, "listening on")], log=log)
+        except RuntimeError as exc:
+            raise Skip(str(exc)) from None
+        running = Running(self.name, url, [process], [process])
+        try:
+            probe(url, 30, process, log)
+        except BaseException:
+            running.stop()
+            raise
+        return running
+
+
 class Nginx(System):
     name = "nginx"
     description = "nginx from Debian, plain reverse proxy to the decode engines only (no prefill: a C proxy's ceiling)"
@@ -362,4 +386,4 @@ class SglangRouter(System):
         return running
 
 
-ALL: dict[str, type[System]] = {cls.name: cls for cls in (DirectPD, PdProxy, Nginx, VllmRouter, SglangRouter)}
+ALL: dict[str, type[System]] = {cls.name: cls for cls in (DirectPD, PdProxy, Floor, Nginx, VllmRouter, SglangRouter)}

@@ -15,9 +15,9 @@ import pytest
 from aiohttp import web
 
 from pdproxy.app import BOARD, FLOW, METRICS, build_app, start_server
-from pdproxy.flow import PDFlow
 from pdproxy.metrics import Metrics
 from pdproxy.mock import MockConfig, MockEngine, start_mock
+from pdproxy.proxy.orchestrator import Orchestrator
 from pdproxy.settings import Settings
 from pdproxy.upstreams import State, Upstream
 
@@ -85,7 +85,7 @@ class Cluster:
         await self.app[BOARD].wait_for(lambda: upstream.state in states, timeout)
 
     @property
-    def flow(self) -> PDFlow:
+    def flow(self) -> Orchestrator:
         return self.app[FLOW]
 
     @property

@@ -13,7 +13,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import orjson
-from aiohttp import web
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -27,6 +26,9 @@ from pydantic import (
 )
 
 from pdproxy.errors import Forbidden, InvalidRequest, NotFound, PayloadTooLarge, Unauthorized
+from pdproxy.http.request import Request
+from pdproxy.http.response import Response, json_response
+from pdproxy.http.router import Router
 from pdproxy.membership import Membership
 from pdproxy.settings import describe_validation_error
 from pdproxy.upstreams import MAX_WEIGHT, Role, Upstream, normalize_url
@@ -35,7 +37,7 @@ MAX_ADMIN_BODY = 64 * 1024
 MAX_BULK = 256
 _FORWARDED = ("X-Forwarded-For", "Forwarded", "X-Real-IP")
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Handler = Callable[[Request], Awaitable[Response]]
 
 
 class AddUpstream(BaseModel):
@@ -78,16 +80,16 @@ class AdminApi:
         self._token = token.encode() if token else None
         self._default_caps = default_caps
 
-    def add_routes(self, app: web.Application) -> None:
+    def add_routes(self, router: Router) -> None:
         guard = self._guarded
-        app.router.add_get("/admin/upstreams", guard(self.list_upstreams))
-        app.router.add_post("/admin/upstreams", guard(self.add))
-        app.router.add_delete("/admin/upstreams", guard(self.delete_by_url))
-        app.router.add_delete("/admin/upstreams/{id}", guard(self.delete))
-        app.router.add_patch("/admin/upstreams/{id}", guard(self.patch))
+        router.add("GET", "/admin/upstreams", guard(self.list_upstreams))
+        router.add("POST", "/admin/upstreams", guard(self.add))
+        router.add("DELETE", "/admin/upstreams", guard(self.delete_by_url))
+        router.add("DELETE", "/admin/upstreams/{id}", guard(self.delete))
+        router.add("PATCH", "/admin/upstreams/{id}", guard(self.patch))
 
     def _guarded(self, handler: Handler) -> Handler:
-        async def guarded(request: web.Request) -> web.StreamResponse:
+        async def guarded(request: Request) -> Response:
             try:
                 self.authorize(request)
                 response = await handler(request)
@@ -98,14 +100,14 @@ class AdminApi:
 
         return guarded
 
-    def authorize(self, request: web.Request) -> None:
+    def authorize(self, request: Request) -> None:
         """Raise unless the caller may use the admin API."""
         authorize(request, self._token)
 
-    async def list_upstreams(self, request: web.Request) -> web.Response:
+    async def list_upstreams(self, request: Request) -> Response:
         return _json({"upstreams": [self._view(u) for u in self.membership.members()]})
 
-    async def add(self, request: web.Request) -> web.Response:
+    async def add(self, request: Request) -> Response:
         payload = await _read_json(request)
         items = payload if isinstance(payload, list) else [payload]
         if not items or len(items) > MAX_BULK:
@@ -122,11 +124,11 @@ class AdminApi:
         body = {"upstreams": results} if isinstance(payload, list) else {"upstream": results[0]}
         return _json(body, status)
 
-    async def delete(self, request: web.Request) -> web.Response:
+    async def delete(self, request: Request) -> Response:
         return self._remove(self._by_id(request), request)
 
-    async def delete_by_url(self, request: web.Request) -> web.Response:
-        role, url = request.query.get("role"), request.query.get("url")
+    async def delete_by_url(self, request: Request) -> Response:
+        role, url = request.query().get("role"), request.query().get("url")
         if role not in ("prefill", "decode") or not url:
             raise InvalidRequest("give ?role=prefill|decode&url=<upstream url>, or DELETE /admin/upstreams/{id}")
         try:
@@ -137,8 +139,8 @@ class AdminApi:
             raise NotFound(f"no {role} upstream {url}")
         return self._remove(upstream, request)
 
-    def _remove(self, upstream: Upstream, request: web.Request) -> web.Response:
-        force = request.query.get("force", "false").lower() in ("1", "true", "yes")
+    def _remove(self, upstream: Upstream, request: Request) -> Response:
+        force = request.query().get("force", "false").lower() in ("1", "true", "yes")
         removed = self.membership.remove(upstream, force=force)
         if removed:
             return _json({"upstream": self._view(upstream), "removed": True})
@@ -146,7 +148,7 @@ class AdminApi:
                       "message": f"draining: removed once its {upstream.in_flight} requests in flight finish"},
                      202)
 
-    async def patch(self, request: web.Request) -> web.Response:
+    async def patch(self, request: Request) -> Response:
         upstream = self._by_id(request)
         change = _validate(PatchUpstream, await _read_json(request), "change")
         if change.weight is not None:
@@ -155,7 +157,7 @@ class AdminApi:
             self.membership.set_drained(upstream, change.drain)
         return _json({"upstream": self._view(upstream)})
 
-    def _by_id(self, request: web.Request) -> Upstream:
+    def _by_id(self, request: Request) -> Upstream:
         upstream = self.membership.get(request.match_info["id"])
         if upstream is None:
             raise NotFound(f"no upstream with id {request.match_info['id']!r}")
@@ -165,7 +167,7 @@ class AdminApi:
         return {**upstream.describe(), "removing": self.membership.removing(upstream)}
 
 
-def authorize(request: web.Request, token: bytes | None) -> None:
+def authorize(request: Request, token: bytes | None) -> None:
     """Raise Unauthorized or Forbidden unless the caller may use the admin API (here or in the
     supervisor of worker processes): the bearer `token` when there is one, else loopback only."""
     if token is not None:
@@ -173,7 +175,7 @@ def authorize(request: web.Request, token: bytes | None) -> None:
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token):
             raise Unauthorized("the admin API needs 'Authorization: Bearer <admin token>'")
         return
-    if not _is_loopback(request.remote) or any(name in request.headers for name in _FORWARDED):
+    if not _is_loopback(request.remote) or any(request.headers.get(name) is not None for name in _FORWARDED):
         raise Forbidden("the admin API answers only loopback clients unless --admin-token is set")
 
 
@@ -184,12 +186,8 @@ def _is_loopback(remote: str | None) -> bool:
         return False
 
 
-async def _read_json(request: web.Request) -> Any:
-    if request.content_length is not None and request.content_length > MAX_ADMIN_BODY:
-        raise PayloadTooLarge(f"admin requests are limited to {MAX_ADMIN_BODY} bytes")
-    raw = await request.content.read(MAX_ADMIN_BODY + 1)
-    while len(raw) <= MAX_ADMIN_BODY and not request.content.at_eof():
-        raw += await request.content.read(MAX_ADMIN_BODY + 1 - len(raw))
+async def _read_json(request: Request) -> Any:
+    raw = request.body
     if len(raw) > MAX_ADMIN_BODY:
         raise PayloadTooLarge(f"admin requests are limited to {MAX_ADMIN_BODY} bytes")
     try:
@@ -207,5 +205,5 @@ def _validate(model: type[Any], item: Any, what: str) -> Any:
         raise InvalidRequest(f"invalid {what}: {describe_validation_error(exc)}") from None
 
 
-def _json(body: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+def _json(body: Any, status: int = 200) -> Response:
+    return json_response(body, status)

@@ -11,7 +11,7 @@ from typing import Any
 
 TIMEOUT = 10.0
 COLUMNS = (("ID", "id"), ("ROLE", "role"), ("URL", "url"), ("STATE", "state"), ("WEIGHT", "weight"),
-           ("IN-FLIGHT", "in_flight"), ("SERVED", "served"), ("LAST ERROR", "last_error"))
+           ("IN-FLIGHT", "in_flight"), ("SERVED", "served"), ("SOURCE", "source"), ("LAST ERROR", "last_error"))
 
 
 class AdminClientError(Exception):

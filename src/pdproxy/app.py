@@ -1,4 +1,4 @@
-"""Build the aiohttp application from Settings, and run it."""
+"""Build one pdproxy process from Settings, and run it."""
 
 from __future__ import annotations
 
@@ -7,38 +7,102 @@ import logging
 import random
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from typing import Any
-
-import aiohttp
-from aiohttp import web
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from pdproxy.admin import AdminApi
 from pdproxy.admission import AdmissionQueue
-from pdproxy.api import OpenAIApi, openai_errors
-from pdproxy.flow import FlowLimits, FlowTimeouts, PDFlow
+from pdproxy.client import ClientOptions, UpstreamClient
+from pdproxy.discovery import Discovery, build_discovery
+from pdproxy.handoff import make_handoff
 from pdproxy.health import ActiveHealthChecker, StateBoard, http_probe
-from pdproxy.kv import make_adapter
+from pdproxy.http.api import OpenAIApi
+from pdproxy.http.limits import ServerLimits
+from pdproxy.http.request import Request
+from pdproxy.http.response import Response
+from pdproxy.http.router import Router
+from pdproxy.http.server import Server
+from pdproxy.http.server import start_server as start_http_server
 from pdproxy.membership import Hooks, Membership, read_state_file
 from pdproxy.metrics import CONTENT_TYPE, Metrics
 from pdproxy.outlier import ConsecutiveFailureDetector, NoOutlierDetection, OutlierDetector
 from pdproxy.policies import PolicyOptions, make_balancer
+from pdproxy.proxy.orchestrator import FlowLimits, FlowTimeouts, Orchestrator
+from pdproxy.proxy.passthrough import Passthrough
 from pdproxy.settings import Settings
 from pdproxy.upstreams import Role, State, Upstream, UpstreamPool
 
 log = logging.getLogger("pdproxy")
 
-FLOW = web.AppKey("flow", PDFlow)
-METRICS = web.AppKey("metrics", Metrics)
-BOARD = web.AppKey("board", StateBoard)
-MEMBERSHIP = web.AppKey("membership", Membership)
-ADMIN = web.AppKey("admin", AdminApi)  # present when the admin API has its own listener
+# Keys of an App's parts (`app[FLOW]`), for the worker control plane and the tests.
+FLOW, METRICS, BOARD, MEMBERSHIP, ADMIN = "flow", "metrics", "board", "membership", "admin"
 LISTEN_BACKLOG = 2048
-SHUTDOWN_GRACE = 1.0  # seconds aiohttp waits for handlers at cleanup, after our own drain
 
 
-def build_app(settings: Settings, *, rng: random.Random | None = None, persist: bool = True) -> web.Application:
-    """Wire pools, policies, health, membership, the flow and the routes.
+class Service(Protocol):
+    """Something an App runs beside the requests: started with it, stopped before it closes."""
+
+    def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+@dataclass(slots=True)
+class App:
+    """Everything one pdproxy process runs: the orchestrator and what feeds it, and its routes.
+
+    `admin` is set only when the admin API has its own listener (`--admin-port`); otherwise its routes
+    are on the main router."""
+
+    router: Router
+    flow: Orchestrator
+    metrics: Metrics
+    board: StateBoard
+    membership: Membership
+    client: UpstreamClient
+    limits: ServerLimits
+    checker: ActiveHealthChecker | None = None
+    admin: AdminApi | None = None
+    discovery: Discovery | None = None
+    services: list[Service] = field(default_factory=list)  # run beside the requests (pdproxy.routing's)
+    _started: bool = field(default=False, repr=False)
+
+    def __getitem__(self, key: str) -> Any:
+        value = getattr(self, key)
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def __contains__(self, key: str) -> bool:
+        return getattr(self, key, None) is not None
+
+    async def startup(self) -> None:
+        """Start what runs beside the requests (active health checks, discovery)."""
+        if not self._started:
+            self._started = True
+            if self.checker is not None:
+                self.checker.start(self.membership.members())
+            if self.discovery is not None:
+                self.discovery.start()
+            for service in self.services:
+                service.start()
+
+    async def cleanup(self) -> None:
+        """Stop discovery and the health checks, and close every upstream connection."""
+        if self._started:
+            self._started = False
+            for service in self.services:
+                await service.stop()
+            if self.discovery is not None:
+                await self.discovery.stop()
+            if self.checker is not None:
+                await self.checker.stop()
+            await self.client.close()
+
+
+def build_app(settings: Settings, *, rng: random.Random | None = None, persist: bool = True) -> App:
+    """Wire pools, policies, health, membership, the orchestrator and the routes.
 
     `persist=False` restores from `settings.state_file` but never writes it: with several worker
     processes only worker 0 writes, so the file has one writer.
@@ -48,7 +112,7 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
     caps = {Role.PREFILL: settings.prefill_max_in_flight, Role.DECODE: settings.decode_max_in_flight}
     pools = {role: UpstreamPool(role, members) for role, members in _initial_members(settings, caps).items()}
     for role, pool in pools.items():
-        if not pool.members:
+        if not pool.members and role.value not in settings.discovered_roles():
             raise ValueError(f"no {role.value} servers (the state file {settings.state_file} lists none)")
     policy_options = PolicyOptions(
         prefix_chars=settings.prefix_hash_chars, vnodes=settings.prefix_hash_vnodes,
@@ -74,26 +138,38 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
         admission.wake()
         membership.lease_released(upstream)
 
-    flow = PDFlow(
+    def on_stale_retry(url: str) -> None:
+        """A reused connection failed before any byte and the call went again on a fresh one: its own outcome,
+        never counted against the upstream."""
+        for pool in pools.values():
+            upstream = pool.find(url)
+            if upstream is not None:
+                metrics.upstream_requests.labels(pool.role.value, url, "stale_retry").inc()
+                return
+
+    client = UpstreamClient(ClientOptions(connect_timeout=settings.connect_timeout), on_stale_retry=on_stale_retry)
+    limits = FlowLimits(settings.prefill_retries, settings.flow_retries, settings.max_concurrency)
+    flow = Orchestrator(
         prefill_pool=pools[Role.PREFILL],
         decode_pool=pools[Role.DECODE],
         prefill_policy=make_balancer(settings.prefill_policy, policy_options, rng=rng),
         decode_policy=make_balancer(settings.decode_policy, policy_options, rng=rng),
-        kv=make_adapter(settings.kv_adapter),
+        handoff=make_handoff(settings.kv_adapter),
+        client=client,
         timeouts=FlowTimeouts(
             connect=settings.connect_timeout, prefill=settings.prefill_timeout,
             prefill_deadline=settings.prefill_deadline, decode_first_byte=settings.decode_first_byte_timeout,
             stream_idle=settings.stream_idle_timeout, decode_total=settings.decode_timeout,
         ),
-        limits=FlowLimits(settings.prefill_retries, settings.flow_retries, settings.max_concurrency),
+        limits=limits,
         admission=admission,
         outlier=outlier,
         metrics=metrics,
-        access_log=settings.access_log_format if settings.access_log else "off",
+        access_log_format=settings.access_log_format if settings.access_log else "off",
         on_release=on_release,
     )
     checker = ActiveHealthChecker(
-        board, http_probe(lambda: flow.session, settings.health_path, settings.health_timeout),
+        board, http_probe(lambda: client, settings.health_path, settings.health_timeout),
         interval=settings.health_interval, rise=settings.health_rise, fall=settings.health_fall,
         ejection_over=outlier.ejection_over, rng=rng,
     ) if health_on else None
@@ -115,23 +191,21 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
     metrics.watch_upstreams(membership.members, (state.value for state in State if state is not State.REMOVED))
     metrics.queue_waiting.set_function(lambda: admission.waiting)
 
-    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[openai_errors])
-    app[FLOW] = flow
-    app[METRICS] = metrics
-    app[BOARD] = board
-    app[MEMBERSHIP] = membership
+    router = Router()
     api_key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
-    OpenAIApi(flow, max_body_bytes=settings.max_body_bytes, upstream_api_key=api_key).add_routes(app)
+    models = Passthrough(pool=pools[Role.DECODE], policy=flow.decode_policy, client=client,
+                         timeout=settings.decode_first_byte_timeout, max_answer_bytes=limits.max_answer_bytes,
+                         on_release=on_release)
+    OpenAIApi(flow, models, upstream_api_key=api_key).add_routes(router)
     if settings.metrics_port is None:
-        app.router.add_get("/metrics", _metrics_handler(metrics))
+        router.add("GET", "/metrics", metrics_handler(metrics))
     admin = _admin_api(settings, membership, caps)
     if settings.admin_port is None:
-        admin.add_routes(app)
-    else:
-        app[ADMIN] = admin
-    app.cleanup_ctx.append(_client_session(flow))
-    if checker is not None:
-        app.cleanup_ctx.append(_health_checks(checker, membership))
+        admin.add_routes(router)
+    server_limits = ServerLimits(max_body_bytes=settings.max_body_bytes)
+    app = App(router, flow, metrics, board, membership, client, server_limits, checker,
+              admin if settings.admin_port is not None else None,
+              build_discovery(settings, membership, metrics, caps))
     if settings.kv_events or settings.engine_metrics_interval:  # pdproxy.routing: the engines' own view
         from pdproxy.routing.wiring import enable_routing
 
@@ -159,76 +233,58 @@ def _admin_api(settings: Settings, membership: Membership, caps: dict[Role, int]
     return AdminApi(membership, token=token, default_caps=caps)
 
 
-def build_admin_app(admin: AdminApi) -> web.Application:
+def admin_router(admin: AdminApi) -> Router:
     """The admin routes alone, for a separate listener (`--admin-port`)."""
-    app = web.Application(middlewares=[openai_errors])
-    admin.add_routes(app)
-    return app
+    router = Router()
+    admin.add_routes(router)
+    return router
 
 
-def build_metrics_app(metrics: Metrics) -> web.Application:
+def metrics_router(metrics: Metrics) -> Router:
     """`/metrics` alone, for a separate listener (`--metrics-port`)."""
-    app = web.Application()
-    app.router.add_get("/metrics", _metrics_handler(metrics))
-    return app
+    router = Router()
+    router.add("GET", "/metrics", metrics_handler(metrics))
+    return router
 
 
-def _metrics_handler(metrics: Metrics) -> Callable[[web.Request], Awaitable[web.Response]]:
-    async def handler(request: web.Request) -> web.Response:
-        return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+def metrics_handler(metrics: Metrics):
+    async def handler(request: Request) -> Response:
+        return Response(body=metrics.render(), content_type=CONTENT_TYPE)
 
     return handler
 
 
-def _health_checks(
-    checker: ActiveHealthChecker, membership: Membership
-) -> Callable[[web.Application], AsyncIterator[None]]:
-    """Active probes run while the application runs (after the client session exists)."""
+class Runner:
+    """A started listener (and, for the main one, the App behind it): `cleanup()` stops both."""
 
-    async def context(app: web.Application) -> AsyncIterator[None]:
-        checker.start(membership.members())
-        try:
-            yield
-        finally:
-            await checker.stop()
+    def __init__(self, server: Server, app: App | None = None) -> None:
+        self.server = server
+        self.app = app
 
-    return context
+    async def cleanup(self) -> None:
+        await self.server.close()
+        if self.app is not None:
+            await self.app.cleanup()
 
 
-def _client_session(flow: PDFlow) -> Callable[[web.Application], AsyncIterator[None]]:
-    """One keep-alive pooled ClientSession per application, for every upstream call."""
-
-    async def context(app: web.Application) -> AsyncIterator[None]:
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
-        # auto_decompress off and no Accept-Encoding: upstream bytes reach the client as sent.
-        # No cookie jar: cookies one upstream sets must never ride along on other clients' requests.
-        flow.session = aiohttp.ClientSession(
-            connector=connector, auto_decompress=False, skip_auto_headers=("Accept-Encoding", "User-Agent"),
-            cookie_jar=aiohttp.DummyCookieJar(),
-        )
-        try:
-            yield
-        finally:
-            await flow.session.close()
-
-    return context
-
-
-async def start_server(app: web.Application, host: str, port: int, *,
-                       reuse_port: bool = False) -> tuple[web.AppRunner, str]:
-    """Start `app` on host:port (0 picks a free port); returns the runner and the base URL.
-
-    `reuse_port`: share the port with other processes' sockets (SO_REUSEPORT; worker processes)."""
-    # The drain happens before cleanup; what is left by then is cut after a short grace period.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=LISTEN_BACKLOG, reuse_port=reuse_port or None)
-    await site.start()
-    server = site._server
-    assert server is not None and server.sockets
-    bound_port = server.sockets[0].getsockname()[1]
+async def start_server(app: App | Router, host: str, port: int, *, reuse_port: bool = False,
+                       limits: ServerLimits | None = None) -> tuple[Runner, str]:
+    """Start `app` (a whole App, or a bare Router) on host:port (0 picks a free port); the runner and
+    the base URL. `reuse_port`: share the port with other processes' sockets (SO_REUSEPORT; workers)."""
+    if isinstance(app, App):
+        await app.startup()
+        router, limits = app.router, limits or app.limits
+    else:
+        router, limits = app, limits or ServerLimits()
+    try:
+        server = await start_http_server(router, host, port, limits=limits, reuse_port=reuse_port,
+                                         backlog=LISTEN_BACKLOG)
+    except BaseException:
+        if isinstance(app, App):
+            await app.cleanup()
+        raise
     shown_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
-    return runner, f"http://{shown_host}:{bound_port}"
+    return Runner(server, app if isinstance(app, App) else None), f"http://{shown_host}:{server.port}"
 
 
 async def wait_for_signal() -> None:
@@ -244,10 +300,10 @@ async def wait_for_signal() -> None:
             loop.remove_signal_handler(sig)
 
 
-async def serve(app: web.Application, settings: Settings) -> None:
+async def serve(app: App, settings: Settings) -> None:
     """Run the proxy until SIGINT/SIGTERM, then drain: /health and new requests get 503 at once,
     requests in flight run to completion for up to `drain_timeout` seconds."""
-    runners = []
+    runners: list[Runner] = []
     try:
         runner, url = await start_server(app, settings.host, settings.port)
         runners.append(runner)
@@ -258,24 +314,25 @@ async def serve(app: web.Application, settings: Settings) -> None:
             ", ".join(s.url for s in settings.decode_servers),
         )
         if settings.metrics_port is not None:
-            runner, _ = await start_server(build_metrics_app(app[METRICS]), settings.host, settings.metrics_port)
+            runner, _ = await start_server(metrics_router(app.metrics), settings.host, settings.metrics_port)
             runners.append(runner)
             log.info("metrics on http://%s:%s/metrics", settings.host, settings.metrics_port)
-        if ADMIN in app:
-            runner, admin_url = await start_server(build_admin_app(app[ADMIN]), settings.admin_host,
+        if app.admin is not None:
+            runner, admin_url = await start_server(admin_router(app.admin), settings.admin_host,
                                                    settings.admin_port or 0)
             runners.append(runner)
             log.info("admin API on %s/admin/upstreams", admin_url)
         await wait_for_signal()
-        await drain(app[FLOW], settings.drain_timeout)
+        await drain(app.flow, settings.drain_timeout)
     finally:
         for runner in runners:
             await runner.cleanup()
         log.info("pdproxy stopped")
 
 
-async def drain(flow: PDFlow, timeout: float) -> None:
-    """Refuse new requests and wait up to `timeout` seconds for those in flight."""
+async def drain(flow: Orchestrator, timeout: float) -> None:
+    """Refuse new requests (503, so load balancers and clients go elsewhere) and wait up to `timeout`
+    seconds for those in flight; closing the listeners afterwards closes the idle client connections."""
     flow.start_drain()
     log.info("draining: %d requests in flight, waiting up to %gs (a second signal stops at once)",
              flow.in_flight, timeout)

@@ -6,7 +6,7 @@ import logging
 
 from aiohttp import web
 
-from pdproxy.app import build_app, start_server, wait_for_signal
+from pdproxy.app import Runner, build_app, start_server, wait_for_signal
 from pdproxy.mock import MockConfig, start_mock
 from pdproxy.settings import Settings
 
@@ -39,7 +39,7 @@ Health: {url}/health    Metrics: {url}/metrics
 
 async def run_demo(host: str, port: int, prefill_policy: str = "least_conn") -> None:
     """Start the mocks on free loopback ports and the proxy on host:port; run until a signal."""
-    runners: list[web.AppRunner] = []
+    runners: list[web.AppRunner | Runner] = []
     try:
         prefill_urls = []
         for _ in range(2):

@@ -7,7 +7,11 @@
     │   ├── Forbidden               403     (admin API: not loopback and no token configured)
     │   ├── NotFound                404
     │   ├── MethodNotAllowed        405
-    │   └── PayloadTooLarge         413
+    │   ├── RequestTimeout          408     (the client was too slow sending its request)
+    │   ├── PayloadTooLarge         413
+    │   ├── UnsupportedMediaType    415     (a request Content-Encoding the proxy cannot decode)
+    │   ├── ExpectationFailed       417     (an Expect other than 100-continue)
+    │   └── HeadersTooLarge         431
     ├── Unavailable                 503     internal  no     service_unavailable   (no routable upstream)
     ├── UpstreamError               502     prefill/  yes    upstream_error
     │   ├── UpstreamConnectError    502     decode
@@ -18,17 +22,15 @@
     └── UpstreamRejected            4xx     client    no     relayed unchanged: the client's own mistake
 
 Every error knows the HTTP status it maps to, which side caused it (for logs and
-metrics) and whether the flow may retry it on another upstream. aiohttp client
-exceptions are translated in one place, `from_client_exception`.
+metrics) and whether the flow may retry it on another upstream. Upstream-call failures are
+translated in one place, `pdproxy.proxy.calls.translate`.
 """
 
 from __future__ import annotations
 
-import asyncio
-
-import aiohttp
 import orjson
-from aiohttp import web
+
+from pdproxy.http.response import Response
 
 
 class ProxyError(Exception):
@@ -54,11 +56,10 @@ class ProxyError(Exception):
                        "code": self.status}}
         )
 
-    def response(self, request_id: str | None = None) -> web.Response:
+    def response(self, request_id: str | None = None) -> Response:
         """An HTTP response carrying this error."""
         headers = {**self.headers, "X-Request-Id": request_id} if request_id else self.headers
-        return web.Response(status=self.status, body=self.body(), content_type="application/json",
-                            headers=headers)
+        return Response(status=self.status, body=self.body(), headers=tuple(headers.items()))
 
     def sse_event(self) -> bytes:
         """A final SSE event for a stream that already started: the client reads it as an error."""
@@ -99,8 +100,24 @@ class MethodNotAllowed(ClientError):
     status = 405
 
 
+class RequestTimeout(ClientError):
+    status = 408
+
+
 class PayloadTooLarge(ClientError):
     status = 413
+
+
+class UnsupportedMediaType(ClientError):
+    status = 415
+
+
+class ExpectationFailed(ClientError):
+    status = 417
+
+
+class HeadersTooLarge(ClientError):
+    status = 431
 
 
 class Unavailable(ProxyError):
@@ -167,27 +184,6 @@ class UpstreamRejected(ProxyError):
     def body(self) -> bytes:
         return self.payload
 
-    def response(self, request_id: str | None = None) -> web.Response:
-        headers = {"Content-Type": self.content_type}
-        if request_id:
-            headers["X-Request-Id"] = request_id
-        return web.Response(status=self.status, body=self.payload, headers=headers)
-
-
-def from_client_exception(
-    exc: BaseException, *, side: str, upstream: str, stage: str, timeout: float | None = None
-) -> UpstreamError:
-    """Translate an aiohttp/asyncio client failure into the error tree (the one boundary that does)."""
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return UpstreamTimeout(f"connecting to {side} upstream {upstream} timed out", side=side, upstream=upstream,
-                               stage="connect")
-    if isinstance(exc, asyncio.TimeoutError):
-        after = f" after {round(timeout, 2):g}s" if timeout else ""
-        return UpstreamTimeout(f"{side} upstream {upstream} timed out ({stage.replace('_', ' ')}{after})",
-                               side=side, upstream=upstream, stage=stage)
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return UpstreamConnectError(f"cannot connect to {side} upstream {upstream}: {exc.os_error}",
-                                    side=side, upstream=upstream, stage="connect")
-    reason = str(exc) or type(exc).__name__
-    return UpstreamConnectError(f"{side} upstream {upstream} failed ({stage.replace('_', ' ')}): {reason}",
-                                side=side, upstream=upstream, stage=stage)
+    def response(self, request_id: str | None = None) -> Response:
+        headers = (("X-Request-Id", request_id),) if request_id else ()
+        return Response(status=self.status, body=self.payload, headers=headers, content_type=self.content_type)

@@ -13,8 +13,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable, Iterable
 
-import aiohttp
-
+from pdproxy.client import CallError, UpstreamClient
 from pdproxy.upstreams import State, Upstream
 
 log = logging.getLogger("pdproxy.health")
@@ -179,20 +178,21 @@ class ActiveHealthChecker:
                                 f"{counter.failures} health probes failed while ejected, last: {error}")
 
 
-def http_probe(session: Callable[[], aiohttp.ClientSession | None], path: str, timeout: float) -> Probe:
-    """GET <upstream><path> with the app's client session: any 2xx within `timeout` is healthy."""
-    client_timeout = aiohttp.ClientTimeout(total=timeout)
+PROBE_MAX_BYTES = 64 * 1024  # a health answer larger than this is not a health answer
+
+
+def http_probe(client: Callable[[], UpstreamClient | None], path: str, timeout: float) -> Probe:
+    """GET <upstream><path> with the process's upstream client: any 2xx within `timeout` is healthy."""
 
     async def probe(upstream: Upstream) -> str | None:
-        client = session()
-        assert client is not None, "probes run only while the application runs"
+        upstreams = client()
+        assert upstreams is not None, "probes run only while the application runs"
         try:
-            async with client.get(upstream.url + path, timeout=client_timeout) as resp:
-                await resp.read()
-                return None if 200 <= resp.status < 300 else f"GET {path} answered {resp.status}"
-        except asyncio.TimeoutError:
-            return f"GET {path} timed out after {timeout:g}s"
-        except aiohttp.ClientError as exc:
-            return f"GET {path} failed: {str(exc) or type(exc).__name__}"
+            resp = await upstreams.fetch(upstream.url, "GET", path, timeout=timeout, max_bytes=PROBE_MAX_BYTES)
+        except CallError as exc:
+            if exc.kind in ("timeout", "first_byte_timeout", "connect_timeout"):
+                return f"GET {path} timed out after {timeout:g}s"
+            return f"GET {path} failed: {str(exc) or exc.kind}"
+        return None if 200 <= resp.status < 300 else f"GET {path} answered {resp.status}"
 
     return probe

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pdproxy.health import StateBoard
-from pdproxy.upstreams import MAX_WEIGHT, Role, State, Upstream, UpstreamPool, normalize_url
+from pdproxy.upstreams import ADMIN, CONFIGURED, MAX_WEIGHT, Role, State, Upstream, UpstreamPool, normalize_url
 
 log = logging.getLogger("pdproxy.membership")
 
@@ -78,9 +78,10 @@ class Membership:
         return upstream.id in self._removing
 
     def add(self, role: Role, url: str, *, weight: int = 1, max_in_flight: int = 0,
-            skip_warmup: bool = False) -> tuple[Upstream, bool]:
+            skip_warmup: bool = False, by: str = ADMIN) -> tuple[Upstream, bool]:
         """Add an upstream; (upstream, created). Re-adding one that exists is harmless: a draining
-        one is taken back, a new weight or cap is applied."""
+        one is taken back, a new weight or cap is applied. `by` (admin, or a discovery source's name)
+        becomes a new upstream's `source`."""
         existing = self.find(role, url)
         if existing is not None:
             existing.weight, existing.max_in_flight = weight, max_in_flight
@@ -90,42 +91,49 @@ class Membership:
             self.save()
             return existing, False
         state = State.WARMING if self._warmup and not skip_warmup else State.UNKNOWN
-        upstream = Upstream(role, url, weight, max_in_flight, state=state)
+        upstream = Upstream(role, url, weight, max_in_flight, state=state, source=by)
         self.pools[role].add(upstream)
-        log.info("%s upstream %s added (%s, weight %d)", role.value, url, state.value, weight)
+        log.info("%s upstream %s added by %s (%s, weight %d)", role.value, url, by, state.value, weight)
         self.hooks.watch(upstream)
-        self.hooks.changed("add")
+        self._changed(by, "add")
         self.save()
         self._board.notify()
         return upstream, True
 
-    def remove(self, upstream: Upstream, *, force: bool = False) -> bool:
+    def remove(self, upstream: Upstream, *, force: bool = False, by: str = ADMIN) -> bool:
         """Drain then remove; with `force`, remove now and cut its open streams. True once removed."""
         if force:
             cut = self.hooks.cut_streams(upstream, f"decode upstream {upstream.url} was removed by an operator")
             self._detach(upstream, f"removed at once, {cut} open streams cut")
-            self.hooks.changed("force_remove")
+            self._changed(by, "force_remove")
             return True
         self._removing.add(upstream.id)
-        self._board.set(upstream, State.DRAINING, "removal requested: draining")
-        self.hooks.changed("remove")
+        self._board.set(upstream, State.DRAINING, "removal requested: draining" if by == ADMIN
+                        else f"gone from {by} discovery: draining")
+        self._changed(by, "remove")
         self.save()
         return self.lease_released(upstream)
 
-    def set_drained(self, upstream: Upstream, drained: bool) -> None:
+    def set_drained(self, upstream: Upstream, drained: bool, *, by: str = ADMIN) -> None:
         """Pause (drain without removing) or resume an upstream."""
+        who = "an operator" if by == ADMIN else f"{by} discovery (not ready)"
         if drained:
-            self._board.set(upstream, State.DRAINING, "drained by an operator")
+            self._board.set(upstream, State.DRAINING, f"drained by {who}")
         elif upstream.state is State.DRAINING:
             self._removing.discard(upstream.id)
-            self._board.set(upstream, State.UNKNOWN, "undrained by an operator")
-        self.hooks.changed("drain" if drained else "undrain")
+            self._board.set(upstream, State.UNKNOWN, f"undrained by {who.removesuffix(' (not ready)')}")
+        self._changed(by, "drain" if drained else "undrain")
         self.save()
 
-    def set_weight(self, upstream: Upstream, weight: int) -> None:
+    def set_weight(self, upstream: Upstream, weight: int, *, by: str = ADMIN) -> None:
         upstream.weight = weight
-        self.hooks.changed("update")
+        self._changed(by, "update")
         self.save()
+
+    def _changed(self, by: str, action: str) -> None:
+        """The admin-changes metric counts the admin API only; discovery counts its own."""
+        if by == ADMIN:
+            self.hooks.changed(action)
 
     def lease_released(self, upstream: Upstream) -> bool:
         """Called on every lease release: finish a removal once the upstream is idle. True if removed."""
@@ -175,8 +183,8 @@ class Membership:
         specs = [
             {"role": u.role.value, "url": u.url, "weight": u.weight, "max_in_flight": u.max_in_flight,
              "drained": u.state is State.DRAINING}
-            for u in self.members() if u.id not in self._removing
-        ]
+            for u in self.members() if u.id not in self._removing and u.source in (CONFIGURED, ADMIN)
+        ]  # discovered upstreams are not kept: their source lists them again at start-up
         return json.dumps({"version": STATE_FILE_VERSION, "upstreams": specs}, indent=2).encode()
 
     def _write(self, data: bytes) -> None:

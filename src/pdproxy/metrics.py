@@ -118,6 +118,18 @@ class Metrics:
         self.kv_handoff_missing = Counter("pdproxy_kv_handoff_missing",
                                           "Prefill answers without kv_transfer_params (D recomputes).",
                                           registry=registry)
+        self.discovery_updates = Counter("pdproxy_discovery_updates",
+                                         "Complete upstream lists read from the discovery source.", ("source",),
+                                         registry=registry)
+        self.discovery_errors = Counter("pdproxy_discovery_errors",
+                                        "Looks at the discovery source that failed (the last list was kept).",
+                                        ("source",), registry=registry)
+        self.discovery_changes = Counter("pdproxy_discovery_changes",
+                                         "Membership changes made by discovery (add, remove, drain, undrain, "
+                                         "update).", ("source", "action"), registry=registry)
+        self.discovery_last_success = Gauge("pdproxy_discovery_last_success_timestamp_seconds",
+                                            "Unix time of the last good list from the discovery source.",
+                                            ("source",), registry=registry)
 
     def watch_upstreams(self, upstreams: Callable[[], Iterable[Any]], states: Iterable[str]) -> None:
         """Expose the pools' live state at scrape time."""

@@ -16,7 +16,7 @@ class ProxyRequest:
     body: dict[str, Any]
     stream: bool
     request_id: str
-    headers: dict[str, str]  # sent to both legs: X-Request-Id, Authorization, trace context
+    headers: bytes  # header lines sent to both legs (X-Request-Id, Authorization, trace context), built once
 
     def prompt_prefix(self, limit: int) -> str:
         """The first `limit` characters of the prompt; for chat, of the whole rendered conversation."""

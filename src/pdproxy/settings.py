@@ -31,6 +31,57 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+# Settings groups: the sections of --help, the docs and the example files, and the sections a config file
+# may nest settings in (`timeouts: {connect_timeout: 5}`). The model itself stays flat, so each setting keeps
+# one flat name as CLI flag, env variable and config key.
+UPSTREAMS = "upstreams"
+LISTENING = "listening"
+POLICIES = "policies"
+HANDOFF = "handoff"
+FAILOVER = "failover"
+TIMEOUTS = "timeouts"
+HEALTH = "health"
+EJECTION = "ejection"
+ADMISSION = "admission"
+LIFECYCLE = "lifecycle"
+REQUESTS = "requests"
+LOGGING = "logging"
+METRICS = "metrics"
+ADMIN = "admin"
+DISCOVERY = "discovery"
+GROUP_TITLES = {
+    UPSTREAMS: "upstreams", LISTENING: "listening", POLICIES: "load balancing (policies)",
+    HANDOFF: "KV handoff", FAILOVER: "failover", TIMEOUTS: "timeouts", HEALTH: "active health checks",
+    EJECTION: "passive ejection (outlier detection)", ADMISSION: "overload protection (admission)",
+    LIFECYCLE: "lifecycle", REQUESTS: "requests", LOGGING: "logging", METRICS: "metrics",
+    ADMIN: "admin API and runtime membership", DISCOVERY: "discovery (upstreams found without hand edits)",
+}
+
+
+def setting(default: Any, *, description: str, group: str, doc: str | None = None,
+            aliases: tuple[str, ...] = (), metavar: str | None = None, example: Any = None,
+            default_text: str | None = None, **constraints: Any) -> Any:
+    """The one definition of a setting: its default, constraints and every text about it.
+
+    `description` is the one-line help (CLI --help, README table); `doc` the longer explanation of the
+    example config file (default: the description). `aliases` are extra CLI flags besides `--<name>`;
+    `example` is the value the example files show instead of the default; `default_text` says what
+    the default means when its value alone does not (None: "the main port"). The CLI, the README table and
+    config/pdproxy.example.{yaml,toml} are generated from these (scripts/gen_settings_docs.py).
+    """
+    extra: dict[str, Any] = {"group": group}
+    if doc is not None:
+        extra["doc"] = doc
+    if aliases:
+        extra["aliases"] = list(aliases)
+    if metavar is not None:
+        extra["metavar"] = metavar
+    if example is not None:
+        extra["example"] = example
+    if default_text is not None:
+        extra["default_text"] = default_text
+    return Field(default, description=description, json_schema_extra=extra, **constraints)
+
 
 
 class ConfigError(Exception):
@@ -73,73 +124,398 @@ Servers = Annotated[tuple[UpstreamSpec, ...], NoDecode]
 
 
 class Settings(BaseSettings):
-    """Every knob of the proxy. See config/pdproxy.example.yaml for each one explained."""
+    """Every knob of the proxy, each defined once with `setting(...)`: the CLI, the README table and the
+    example config files are generated from these fields (scripts/gen_settings_docs.py)."""
 
     model_config = SettingsConfigDict(env_prefix="PDPROXY_", frozen=True, extra="forbid")
 
-    config: Path | None = None
-    prefill_servers: Servers = ()
-    decode_servers: Servers = ()
-    host: str = "0.0.0.0"
-    port: int = Field(8000, ge=0, le=65535)
-    workers: int = Field(1, ge=1, le=64)
-    prefill_policy: str = "least_conn"
-    decode_policy: str = "least_conn"
-    prefix_hash_chars: int = Field(1024, ge=1)
-    prefix_hash_vnodes: int = Field(160, ge=1, le=10000)
-    prefix_hash_load_factor: float = Field(0.25, gt=0)
-    cache_block_chars: int = Field(128, ge=1, le=1_000_000)
-    cache_index_max_blocks: int = Field(32768, ge=1)
-    cache_aware_weight: float = Field(2.0, ge=0)
-    cache_aware_load: Literal["tokens", "requests"] = "tokens"
-    chars_per_token: float = Field(4.0, gt=0)
-    tokenizer: Path | None = None
-    # Exact routing from the engines' KV-cache events (pdproxy.routing; needs pyzmq and msgspec)
-    kv_events: bool = False
-    kv_event_sources: str = ""
-    chat_template: Path | None = None
-    engine_metrics_interval: float = Field(0.0, ge=0)
-    kv_adapter: str = "vllm"
-    # Failover
-    prefill_retries: int = Field(2, ge=0, le=16)
-    flow_retries: int = Field(1, ge=0, le=8)
-    # Timeouts (seconds)
-    connect_timeout: float = Field(5.0, gt=0)
-    prefill_timeout: float = Field(300.0, gt=0)
-    prefill_deadline: float = Field(600.0, gt=0)
-    decode_first_byte_timeout: float = Field(300.0, gt=0)
-    stream_idle_timeout: float = Field(300.0, gt=0)
-    decode_timeout: float = Field(0.0, ge=0)
-    # Active health checks
-    health_path: str = "/health"
-    health_interval: float = Field(5.0, ge=0)
-    health_timeout: float = Field(2.0, gt=0)
-    health_rise: int = Field(2, ge=1, le=100)
-    health_fall: int = Field(3, ge=1, le=100)
-    # Passive ejection
-    eject_after: int = Field(3, ge=0, le=1000)
-    eject_base_time: float = Field(30.0, gt=0)
-    eject_max_time: float = Field(300.0, gt=0)
-    eject_max_share: float = Field(0.5, gt=0, le=1)
-    # Overload protection
-    prefill_max_in_flight: int = Field(0, ge=0)
-    decode_max_in_flight: int = Field(0, ge=0)
-    max_concurrency: int = Field(0, ge=0)
-    queue_size: int = Field(1024, ge=0)
-    queue_timeout: float = Field(30.0, gt=0)
-    # Lifecycle and limits
-    drain_timeout: float = Field(60.0, ge=0)
-    max_body_bytes: int = Field(100 * 1024 * 1024, ge=1024)
-    upstream_api_key: SecretStr | None = None
-    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
-    access_log: bool = True
-    access_log_format: Literal["text", "json"] = "text"
-    metrics_port: int | None = Field(None, ge=1, le=65535)
-    # Admin API and runtime membership
-    admin_token: SecretStr | None = None
-    admin_port: int | None = Field(None, ge=0, le=65535)
-    admin_host: str = "127.0.0.1"
-    state_file: Path | None = None
+    # ---- upstreams
+    config: Path | None = setting(
+        None, group=UPSTREAMS, metavar='FILE',
+        description='YAML or TOML config file',
+        doc=('The config file itself. Only meaningful on the command line (--config FILE) or in the environment '
+             '(PDPROXY_CONFIG); a value written here is ignored.'))
+    prefill_servers: Servers = setting(
+        (), group=UPSTREAMS, aliases=('--prefill-servers-list',), metavar='LIST',
+        example=["http://10.0.0.11:8100", {"url": "http://10.0.0.12:8100", "weight": 2}],
+        description='prefill servers, comma separated: host:port or http(s)://host:port, optional =WEIGHT (h:8100=2)',
+        doc=('Prefill (P) API servers. Each entry is `host:port`, `http://host:port` or `https://host:port` (no '
+             'path), optionally followed by `=WEIGHT` (a whole number 1-1000, default 1), or a mapping {url, '
+             'weight}. A server listed twice is an error. A weight-2 server takes twice the share of a weight-1 '
+             'server under every policy.'))
+    decode_servers: Servers = setting(
+        (), group=UPSTREAMS, aliases=('--decode-servers-list',), metavar='LIST',
+        example=["10.0.0.21:8200"],
+        description='decode servers, same form as --prefill-servers',
+        doc='Decode (D) API servers, same forms as prefill_servers.')
+    # ---- listening
+    host: str = setting(
+        "0.0.0.0", group=LISTENING,
+        description='address to listen on',
+        doc='Address the proxy listens on.')
+    port: int = setting(
+        8000, group=LISTENING, ge=0, le=65535, aliases=('--listen-port',),
+        description='port to listen on',
+        doc='TCP port the proxy listens on (0-65535; 0 picks a free port).')
+    workers: int = setting(
+        1, group=LISTENING, ge=1, le=64,
+        description='worker processes sharing the port via SO_REUSEPORT; with more than 1, --metrics-port is required',
+        doc=("Worker processes sharing the port through SO_REUSEPORT (1-64), like nginx's worker_processes: more "
+             "open streams than one process's file limit allows, and more than one core. With more than 1, "
+             'metrics_port is required (merged /metrics of every worker, with a `worker` label) and the admin API '
+             'is served only on admin_port. Limits such as max_concurrency apply per worker.'))
+    # ---- load balancing
+    prefill_policy: str = setting(
+        "least_conn", group=POLICIES,
+        description='prefill load balancing: least_conn, cache_aware, least_tokens, prefix_hash, round_robin',
+        doc=('How a prefill server is chosen: least_conn (fewest in-flight requests per unit of weight, ties '
+             'broken at random), round_robin (smooth weighted round robin), prefix_hash (the same prompt prefix '
+             'goes to the same server, with bounded load), least_tokens (fewest estimated prompt tokens in flight)'
+             " or cache_aware (where the prompt's prefix is probably cached, unless that server's queue costs more"
+             ' than recomputing it: the recommendation for the prefill tier). An unknown name stops the proxy at '
+             'start-up.'))
+    decode_policy: str = setting(
+        "least_conn", group=POLICIES,
+        description='decode load balancing: least_conn, round_robin, prefix_hash, least_tokens, cache_aware',
+        doc='How a decode server is chosen; the same policies as prefill_policy.')
+    prefix_hash_chars: int = setting(
+        1024, group=POLICIES, ge=1,
+        description='prefix_hash: leading prompt characters hashed',
+        doc=('prefix_hash only: how many leading characters of the prompt are hashed (for chat, of the whole '
+             'rendered conversation, role and content of every message). Unit: characters, at least 1.'))
+    prefix_hash_vnodes: int = setting(
+        160, group=POLICIES, ge=1, le=10000,
+        description='prefix_hash: ring points per unit of weight',
+        doc=('prefix_hash only: points each server owns on the hash ring, per unit of weight (1-10000). More '
+             'points spread prompts more evenly.'))
+    prefix_hash_load_factor: float = setting(
+        0.25, group=POLICIES, gt=0,
+        description='prefix_hash: a server over (1+F) x its share of in-flight requests passes requests on',
+        doc=('prefix_hash only: a server already holding more than (1 + this factor) x its weighted share of the '
+             'in-flight requests passes the request on to the next server on the ring. Unit: a fraction (0.25 = 25'
+             ' % over its fair share), greater than 0.'))
+    cache_block_chars: int = setting(
+        128, group=POLICIES, ge=1, le=1_000_000,
+        description='cache_aware: characters per block of its prefix index',
+        doc=('cache_aware only: its prefix index cuts the prompt (for chat, the whole rendered conversation) into '
+             "blocks of this many characters; each block's key covers the whole prefix up to it. Unit: characters,"
+             ' at least 1.'))
+    cache_index_max_blocks: int = setting(
+        32768, group=POLICIES, ge=1,
+        description='cache_aware: blocks remembered per server, least recently used dropped first',
+        doc=('cache_aware only: blocks remembered per prefill server, least recently used forgotten first. Set it '
+             "near what one server's KV cache holds: its capacity in tokens x chars_per_token / cache_block_chars."
+             ' Each block costs about 180 bytes of proxy memory (6 MB per server at the default).'))
+    cache_aware_weight: float = setting(
+        2.0, group=POLICIES, ge=0,
+        description='cache_aware: w in cost = w x uncached prompt tokens + load',
+        doc=('cache_aware only: w in the cost it minimises, (w x estimated uncached prompt tokens + load) / '
+             'weight. With cache_aware_load: tokens, a recomputed token counts w times a token queued ahead; the '
+             'default 2 counts it twice, since recomputing delays this request and everything queued behind it on '
+             'that server. Larger values hold on to cached prefixes longer, smaller ones spread load sooner; 1 is '
+             "the greedy choice for this request's own TTFT. With requests, w converts tokens into requests "
+             '(0.005: recomputing 200 tokens costs as much as one more request queued ahead). At least 0.'))
+    cache_aware_load: Literal["tokens", "requests"] = setting(
+        "tokens", group=POLICIES,
+        description='cache_aware: load = in-flight uncached prompt tokens or in-flight requests',
+        doc=('cache_aware only: the load in its cost: tokens (estimated uncached prompt tokens in flight on the '
+             'server, i.e. its queued prefill work) or requests (in-flight requests).'))
+    chars_per_token: float = setting(
+        4.0, group=POLICIES, gt=0,
+        description='cache_aware, least_tokens: prompt characters per estimated token without --tokenizer',
+        doc=('cache_aware and least_tokens: prompt characters per estimated token when no tokenizer is given. '
+             'Greater than 0.'))
+    tokenizer: Path | None = setting(
+        None, group=POLICIES, metavar='PATH', default_text="estimate from characters",
+        description=("cache_aware, least_tokens: count tokens with this local tokenizer.json (needs "
+                     "pdproxy[tokenizer])"),
+        doc=('cache_aware and least_tokens: a local Hugging Face tokenizer.json to count prompt tokens exactly '
+             'instead of estimating them from characters. Needs the optional extra: pip install '
+             "'pdproxy[tokenizer]'. Nothing is downloaded."))
+    kv_events: bool = setting(
+        False, group=POLICIES,
+        description=("cache_aware: route on each prefill engine's KV-cache events (vLLM --kv-events-config), found "
+                     "at its GET /kv_event_sources unless --kv-event-sources names them; needs --tokenizer"),
+        doc=("cache_aware: route on each prefill engine's KV-cache events (vLLM's --kv-events-config, ZMQ) where "
+             'they are in sequence ("exact"); the approximate index decides for a server whose events are missing '
+             "or being replayed. Needs tokenizer (the request's token blocks are matched against the engine's) and "
+             "pip install 'pdproxy[kv-events]'."))
+    kv_event_sources: str = setting(
+        "", group=POLICIES, metavar='URL=PUB[|REPLAY],...', default_text="ask each server",
+        description=("cache_aware: where prefill servers publish KV events, e.g. "
+                     "http://p1:8100=tcp://p1:5557|tcp://p1:5558"),
+        doc=('kv_events: where each prefill server publishes, as URL=PUB[|REPLAY], comma-separated, e.g. '
+             '"http://p1:8100=tcp://p1:5557|tcp://p1:5558". Servers not listed are asked (GET /kv_event_sources).'))
+    chat_template: Path | None = setting(
+        None, group=POLICIES, metavar='PATH', default_text="the one in tokenizer_config.json beside --tokenizer",
+        description="kv events: the model's chat template, to render chats as the engine does",
+        doc=("kv_events: the model's chat template (a jinja2 file), to render chats as the engine does. Default: "
+             "the chat_template of the tokenizer_config.json beside tokenizer."))
+    engine_metrics_interval: float = setting(
+        0.0, group=POLICIES, ge=0,
+        description=("cache_aware, least_tokens: read each engine's running/waiting requests from its /metrics "
+                     "every this many seconds and count them in its load (0 is off)"),
+        doc=("cache_aware and least_tokens: read each engine's vllm:num_requests_running and "
+             'vllm:num_requests_waiting from its /metrics every this many seconds and count them in its load '
+             "(never less than pdproxy's own count), so replicas that do not see each other's requests do not all "
+             'pick one engine. A reading older than 3 intervals is ignored. Seconds, >= 0; 0 is off.'))
+    # ---- KV handoff
+    kv_adapter: str = setting(
+        "vllm", group=HANDOFF,
+        description='KV handoff protocol: vllm',
+        doc=("KV-cache handoff protocol between P and D: vllm (vLLM's kv_transfer_params, e.g. NixlConnector). An "
+             'unknown name stops the proxy at start-up.'))
+    # ---- failover
+    prefill_retries: int = setting(
+        2, group=FAILOVER, ge=0, le=16,
+        description='other prefill servers tried after a failed prefill',
+        doc=('How many other prefill servers are tried after a failed prefill (connect error, timeout, 5xx, an '
+             "answer that is not JSON). A 4xx is the client's mistake: relayed, never retried. Unit: retries, 0-16"
+             ' (0 = no retry).'))
+    flow_retries: int = setting(
+        1, group=FAILOVER, ge=0, le=8,
+        description='whole PD flows re-run when a decode fails before its first byte',
+        doc=('When a decode fails before its first byte reached the client, the whole PD flow runs again on '
+             'another decode server (fresh prefill, fresh KV handle: the old blocks may already be freed). After '
+             'the first byte, a failure ends the stream with an SSE error event instead. Unit: retries, 0-8.'))
+    # ---- timeouts
+    connect_timeout: float = setting(
+        5.0, group=TIMEOUTS, gt=0,
+        description='seconds to connect to an upstream',
+        doc='Time allowed to open a connection to an upstream. Unit: seconds, greater than 0.')
+    prefill_timeout: float = setting(
+        300.0, group=TIMEOUTS, gt=0,
+        description='seconds for one prefill attempt',
+        doc=('Time allowed for one prefill attempt (request sent to answer read); long prompts can take minutes. '
+             'Unit: seconds, greater than 0.'))
+    prefill_deadline: float = setting(
+        600.0, group=TIMEOUTS, gt=0,
+        description='seconds for all prefill attempts of a request together',
+        doc=('Time allowed for all prefill attempts of one request together, failovers included; at least '
+             'prefill_timeout. Unit: seconds.'))
+    decode_first_byte_timeout: float = setting(
+        300.0, group=TIMEOUTS, gt=0,
+        description='seconds from the decode request to its first byte; for a non-streamed request, the whole answer',
+        doc=("Time from sending the decode request to its first byte (the decode server's queue, the KV transfer "
+             'and the first token). For a non-streamed request the first byte is the whole answer. Unit: seconds, '
+             'greater than 0.'))
+    stream_idle_timeout: float = setting(
+        300.0, group=TIMEOUTS, gt=0,
+        description='max seconds between two chunks of a decode stream',
+        doc=('Longest gap between two chunks of a decode stream; past it the decode connection is closed and the '
+             "client's stream ends with an SSE error event. Unit: seconds, greater than 0."))
+    decode_timeout: float = setting(
+        0.0, group=TIMEOUTS, ge=0,
+        description='cap on a whole decode in seconds; 0 means none, as long generations are legitimate',
+        doc=('Cap on a whole decode, first byte to last. Long generations are legitimate, so there is none by '
+             'default. Unit: seconds, 0 = no cap.'))
+    # ---- health
+    health_path: str = setting(
+        "/health", group=HEALTH,
+        description='path probed on every upstream',
+        doc='Path probed with GET on every upstream; any 2xx is healthy.')
+    health_interval: float = setting(
+        5.0, group=HEALTH, ge=0,
+        description='seconds between health probes of an upstream; 0 turns active checks off',
+        doc=("Seconds between two probes of one upstream (with +-10% jitter so probes don't align). 0 turns active"
+             ' checks off.'))
+    health_timeout: float = setting(
+        2.0, group=HEALTH, gt=0,
+        description='seconds one health probe may take',
+        doc='Time one probe may take. Unit: seconds.')
+    health_rise: int = setting(
+        2, group=HEALTH, ge=1, le=100,
+        description='consecutive good probes that make an unhealthy upstream healthy',
+        doc='Consecutive good probes that make an unhealthy upstream healthy again (1-100).')
+    health_fall: int = setting(
+        3, group=HEALTH, ge=1, le=100,
+        description='consecutive failed probes that make a healthy upstream unhealthy',
+        doc=('Consecutive failed probes that make a healthy upstream unhealthy (1-100). A new upstream (state '
+             'unknown) is routable at once, and unhealthy after its first failed probe.'))
+    # ---- passive ejection (outlier detection)
+    eject_after: int = setting(
+        3, group=EJECTION, ge=0, le=1000,
+        description='consecutive failed requests (connect error, timeout, 5xx) that eject an upstream; 0 turns it off',
+        doc=('Consecutive failed requests (connect error, timeout, 5xx, broken stream; never a 4xx) that eject an '
+             'upstream. 0 turns ejection off.'))
+    eject_base_time: float = setting(
+        30.0, group=EJECTION, gt=0,
+        description='seconds of the first ejection; each repeat adds as much again',
+        doc=('Length of the first ejection; the n-th ejection lasts n times as long, up to eject_max_time. An '
+             'ejected upstream returns on its first good probe after that (or at once when health checks are off).'
+             ' Unit: seconds.'))
+    eject_max_time: float = setting(
+        300.0, group=EJECTION, gt=0,
+        description='longest ejection in seconds',
+        doc='Longest ejection. Unit: seconds, at least eject_base_time.')
+    eject_max_share: float = setting(
+        0.5, group=EJECTION, gt=0, le=1,
+        description='largest share of a pool ejected at once, 0-1; one upstream may always be',
+        doc=('Largest share of a pool that may be ejected at once (one upstream always may be). Unit: a fraction, '
+             'more than 0 and at most 1.'))
+    # ---- overload protection
+    prefill_max_in_flight: int = setting(
+        0, group=ADMISSION, ge=0, aliases=('--prefill-max-num-seqs',),
+        description='cap on concurrent requests per prefill server; 0 means none',
+        doc=("Cap on concurrent requests per prefill server (like omni-infer's max_num_seqs); a full server is "
+             'skipped by every policy. 0 = no cap.'))
+    decode_max_in_flight: int = setting(
+        0, group=ADMISSION, ge=0, aliases=('--decode-max-num-seqs',),
+        description='cap on concurrent requests per decode server; 0 means none',
+        doc='The same per decode server, counted from the routing decision to the end of the stream. 0 = no cap.')
+    max_concurrency: int = setting(
+        0, group=ADMISSION, ge=0,
+        description='cap on requests served at once by the proxy; 0 means none',
+        doc='Cap on requests the proxy serves at once. 0 = no cap.')
+    queue_size: int = setting(
+        1024, group=ADMISSION, ge=0,
+        description='requests that may wait for a slot when everything is full',
+        doc=('When every slot is taken, up to this many requests wait, first come first served; one more is '
+             'answered 503 with Retry-After at once.'))
+    queue_timeout: float = setting(
+        30.0, group=ADMISSION, gt=0,
+        description='seconds a request may wait for a slot before a 503 with Retry-After',
+        doc=('How long a request may wait for a slot before a 503 with Retry-After. A client that disconnects '
+             'leaves the queue. Unit: seconds.'))
+    # ---- lifecycle
+    drain_timeout: float = setting(
+        60.0, group=LIFECYCLE, ge=0,
+        description='seconds in-flight requests may run on after SIGTERM/SIGINT',
+        doc=('On SIGTERM/SIGINT, /health and new requests answer 503 at once while requests in flight run on for '
+             'up to this long; then the process exits 0. A second signal stops at once. Unit: seconds.'))
+    # ---- requests
+    max_body_bytes: int = setting(
+        100 * 1024 * 1024, group=REQUESTS, ge=1024, default_text="100 MiB",
+        description='largest accepted request body',
+        doc=('Largest request body accepted from a client; a larger one is answered 413. Unit: bytes, at least '
+             '1024.'))
+    upstream_api_key: SecretStr | None = setting(
+        None, group=REQUESTS, metavar='KEY', default_text="the client's header is forwarded", example="sk-change-me",
+        description="send 'Authorization: Bearer KEY' upstream instead of the client's header",
+        doc=('When set, every upstream call carries "Authorization: Bearer <this key>" instead of the client\'s own'
+             ' Authorization header.'))
+    # ---- logging
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = setting(
+        "info", group=LOGGING,
+        description='log level',
+        doc='Log level: debug, info, warning, error or critical (any case).')
+    access_log: bool = setting(
+        True, group=LOGGING,
+        description='one log line per request',
+        doc='One access-log line per request (request id, P, D, status, prefill ms, TTFT ms, total ms).')
+    access_log_format: Literal["text", "json"] = setting(
+        "text", group=LOGGING,
+        description='access log lines as text or as one JSON object each',
+        doc=('Access log lines as plain text, or as one JSON object per line (time, request_id, endpoint, client, '
+             'prefill_upstream, decode_upstream, status, prefill_ms, ttft_ms, total_ms, bytes_out, retries, '
+             'error).'))
+    # ---- metrics
+    metrics_port: int | None = setting(
+        None, group=METRICS, ge=1, le=65535, default_text="the main port", example=9100,
+        description='serve /metrics on this port (same --host) instead of the main port',
+        doc=('Serve /metrics on this port (on the same host address) instead of the main port, e.g. to keep it off'
+             ' the public listener.'))
+    # ---- admin API and runtime membership
+    admin_token: SecretStr | None = setting(
+        None, group=ADMIN, metavar='TOKEN',
+        description=("bearer token for /admin/upstreams; without one the admin API answers loopback clients "
+                     "only (env PDPROXY_ADMIN_TOKEN is the safer place)"),
+        doc=('Bearer token for /admin/upstreams (compared in constant time). Without one, the admin API answers '
+             'only loopback clients that did not come through another proxy.'))
+    admin_port: int | None = setting(
+        None, group=ADMIN, ge=0, le=65535, default_text="the main port", example=8001,
+        description='serve the admin API on this port of --admin-host instead of the main port',
+        doc='Serve the admin API on this port of admin_host instead of the main port.')
+    admin_host: str = setting(
+        "127.0.0.1", group=ADMIN,
+        description='address of the admin listener',
+        doc='Address of the admin listener when admin_port is set.')
+    state_file: Path | None = setting(
+        None, group=ADMIN, metavar='PATH', example="/var/lib/pdproxy/upstreams.json",
+        description='keep membership changes in this file and restore them at start-up',
+        doc=('Keep membership changes made through the admin API in this JSON file (written atomically) and '
+             'restore them at start-up; when the file exists it wins over the server lists above. A corrupt file '
+             'stops the start-up with a clear message.'))
+
+    # ---- discovery
+    discovery: Literal["none", "file", "dns", "kubernetes"] = setting(
+        "none", group=DISCOVERY,
+        description="where upstreams are discovered at runtime: none, file, dns or kubernetes",
+        doc=("A discovery source keeps the pools in step with a file, DNS names or Kubernetes EndpointSlices: "
+             "new upstreams are added with warm-up, vanished ones drain and are removed after "
+             "discovery_removal_delay. Upstreams from the server lists or the admin API are never touched "
+             "by it. With a source, a role it covers may start with no servers listed. See README, Discovery."))
+    discovery_file: Path | None = setting(
+        None, group=DISCOVERY, metavar="PATH", example="/etc/pdproxy/upstreams.yaml",
+        description="discovery=file: the YAML or JSON file of upstreams to watch",
+        doc=("discovery=file: a YAML or JSON file `{prefill: [...], decode: [...]}` whose entries have the form "
+             "of prefill_servers (plus an optional `ready: false` to drain one). It is re-read when it changes; "
+             "replace it atomically (write a temporary file, then rename). A file that does not parse keeps "
+             "the last good list, is logged and counted in pdproxy_discovery_errors_total."))
+    discovery_interval: float = setting(
+        5.0, group=DISCOVERY, gt=0,
+        description="seconds between two looks at the discovery file or two DNS resolutions",
+        doc="How often the file source checks its file and the dns source resolves its names. Unit: seconds.")
+    discovery_removal_delay: float = setting(
+        30.0, group=DISCOVERY, ge=0,
+        description="seconds an upstream must stay gone from discovery before it drains and is removed",
+        doc=("Damping: an upstream that vanishes from its source keeps its place (and its traffic) this long, "
+             "so a record that flaps does not churn the pools; then it drains and leaves once idle. One "
+             "marked not ready (Kubernetes) drains at once instead. Unit: seconds, 0 = at once."))
+    discovery_scheme: Literal["http", "https"] = setting(
+        "http", group=DISCOVERY,
+        description="scheme of discovered upstreams (dns, kubernetes)",
+        doc="URL scheme of the upstreams the dns and kubernetes sources find (they only learn addresses).")
+    discovery_dns_prefill: str = setting(
+        "", group=DISCOVERY, metavar="NAMES",
+        description="discovery=dns: prefill names, comma separated: host:port (A/AAAA) or _svc._tcp.name (SRV)",
+        doc=("discovery=dns: names that resolve to the prefill servers, comma separated. `name:port` is "
+             "resolved to its A and AAAA records (a Kubernetes headless Service lists only ready pods); a name "
+             "starting with `_` (e.g. `_http._tcp.prefill.service.consul`) to its SRV records of the lowest "
+             "priority, with their ports and weights."))
+    discovery_dns_decode: str = setting(
+        "", group=DISCOVERY, metavar="NAMES",
+        description="discovery=dns: decode names, the same forms as --discovery-dns-prefill",
+        doc="discovery=dns: names that resolve to the decode servers, the same forms as discovery_dns_prefill.")
+    discovery_dns_nameserver: str | None = setting(
+        None, group=DISCOVERY, metavar="HOST[:PORT]", default_text="the system resolver (/etc/resolv.conf)",
+        example="10.96.0.10:53",
+        description="discovery=dns: ask this DNS server (IP, IP:PORT or [IPv6]:PORT)",
+        doc="discovery=dns: the DNS server to ask instead of the system's (e.g. Consul's agent on port 8600).")
+    discovery_dns_timeout: float = setting(
+        2.0, group=DISCOVERY, gt=0,
+        description="discovery=dns: seconds one resolution may take",
+        doc="discovery=dns: time one resolution of all names may take; a timeout keeps the last list. Unit: seconds.")
+    discovery_k8s_prefill_selector: str = setting(
+        "", group=DISCOVERY, metavar="SELECTOR",
+        description="discovery=kubernetes: label selector of the prefill EndpointSlices",
+        doc=("discovery=kubernetes: label selector of the EndpointSlices of the prefill servers, e.g. "
+             "`kubernetes.io/service-name=vllm-prefill`."))
+    discovery_k8s_decode_selector: str = setting(
+        "", group=DISCOVERY, metavar="SELECTOR",
+        description="discovery=kubernetes: label selector of the decode EndpointSlices",
+        doc="discovery=kubernetes: label selector of the EndpointSlices of the decode servers.")
+    discovery_k8s_port: str = setting(
+        "", group=DISCOVERY, metavar="NAME|NUMBER", default_text="the slice's only port",
+        description="discovery=kubernetes: the EndpointSlice port to use, by name or number",
+        doc="discovery=kubernetes: which of the EndpointSlice's ports is the API port, by name or number.")
+    discovery_k8s_namespace: str | None = setting(
+        None, group=DISCOVERY, metavar="NAMESPACE", default_text="the pod's own namespace",
+        description="discovery=kubernetes: namespace of the EndpointSlices",
+        doc="discovery=kubernetes: the namespace watched (default: the service account's, else `default`).")
+    discovery_k8s_api_url: str | None = setting(
+        None, group=DISCOVERY, metavar="URL", default_text="in-cluster (KUBERNETES_SERVICE_HOST)",
+        description="discovery=kubernetes: the API server's URL",
+        doc=("discovery=kubernetes: the API server. Default: the in-cluster address from "
+             "KUBERNETES_SERVICE_HOST/PORT, with the pod's service account token and CA."))
+    discovery_k8s_token_file: Path = setting(
+        "/var/run/secrets/kubernetes.io/serviceaccount/token", group=DISCOVERY, metavar="PATH", validate_default=True,
+        description="discovery=kubernetes: bearer token file (re-read on every reconnect; skipped if absent)",
+        doc="discovery=kubernetes: the service account token, re-read on every reconnect since tokens rotate.")
+    discovery_k8s_ca_file: Path = setting(
+        "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt", group=DISCOVERY, metavar="PATH", validate_default=True,
+        description="discovery=kubernetes: CA bundle of the API server (https only; system CAs if absent)",
+        doc="discovery=kubernetes: the CA that signed the API server's certificate.")
 
     @field_validator("prefill_servers", "decode_servers", mode="before")
     @classmethod
@@ -161,11 +537,13 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check_servers(self) -> Settings:
         restoring = self.state_file is not None and self.state_file.exists()
+        self._check_discovery()
         for role, servers in (("prefill", self.prefill_servers), ("decode", self.decode_servers)):
-            if not servers and not restoring:
+            if not servers and not restoring and role not in self.discovered_roles():
                 raise ValueError(
                     f"no {role} servers: set --{role}-servers, PDPROXY_{role.upper()}_SERVERS "
-                    f"or {role}_servers in the config file (or restore them with --state-file)"
+                    f"or {role}_servers in the config file (or restore them with --state-file, "
+                    f"or discover them: --discovery)"
                 )
             urls = [s.url for s in servers]
             duplicates = sorted({u for u in urls if urls.count(u) > 1})
@@ -182,6 +560,27 @@ class Settings(BaseSettings):
             raise ValueError("workers > 1 needs metrics_port (--metrics-port): the supervisor serves the "
                              "workers' merged /metrics there")
         return self
+
+    def discovered_roles(self) -> frozenset[str]:
+        """The roles the configured discovery source provides (they may start with no servers)."""
+        if self.discovery == "file":
+            return frozenset({"prefill", "decode"})
+        if self.discovery == "dns":
+            names = {"prefill": self.discovery_dns_prefill, "decode": self.discovery_dns_decode}
+        elif self.discovery == "kubernetes":
+            names = {"prefill": self.discovery_k8s_prefill_selector, "decode": self.discovery_k8s_decode_selector}
+        else:
+            return frozenset()
+        return frozenset(role for role, value in names.items() if value.strip())
+
+    def _check_discovery(self) -> None:
+        if self.discovery == "file" and self.discovery_file is None:
+            raise ValueError("discovery=file needs discovery_file (--discovery-file)")
+        if self.discovery == "dns" and not self.discovered_roles():
+            raise ValueError("discovery=dns needs discovery_dns_prefill and/or discovery_dns_decode")
+        if self.discovery == "kubernetes" and not self.discovered_roles():
+            raise ValueError("discovery=kubernetes needs discovery_k8s_prefill_selector and/or "
+                             "discovery_k8s_decode_selector")
 
     @classmethod
     def settings_customise_sources(
@@ -230,7 +629,26 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid: {detail}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: expected a mapping of setting names to values")
-    return {str(key).replace("-", "_"): value for key, value in data.items()}
+    return _flatten_sections(path, {str(key).replace("-", "_"): value for key, value in data.items()})
+
+
+def _flatten_sections(path: Path, data: dict[str, Any]) -> dict[str, Any]:
+    """`timeouts: {connect_timeout: 5}` is `connect_timeout: 5`; a key in the wrong section or set twice is an error."""
+    groups = {name: (field.json_schema_extra or {}).get("group") for name, field in Settings.model_fields.items()}
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in GROUP_TITLES and key not in groups and isinstance(value, dict):
+            entries = {str(inner).replace("-", "_"): item for inner, item in value.items()}
+            for inner in entries:
+                if groups.get(inner) != key:
+                    raise ConfigError(f"config file {path}: {key}.{inner} is not a setting of the {key} section")
+        else:
+            entries = {key: value}
+        for name, item in entries.items():
+            if name in flat:
+                raise ConfigError(f"config file {path}: {name} is set twice")
+            flat[name] = item
+    return flat
 
 
 def load_settings(cli_values: dict[str, Any]) -> Settings:

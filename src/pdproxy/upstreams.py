@@ -35,6 +35,10 @@ class State(str, enum.Enum):
 
 ROUTABLE_STATES = frozenset({State.UNKNOWN, State.HEALTHY})
 MAX_WEIGHT = 1000
+# Who put an upstream in its pool. Discovery sources (`file`, `dns`, `kubernetes`) change only their own
+# members; configured and admin-added ones are theirs to keep, and only those go into the state file.
+CONFIGURED = "config"
+ADMIN = "admin"
 
 
 def normalize_url(address: str) -> str:
@@ -98,6 +102,7 @@ class Upstream:
     served: int = 0
     last_error: str | None = None
     id: str = field(default_factory=lambda: f"u{next(_ids)}")
+    source: str = CONFIGURED
     shared: SharedLoad | None = field(default=None, repr=False)  # set by pdproxy.routing when workers share
     kv_events: Callable[[], dict[str, object]] | None = field(default=None, repr=False)  # its KV-event view
 
@@ -122,6 +127,7 @@ class Upstream:
             "in_flight": self.in_flight,
             "served": self.served,
             "last_error": self.last_error,
+            "source": self.source,
             **({"kv_events": self.kv_events()} if self.kv_events is not None else {}),
         }
 

@@ -49,13 +49,27 @@ from urllib.parse import quote
 
 import aiohttp
 import orjson
-from aiohttp import web
 from pydantic import SecretStr
 
 from pdproxy.admin import MAX_ADMIN_BODY, authorize
-from pdproxy.api import openai_errors
-from pdproxy.app import ADMIN, FLOW, METRICS, build_admin_app, build_app, drain, run, start_server, wait_for_signal
+from pdproxy.app import (
+    ADMIN,
+    FLOW,
+    METRICS,
+    App,
+    Runner,
+    admin_router,
+    build_app,
+    drain,
+    run,
+    start_server,
+    wait_for_signal,
+)
 from pdproxy.errors import Forbidden, Unauthorized, Unavailable, UpstreamError
+from pdproxy.http.limits import ServerLimits
+from pdproxy.http.request import Request
+from pdproxy.http.response import Response
+from pdproxy.http.router import Router
 from pdproxy.membership import StateFileError
 from pdproxy.metrics import CONTENT_TYPE, merge_expositions
 from pdproxy.routing.share import share_routing
@@ -146,7 +160,7 @@ class Supervisor:
             temp_dir = tempfile.mkdtemp(prefix="pdproxy-")
             self.state_file = Path(temp_dir) / "upstreams.json"
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CONTROL_TIMEOUT))
-        runners: list[web.AppRunner] = []
+        runners: list[Runner] = []
         self.table = SharedTable.create(len(self.workers))
         try:
             await self._listen(runners)
@@ -177,21 +191,23 @@ class Supervisor:
                 shutil.rmtree(temp_dir, ignore_errors=True)
             log.info("pdproxy stopped")
 
-    async def _listen(self, runners: list[web.AppRunner]) -> None:
+    async def _listen(self, runners: list[Runner]) -> None:
         settings = self.settings
         assert settings.metrics_port is not None  # Settings requires it with workers > 1
-        metrics = web.Application()
-        metrics.router.add_get("/metrics", self._metrics)
+        metrics = Router()
+        metrics.add("GET", "/metrics", self._metrics)
         runner, url = await start_server(metrics, settings.host, settings.metrics_port)
         runners.append(runner)
         log.info("metrics of every worker on %s/metrics", url)
         if settings.admin_port is None:
             log.info("admin API off: with --workers it is served only on --admin-port")
             return
-        admin = web.Application(client_max_size=MAX_ADMIN_BODY, middlewares=[openai_errors])
+        admin = Router()
         for path in ("/admin/upstreams", "/admin/upstreams/{id}"):
-            admin.router.add_route("*", path, self._admin)
-        runner, url = await start_server(admin, settings.admin_host, settings.admin_port)
+            for method in ("GET", "POST", "PUT", "PATCH", "DELETE"):
+                admin.add(method, path, self._admin)
+        runner, url = await start_server(admin, settings.admin_host, settings.admin_port,
+                                         limits=ServerLimits(max_body_bytes=MAX_ADMIN_BODY))
         runners.append(runner)
         log.info("admin API on %s/admin/upstreams (each change goes to every worker)", url)
 
@@ -299,14 +315,14 @@ class Supervisor:
     async def _everyone(self, method: str, path: str) -> list[Answer]:
         return list(await asyncio.gather(*(self._call(worker, method, path) for worker in self.workers)))
 
-    async def _metrics(self, request: web.Request) -> web.Response:
+    async def _metrics(self, request: Request) -> Response:
         """Every serving worker's exposition, each sample labelled with its `worker`."""
         answers = await self._everyone("GET", "/metrics")
         merged = merge_expositions(
             {str(index): a.body.decode() for index, a in enumerate(answers) if a.status == 200}, "worker")
-        return web.Response(body=merged.encode(), headers={"Content-Type": CONTENT_TYPE})
+        return Response(body=merged.encode(), content_type=CONTENT_TYPE)
 
-    async def _admin(self, request: web.Request) -> web.Response:
+    async def _admin(self, request: Request) -> Response:
         """The admin API of a single process, answered by all workers.
 
         A change is made only when every worker serves, and answered with worker 0's answer when
@@ -315,7 +331,7 @@ class Supervisor:
             authorize(request, self.admin_token)
         except (Unauthorized, Forbidden) as exc:
             return exc.response()
-        body = await request.read()
+        body = request.body
         upstream_id = request.match_info.get("id")
         if request.method == "GET" and upstream_id is None:
             return await self._list()
@@ -323,18 +339,19 @@ class Supervisor:
         if restarting:
             return Unavailable(f"worker {', '.join(restarting)} is restarting: nothing was changed, try again",
                                retry_after=1).response()
-        paths = [request.raw_path] * len(self.workers)
+        raw_path = request.path + (f"?{request.query_string}" if request.query_string else "")
+        paths = [raw_path] * len(self.workers)
         if upstream_id is not None:
             paths = _local_paths(upstream_id, request.query_string, await self._everyone("GET", "/admin/upstreams"))
         answers = await asyncio.gather(*(
-            self._call(worker, request.method, path, body, request.headers.get("Content-Type"))
+            self._call(worker, request.method, path, body, request.headers.get("content-type"))
             for worker, path in zip(self.workers, paths, strict=True)))
         first = answers[0]
         if first.status is not None and all(a.status == first.status for a in answers):
-            return web.Response(status=first.status, body=first.body, content_type=first.content_type)
+            return Response(status=first.status, body=first.body, content_type=first.content_type or "application/json")
         return _disagreement("the workers answered differently; their membership may now differ", answers)
 
-    async def _list(self) -> web.Response:
+    async def _list(self) -> Response:
         """The lowest serving worker's list, with `in_flight` and `served` summed over the workers."""
         answers = await self._everyone("GET", "/admin/upstreams")
         views = [view for view in map(_upstreams, answers) if view is not None]
@@ -344,7 +361,7 @@ class Supervisor:
             key = (upstream["role"], upstream["url"])
             for field in ("in_flight", "served"):
                 upstream[field] = sum(u[field] for view in views for u in view if (u["role"], u["url"]) == key)
-        return web.Response(body=orjson.dumps({"upstreams": views[0]}), content_type="application/json")
+        return Response(body=orjson.dumps({"upstreams": views[0]}))
 
 
 def _upstreams(answer: Answer) -> list[dict[str, Any]] | None:
@@ -374,7 +391,7 @@ def _local_paths(upstream_id: str, query: str, lists: list[Answer]) -> list[str]
     return paths
 
 
-def _disagreement(what: str, answers: list[Answer]) -> web.Response:
+def _disagreement(what: str, answers: list[Answer]) -> Response:
     """502 in OpenAI's shape, with what each worker answered."""
     def said(answer: Answer) -> str:
         if answer.status is None:
@@ -406,9 +423,9 @@ def worker_main() -> None:
     run(_serve_worker(app, settings, index))
 
 
-async def _serve_worker(app: web.Application, settings: Settings, index: int) -> None:
+async def _serve_worker(app: App, settings: Settings, index: int) -> None:
     """Serve until SIGTERM or until the supervisor is gone, then drain as a single process does."""
-    runners: list[web.AppRunner] = []
+    runners: list[Runner] = []
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
@@ -421,7 +438,8 @@ async def _serve_worker(app: web.Application, settings: Settings, index: int) ->
         try:
             runner, _ = await start_server(app, settings.host, settings.port, reuse_port=True)
             runners.append(runner)
-            runner, control_url = await start_server(_control_app(app), "127.0.0.1", 0)
+            runner, control_url = await start_server(_control_router(app), "127.0.0.1", 0,
+                                                     limits=ServerLimits(max_body_bytes=MAX_ADMIN_BODY))
             runners.append(runner)
         except OSError as exc:
             _report(f"error {exc}")
@@ -440,19 +458,19 @@ async def _serve_worker(app: web.Application, settings: Settings, index: int) ->
         log.info("worker %d stopped", index)
 
 
-def _control_app(app: web.Application) -> web.Application:
+def _control_router(app: App) -> Router:
     """This worker's admin API and /metrics, for the supervisor: both need its token."""
     admin, metrics = app[ADMIN], app[METRICS]
-    control = build_admin_app(admin)
+    control = admin_router(admin)
 
-    async def scrape(request: web.Request) -> web.Response:
+    async def scrape(request: Request) -> Response:
         try:
             admin.authorize(request)
         except (Unauthorized, Forbidden) as exc:
             return exc.response()
-        return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+        return Response(body=metrics.render(), content_type=CONTENT_TYPE)
 
-    control.router.add_get("/metrics", scrape)
+    control.add("GET", "/metrics", scrape)
     return control
 
 

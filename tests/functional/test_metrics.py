@@ -24,7 +24,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from pdproxy import cli
-from pdproxy.app import METRICS, build_app, build_metrics_app, start_server
+from pdproxy.app import METRICS, build_app, metrics_router, start_server
 from pdproxy.mock import MockConfig, MockEngine
 from pdproxy.settings import Settings
 from pdproxy.upstreams import State
@@ -428,6 +428,14 @@ def dashboard_panels() -> list[dict[str, Any]]:
     return panels
 
 
+async def until_sample(cluster: Cluster, name: str, **labels: str) -> None:
+    """Wait (bounded) until a counter has counted something; metrics announce no event to wait on."""
+    deadline = asyncio.get_running_loop().time() + 3
+    while not cluster.metric(name, **labels):
+        assert asyncio.get_running_loop().time() < deadline, f"{name} {labels} never counted"
+        await asyncio.sleep(0.01)
+
+
 def dashboard_queries() -> list[str]:
     """Every PromQL text in the dashboard: panel targets and query variables."""
     exprs = [target["expr"] for panel in dashboard_panels() for target in panel.get("targets", [])]
@@ -483,12 +491,20 @@ def test_dashboard_has_the_panels_the_issue_asks_for() -> None:
 
 
 async def test_every_metric_the_dashboard_queries_is_live(cluster_factory: ClusterFactory,
-                                                          http: aiohttp.ClientSession) -> None:
+                                                          http: aiohttp.ClientSession, tmp_path: Path) -> None:
     """A little traffic, one of each event, then every name in every dashboard query must be a sample."""
+    upstreams = tmp_path / "upstreams.yaml"
+    upstreams.write_text("decode: [not yaml\n", encoding="utf-8")  # discovery: a bad file first (an error)
     cluster = await cluster_factory(
         prefill_policy="round_robin", eject_after=1, prefill_timeout=0.2, max_concurrency=1, queue_size=0,
         decode_config=MockConfig(role="decode", itl_ms=10),
+        discovery="file", discovery_file=upstreams, discovery_interval=0.02,
     )
+    await until_sample(cluster, "pdproxy_discovery_errors_total", source="file")
+    # Then a good one that adds a decode server: it warms up and never takes traffic here (nothing listens).
+    upstreams.with_name("tmp.yaml").write_text(f"decode: [{closed_port_url()}]\n", encoding="utf-8")
+    upstreams.with_name("tmp.yaml").replace(upstreams)
+    await until_sample(cluster, "pdproxy_discovery_changes_total", source="file", action="add")
     first, second = cluster.prefill
     # A prefill 500: retried on the other P, and the failing P ejected (eject_after=1).
     first.fail_next(500)
@@ -650,7 +666,7 @@ async def test_serve_logging_writes_bare_json_access_lines(
 async def test_metrics_app_serves_metrics_alone(cluster_factory: ClusterFactory, http: aiohttp.ClientSession) -> None:
     # The port is only recorded in the settings here: build_app never binds it (serve does).
     cluster = await cluster_factory(metrics_port=9)
-    runner, metrics_url = await start_server(build_metrics_app(cluster.metrics), "127.0.0.1", 0)
+    runner, metrics_url = await start_server(metrics_router(cluster.metrics), "127.0.0.1", 0)
     try:
         async with http.post(cluster.url + COMPLETIONS, json=PLAIN) as resp:
             assert resp.status == 200

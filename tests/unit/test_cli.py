@@ -16,7 +16,7 @@ import pdproxy
 from pdproxy import app as app_module
 from pdproxy import cli
 from pdproxy.cli import SERVE_OPTIONS, build_parser, main
-from pdproxy.kv import ADAPTERS
+from pdproxy.handoff import HANDOFFS as ADAPTERS
 from pdproxy.policies import POLICIES
 from pdproxy.settings import Settings
 

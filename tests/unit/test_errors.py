@@ -1,25 +1,25 @@
-"""The error tree: statuses, the OpenAI error shape, SSE error events, client-exception translation."""
+"""The error tree: statuses, the OpenAI error shape, SSE error events, upstream-call failure translation."""
 
 from __future__ import annotations
 
-import asyncio
-
-import aiohttp
 import orjson
 import pytest
-from aiohttp.client_reqrep import ConnectionKey
 
-from pdproxy import errors
+from pdproxy import client, errors
 from pdproxy.errors import (
     ClientError,
+    ExpectationFailed,
     Forbidden,
+    HeadersTooLarge,
     InvalidRequest,
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
     ProxyError,
+    RequestTimeout,
     Unauthorized,
     Unavailable,
+    UnsupportedMediaType,
     UpstreamBadResponse,
     UpstreamBadStatus,
     UpstreamConnectError,
@@ -27,8 +27,8 @@ from pdproxy.errors import (
     UpstreamRejected,
     UpstreamStreamBroken,
     UpstreamTimeout,
-    from_client_exception,
 )
+from pdproxy.proxy.calls import check_status, translate
 
 UPSTREAM = "http://10.0.0.1:8100"
 
@@ -42,6 +42,10 @@ EXPECTED: dict[type[ProxyError], tuple[int, str, bool]] = {
     NotFound: (404, "invalid_request_error", False),
     MethodNotAllowed: (405, "invalid_request_error", False),
     PayloadTooLarge: (413, "invalid_request_error", False),
+    RequestTimeout: (408, "invalid_request_error", False),
+    UnsupportedMediaType: (415, "invalid_request_error", False),
+    ExpectationFailed: (417, "invalid_request_error", False),
+    HeadersTooLarge: (431, "invalid_request_error", False),
     Unavailable: (503, "service_unavailable", False),
     UpstreamError: (502, "upstream_error", True),
     UpstreamConnectError: (502, "upstream_error", True),
@@ -96,8 +100,8 @@ def test_response_carries_status_body_and_request_id(cls: type[ProxyError]) -> N
     assert response.status == EXPECTED[cls][0]
     assert response.content_type == "application/json"
     assert response.body == error.body()
-    assert response.headers["X-Request-Id"] == "req-42"
-    assert "X-Request-Id" not in make(cls).response().headers
+    assert dict(response.headers)["X-Request-Id"] == "req-42"
+    assert "X-Request-Id" not in dict(make(cls).response().headers)
 
 
 def test_sides() -> None:
@@ -143,28 +147,23 @@ def test_upstream_rejected_relays_body_and_content_type(status: int, content_typ
     response = error.response("req-9")
     assert response.status == status
     assert response.body == payload
-    assert response.headers["Content-Type"] == content_type
-    assert response.headers["X-Request-Id"] == "req-9"
-    assert "X-Request-Id" not in error.response().headers
+    assert response.content_type == content_type
+    assert dict(response.headers)["X-Request-Id"] == "req-9"
+    assert "X-Request-Id" not in dict(error.response().headers)
     assert UPSTREAM in str(error)
 
 
-# ---------------------------------------------------------------- from_client_exception
-
-
-def connection_key() -> ConnectionKey:
-    fields = {"host": "10.0.0.1", "port": 8100, "is_ssl": False, "ssl": True}
-    return ConnectionKey(*(fields.get(name) for name in ConnectionKey._fields))
+# ---------------------------------------------------------------- translate (the upstream-call boundary)
 
 
 @pytest.mark.parametrize("exc", [
-    asyncio.TimeoutError(),
-    TimeoutError("read timed out"),
-    aiohttp.ServerTimeoutError("Timeout on reading data from socket"),
-    aiohttp.ConnectionTimeoutError("Connection timeout to host"),
+    client.ResponseTimeout("no answer in time"),
+    client.FirstByteTimeout("no first byte"),
+    client.ConnectTimeout("no connection"),
+    client.IdleTimeout("silent"),
 ], ids=type)
-def test_timeouts_become_504(exc: BaseException) -> None:
-    error = from_client_exception(exc, side="prefill", upstream=UPSTREAM, stage="prefill")
+def test_timeouts_become_504(exc: client.CallError) -> None:
+    error = translate(exc, side="prefill", upstream=UPSTREAM, stage="prefill")
     assert type(error) is UpstreamTimeout
     assert error.status == 504
     assert error.side == "prefill"
@@ -173,31 +172,45 @@ def test_timeouts_become_504(exc: BaseException) -> None:
     assert UPSTREAM in error.message and "prefill" in error.message
 
 
-def test_connector_error_becomes_connect_error() -> None:
-    exc = aiohttp.ClientConnectorError(connection_key(), ConnectionRefusedError(111, "Connection refused"))
-    error = from_client_exception(exc, side="decode", upstream=UPSTREAM, stage="connect")
+def test_a_refused_connection_becomes_a_connect_error() -> None:
+    error = translate(client.ConnectFailed("cannot connect: Connection refused"), side="decode", upstream=UPSTREAM,
+                      stage="decode")
     assert type(error) is UpstreamConnectError
-    assert error.status == 502
-    assert error.side == "decode"
-    assert error.upstream == UPSTREAM
-    assert error.retryable is True
+    assert (error.status, error.side, error.stage, error.retryable) == (502, "decode", "connect", True)
     assert UPSTREAM in error.message
     assert "Connection refused" in error.message
 
 
-@pytest.mark.parametrize("exc", [
-    aiohttp.ServerDisconnectedError(),
-    aiohttp.ClientPayloadError("Response payload is not completed"),
-    aiohttp.ClientOSError(104, "Connection reset by peer"),
-    aiohttp.ClientError(),
-], ids=type)
-def test_other_client_errors_become_connect_errors(exc: aiohttp.ClientError) -> None:
-    error = from_client_exception(exc, side="prefill", upstream=UPSTREAM, stage="read body")
+@pytest.mark.parametrize("exc", [client.BadResponse("garbage"), client.ResponseTooLarge("over 16 MiB")], ids=type)
+def test_bad_answers_become_bad_responses(exc: client.CallError) -> None:
+    error = translate(exc, side="prefill", upstream=UPSTREAM, stage="prefill")
+    assert type(error) is UpstreamBadResponse
+    assert error.status == 502 and error.retryable is True
+    assert str(exc) in error.message
+
+
+@pytest.mark.parametrize("exc", [client.ConnectionLost("closed mid-body"), client.CallError("")], ids=type)
+def test_other_failures_become_connect_errors(exc: client.CallError) -> None:
+    error = translate(exc, side="prefill", upstream=UPSTREAM, stage="read_body")
     assert type(error) is UpstreamConnectError
     assert error.status == 502
     assert error.side == "prefill"
     assert error.upstream == UPSTREAM
     assert "read body" in error.message
-    assert error.message.strip()  # never an empty reason, even when str(exc) is empty
+    assert error.message.strip()
     payload = orjson.loads(error.body())["error"]
     assert payload["code"] == 502 and payload["type"] == "upstream_error"
+
+
+@pytest.mark.parametrize(("status", "kind"), [(200, None), (204, None), (301, UpstreamBadStatus),
+                                                (404, UpstreamRejected), (429, UpstreamRejected),
+                                                (500, UpstreamBadStatus), (503, UpstreamBadStatus)])
+def test_check_status(status: int, kind: type[Exception] | None) -> None:
+    if kind is None:
+        check_status(status, "application/json", b"{}", side="decode", upstream=UPSTREAM)
+        return
+    with pytest.raises(kind) as info:
+        check_status(status, "text/plain", b"nope", side="decode", upstream=UPSTREAM)
+    if kind is UpstreamRejected:
+        response = info.value.response("r1")
+        assert (response.status, response.body, response.content_type) == (status, b"nope", "text/plain")

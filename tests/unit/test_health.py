@@ -7,13 +7,12 @@ import logging
 import random
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
-from types import TracebackType
 from typing import Any
 
-import aiohttp
 import pytest
 from aiohttp import web
 
+from pdproxy.client import ClientOptions, ConnectionLost, UpstreamClient
 from pdproxy.health import ActiveHealthChecker, Hysteresis, StateBoard, http_probe
 from pdproxy.upstreams import Role, State, Upstream
 
@@ -526,9 +525,10 @@ def answer(status: int) -> Callable[[web.Request], Awaitable[web.Response]]:
 
 
 @pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as client:
-        yield client
+async def session() -> AsyncIterator[UpstreamClient]:
+    client = UpstreamClient(ClientOptions(connect_timeout=1.0))
+    yield client
+    await client.close()
 
 
 def closed_port_url() -> str:
@@ -538,31 +538,31 @@ def closed_port_url() -> str:
     return f"http://127.0.0.1:{port}"
 
 
-async def test_http_probe_2xx_is_healthy(probe_server: str, session: aiohttp.ClientSession) -> None:
+async def test_http_probe_2xx_is_healthy(probe_server: str, session: UpstreamClient) -> None:
     target = Upstream(Role.PREFILL, probe_server)
     assert await http_probe(lambda: session, "/ok", 1.0)(target) is None
     assert await http_probe(lambda: session, "/empty", 1.0)(target) is None
 
 
-async def test_http_probe_error_status(probe_server: str, session: aiohttp.ClientSession) -> None:
+async def test_http_probe_error_status(probe_server: str, session: UpstreamClient) -> None:
     target = Upstream(Role.PREFILL, probe_server)
     assert await http_probe(lambda: session, "/bad", 1.0)(target) == "GET /bad answered 503"
     assert await http_probe(lambda: session, "/missing", 1.0)(target) == "GET /missing answered 404"
 
 
-async def test_http_probe_timeout(probe_server: str, session: aiohttp.ClientSession) -> None:
+async def test_http_probe_timeout(probe_server: str, session: UpstreamClient) -> None:
     target = Upstream(Role.DECODE, probe_server)
     assert await http_probe(lambda: session, "/hang", 0.05)(target) == "GET /hang timed out after 0.05s"
 
 
-async def test_http_probe_closed_port(session: aiohttp.ClientSession) -> None:
+async def test_http_probe_closed_port(session: UpstreamClient) -> None:
     reason = await http_probe(lambda: session, "/health", 1.0)(Upstream(Role.PREFILL, closed_port_url()))
     assert reason is not None
     assert reason.startswith("GET /health failed: ")
     assert len(reason) > len("GET /health failed: ")
 
 
-async def test_http_probe_drives_the_checker(probe_server: str, session: aiohttp.ClientSession) -> None:
+async def test_http_probe_drives_the_checker(probe_server: str, session: UpstreamClient) -> None:
     good, bad = Upstream(Role.PREFILL, probe_server), Upstream(Role.PREFILL, closed_port_url())
     checker = make_checker(http_probe(lambda: session, "/ok", 1.0))
     await checker.check(good)
@@ -571,34 +571,27 @@ async def test_http_probe_drives_the_checker(probe_server: str, session: aiohttp
     assert bad.last_error is not None and "failed" in bad.last_error
 
 
-class _RaisingSession:
-    """Stands in for a ClientSession whose request fails with `exc` (no network)."""
+class _RaisingClient:
+    """Stands in for an UpstreamClient whose calls fail with `exc` (no network)."""
 
     def __init__(self, exc: BaseException) -> None:
         self.exc = exc
 
-    def get(self, url: str, **kwargs: Any) -> _RaisingSession:
-        return self
-
-    async def __aenter__(self) -> None:
+    async def fetch(self, *args: Any, **kwargs: Any) -> None:
         raise self.exc
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        return None
 
-
-def raising(exc: BaseException) -> Callable[[], aiohttp.ClientSession]:
-    """A session getter whose session fails every request with `exc`."""
-    fake = _RaisingSession(exc)
+def raising(exc: BaseException) -> Callable[[], UpstreamClient]:
+    """A client getter whose client fails every call with `exc`."""
+    fake = _RaisingClient(exc)
     return lambda: fake  # type: ignore[return-value]
 
 
 async def test_http_probe_failure_with_message_keeps_it() -> None:
-    probe = http_probe(raising(aiohttp.ServerDisconnectedError()), "/health", 1.0)
-    assert await probe(up()) == "GET /health failed: Server disconnected"
+    probe = http_probe(raising(ConnectionLost("http://x:1 closed the connection")), "/health", 1.0)
+    assert await probe(up()) == "GET /health failed: http://x:1 closed the connection"
 
 
 async def test_http_probe_failure_without_message_names_the_error() -> None:
-    probe = http_probe(raising(aiohttp.ClientConnectionError()), "/health", 1.0)
-    assert await probe(up()) == "GET /health failed: ClientConnectionError"
+    probe = http_probe(raising(ConnectionLost("")), "/health", 1.0)
+    assert await probe(up()) == "GET /health failed: connection_lost"

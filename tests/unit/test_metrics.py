@@ -20,8 +20,9 @@ from prometheus_client import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from pdproxy.flow import Trace, reported_usage
 from pdproxy.metrics import LATENCY_BUCKETS, Metrics, UpstreamCollector, merge_expositions
+from pdproxy.proxy.record import RequestRecord as Trace
+from pdproxy.proxy.record import reported_usage
 from pdproxy.upstreams import Lease, Role, State, Upstream, UpstreamPool
 
 # ---------------------------------------------------------------- reported_usage

@@ -12,17 +12,20 @@ polls) is ignored: an engine that stops answering falls back to our own counts.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import aiohttp
-from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from pdproxy.routing.wiring import Background
 from pdproxy.upstreams import Upstream
+
+if TYPE_CHECKING:
+    from pdproxy.app import App
 
 log = logging.getLogger("pdproxy.engine_load")
 
@@ -109,15 +112,13 @@ class EngineLoads:
             await asyncio.sleep(self.interval)
 
 
-def enable_engine_load(app: web.Application, interval: float) -> EngineLoads | None:
+def enable_engine_load(app: App, interval: float) -> EngineLoads | None:
     """Poll every upstream's /metrics each `interval` seconds and fold the readings into the policies."""
     if interval <= 0:
         return None
-    from pdproxy.app import FLOW  # the app module imports the policies: import it only when wiring
-
-    flow = app[FLOW]
+    flow = app.flow
     loads = EngineLoads(interval)
-    for policy in (flow.prefill_policy, flow.decode_policy):
+    for policy in (flow.prefill.policy, flow.decode_policy):
         while not hasattr(policy, "use_engine_load") and hasattr(policy, "inner"):
             policy = policy.inner
         if hasattr(policy, "use_engine_load"):
@@ -126,14 +127,9 @@ def enable_engine_load(app: web.Application, interval: float) -> EngineLoads | N
     def members() -> list[Upstream]:
         return [*flow.prefill_pool.members, *flow.decode_pool.members]
 
-    async def polling(_app: web.Application) -> AsyncIterator[None]:
-        session = aiohttp.ClientSession()
-        task = asyncio.ensure_future(loads.run(members, session))
-        yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await session.close()
+    async def polling() -> None:
+        async with aiohttp.ClientSession() as session:
+            await loads.run(members, session)
 
-    app.cleanup_ctx.append(polling)
+    app.services.append(Background(polling))
     return loads

@@ -8,13 +8,9 @@ counter `pdproxy_kv_events_garbage_total`, and as a log line on every change.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
-from aiohttp import web
 from prometheus_client import Counter, Gauge
 
 from pdproxy.policies.cache_aware import CacheAware
@@ -22,8 +18,12 @@ from pdproxy.routing.kv_events import STATES, ServerCache
 from pdproxy.routing.kv_subscriber import EventSource
 from pdproxy.routing.kv_view import KvEventsView, log_state
 from pdproxy.routing.prompt_tokens import make_prompt_tokens
+from pdproxy.routing.wiring import Background
 from pdproxy.settings import Settings
 from pdproxy.upstreams import normalize_url
+
+if TYPE_CHECKING:
+    from pdproxy.app import App
 
 
 def parse_sources(text: str) -> dict[str, EventSource]:
@@ -40,7 +40,7 @@ def parse_sources(text: str) -> dict[str, EventSource]:
 
 def _policies(flow: Any) -> list[CacheAware]:
     found = []
-    for policy in (flow.prefill_policy, flow.decode_policy):
+    for policy in (flow.prefill.policy, flow.decode_policy):
         while not isinstance(policy, CacheAware) and hasattr(policy, "inner"):
             policy = policy.inner
         if isinstance(policy, CacheAware):
@@ -48,13 +48,11 @@ def _policies(flow: Any) -> list[CacheAware]:
     return found
 
 
-def enable_kv_events(app: web.Application, settings: Settings) -> KvEventsView | None:
+def enable_kv_events(app: App, settings: Settings) -> KvEventsView | None:
     """Wire KV-event routing into `app` (built by build_app) when settings ask for it."""
     if not settings.kv_events:
         return None
-    from pdproxy.app import FLOW, METRICS  # app imports this module's callers: import it only when wiring
-
-    flow, metrics = app[FLOW], app[METRICS]
+    flow, metrics = app.flow, app.metrics
     tokens = make_prompt_tokens(str(settings.tokenizer) if settings.tokenizer else None,
                                 str(settings.chat_template) if settings.chat_template else None)
     if tokens is None:
@@ -75,14 +73,9 @@ def enable_kv_events(app: web.Application, settings: Settings) -> KvEventsView |
         policy.use_kv_events(view)
     pool = flow.prefill_pool
 
-    async def subscriptions(_app: web.Application) -> AsyncIterator[None]:
-        session = aiohttp.ClientSession()
-        task = asyncio.ensure_future(view.run(pool, session))
-        yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await session.close()
+    async def subscriptions() -> None:
+        async with aiohttp.ClientSession() as session:
+            await view.run(pool, session)
 
-    app.cleanup_ctx.append(subscriptions)
+    app.services.append(Background(subscriptions))
     return view

@@ -1,26 +1,28 @@
 """Make a worker's routing see the whole host: shared load cells, caps across workers, the decision feed.
 
 `share_routing(app, table, worker)` is the one call a worker makes after `build_app`: it wraps the
-flow's two policies in `SharedBalancer` and keeps the admission queue awake for releases made by
-the other workers. Nothing else in the request path changes: `Lease` already tells the cells.
+flow's two policies (the prefill leg's and the decode one) in `SharedBalancer` and keeps the
+admission queue awake for releases made by the other workers. Nothing else in the request path
+changes: `Lease` already tells the cells.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-from collections.abc import AsyncIterator, Sequence
-from typing import Any, cast
-
-from aiohttp import web
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 from pdproxy.errors import Unavailable
 from pdproxy.policies.base import Balancer, RoutingRequest
 from pdproxy.routing.feed import DecisionFeed
 from pdproxy.routing.load import LoadCell, WorkerRow
 from pdproxy.routing.table import SharedTable, server_key
+from pdproxy.routing.wiring import Background
 from pdproxy.upstreams import Upstream
+
+if TYPE_CHECKING:
+    from pdproxy.app import App
 
 WAKE_BUSY = 0.002  # seconds between looks at the others' releases while requests wait for a slot
 WAKE_IDLE = 0.05  # ... and while none waits (only so a new waiter is noticed soon)
@@ -76,23 +78,13 @@ class SharedBalancer:
                           side=role, retry_after=1)
 
 
-def share_routing(app: web.Application, table: SharedTable, worker: int) -> WorkerRow:
+def share_routing(app: App, table: SharedTable, worker: int) -> WorkerRow:
     """Wire worker `worker` of a host into `table`: call once, after build_app, before serving."""
-    from pdproxy.app import FLOW  # the app module imports the policies; import it only when wiring
-
-    flow = app[FLOW]
+    flow = app.flow
     row = WorkerRow(table, worker)
-    flow.prefill_policy = SharedBalancer(flow.prefill_policy, row, DecisionFeed(table, worker))
+    flow.prefill.policy = SharedBalancer(flow.prefill.policy, row, DecisionFeed(table, worker))
     flow.decode_policy = SharedBalancer(flow.decode_policy, row, DecisionFeed(table, worker))
-
-    async def wake_on_releases(_app: web.Application) -> AsyncIterator[None]:
-        task = asyncio.ensure_future(_wake_on_releases(row, flow.admission))
-        yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-    app.cleanup_ctx.append(wake_on_releases)
+    app.services.append(Background(lambda: _wake_on_releases(row, flow.admission)))
     return row
 
 

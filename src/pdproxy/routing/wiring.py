@@ -6,12 +6,36 @@ KV-cache events (`--kv-events`, pdproxy.routing.kv_wiring) and engine load from 
 
 from __future__ import annotations
 
-from aiohttp import web
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from pdproxy.settings import Settings
 
+if TYPE_CHECKING:
+    from pdproxy.app import App
 
-def enable_routing(app: web.Application, settings: Settings) -> None:
+
+class Background:
+    """One task an App runs beside the requests (an `App.services` entry): started and cancelled with it."""
+
+    def __init__(self, run: Callable[[], Awaitable[None]]) -> None:
+        self._run = run
+        self._task: asyncio.Future[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+
+def enable_routing(app: App, settings: Settings) -> None:
     if settings.kv_events:
         from pdproxy.routing.kv_wiring import enable_kv_events
 

@@ -1,13 +1,39 @@
-"""The vLLM KV-handoff adapter: prefill body, decode body, handle pass-through."""
+"""The vLLM NIXL handoff: prefill body, decode body, handle pass-through (through its plan's bytes)."""
 
 from __future__ import annotations
 
 import copy
 from typing import Any
 
+import orjson
 import pytest
 
-from pdproxy.kv import ADAPTERS, VllmAdapter, make_adapter
+from pdproxy.handoff import HANDOFFS, make_handoff
+from pdproxy.handoff.vllm_nixl import VllmNixlHandoff
+from pdproxy.request import ProxyRequest
+from pdproxy.upstreams import Role, Upstream
+
+P = Upstream(Role.PREFILL, "http://p:1")
+D = Upstream(Role.DECODE, "http://d:2")
+
+
+class Adapter:
+    """The handoff seen through the bytes its plan sends to each leg."""
+
+    def __init__(self) -> None:
+        self.handoff = VllmNixlHandoff()
+
+    def _plan(self, body: dict[str, Any]):
+        return self.handoff.plan(ProxyRequest("/v1/chat/completions", body, False, "r1", {}), P, D)
+
+    def prefill_body(self, body: dict[str, Any]) -> dict[str, Any]:
+        call = self._plan(body).prefill
+        assert call.path == "/v1/chat/completions" and call.headers == b""
+        return orjson.loads(call.body)
+
+    def decode_body(self, body: dict[str, Any], answer: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        call, has_handle = self._plan(body).decode(answer)
+        return orjson.loads(call.body), has_handle
 
 PREFILL_REQUEST = {
     "do_remote_decode": True,
@@ -50,14 +76,14 @@ def chat_body(**extra: Any) -> dict[str, Any]:
 
 
 @pytest.fixture
-def adapter() -> VllmAdapter:
-    return VllmAdapter()
+def adapter() -> Adapter:
+    return Adapter()
 
 
 # ---------------------------------------------------------------- prefill body
 
 
-def test_prefill_body_shape(adapter: VllmAdapter) -> None:
+def test_prefill_body_shape(adapter: Adapter) -> None:
     prefill = adapter.prefill_body(chat_body())
     assert prefill["stream"] is False
     assert prefill["max_tokens"] == 1
@@ -69,7 +95,7 @@ def test_prefill_body_shape(adapter: VllmAdapter) -> None:
     assert prefill["kv_transfer_params"]["do_remote_prefill"] is False
 
 
-def test_prefill_body_keeps_every_other_key(adapter: VllmAdapter) -> None:
+def test_prefill_body_keeps_every_other_key(adapter: Adapter) -> None:
     body = chat_body()
     prefill = adapter.prefill_body(body)
     changed = {"stream", "max_tokens", "stream_options", "kv_transfer_params"}
@@ -79,45 +105,45 @@ def test_prefill_body_keeps_every_other_key(adapter: VllmAdapter) -> None:
 
 
 @pytest.mark.parametrize("stream", [True, False, None])
-def test_prefill_is_never_streamed(adapter: VllmAdapter, stream: bool | None) -> None:
+def test_prefill_is_never_streamed(adapter: Adapter, stream: bool | None) -> None:
     body = chat_body(stream=stream)
     if stream is None:
         del body["stream"]
     assert adapter.prefill_body(body)["stream"] is False
 
 
-def test_prefill_without_max_tokens_gets_one(adapter: VllmAdapter) -> None:
+def test_prefill_without_max_tokens_gets_one(adapter: Adapter) -> None:
     body = {"model": "m", "prompt": "hello"}
     assert adapter.prefill_body(body) == {"model": "m", "prompt": "hello", "stream": False, "max_tokens": 1,
                                           "kv_transfer_params": PREFILL_REQUEST}
 
 
-def test_prefill_max_completion_tokens_only_if_sent(adapter: VllmAdapter) -> None:
+def test_prefill_max_completion_tokens_only_if_sent(adapter: Adapter) -> None:
     prefill = adapter.prefill_body(chat_body(max_completion_tokens=500))
     assert prefill["max_completion_tokens"] == 1
     assert prefill["max_tokens"] == 1
     assert "max_completion_tokens" not in adapter.prefill_body(chat_body())
 
 
-def test_prefill_drops_min_tokens(adapter: VllmAdapter) -> None:
+def test_prefill_drops_min_tokens(adapter: Adapter) -> None:
     prefill = adapter.prefill_body(chat_body(min_tokens=20, min_completion_tokens=30))
     assert "min_tokens" not in prefill
     assert "min_completion_tokens" not in prefill
 
 
-def test_prefill_replaces_a_client_sent_kv_transfer_params(adapter: VllmAdapter) -> None:
+def test_prefill_replaces_a_client_sent_kv_transfer_params(adapter: Adapter) -> None:
     prefill = adapter.prefill_body(chat_body(kv_transfer_params={"do_remote_prefill": True, "remote_host": "evil"}))
     assert prefill["kv_transfer_params"] == PREFILL_REQUEST
 
 
-def test_prefill_does_not_mutate_the_client_body(adapter: VllmAdapter) -> None:
+def test_prefill_does_not_mutate_the_client_body(adapter: Adapter) -> None:
     body = chat_body(max_completion_tokens=5, min_tokens=2, kv_transfer_params={"x": 1})
     snapshot = copy.deepcopy(body)
     adapter.prefill_body(body)
     assert body == snapshot
 
 
-def test_prefill_request_blocks_are_independent(adapter: VllmAdapter) -> None:
+def test_prefill_request_blocks_are_independent(adapter: Adapter) -> None:
     first = adapter.prefill_body(chat_body())
     first["kv_transfer_params"]["remote_host"] = "changed"
     assert adapter.prefill_body(chat_body())["kv_transfer_params"] == PREFILL_REQUEST
@@ -138,21 +164,20 @@ def prefill_answer(handle: Any = HANDLE, *, with_key: bool = True) -> dict[str, 
     return answer
 
 
-def test_decode_body_is_the_original_plus_the_handle(adapter: VllmAdapter) -> None:
+def test_decode_body_is_the_original_plus_the_handle(adapter: Adapter) -> None:
     body = chat_body()
     snapshot = copy.deepcopy(body)
     answer = prefill_answer(copy.deepcopy(HANDLE))
     decode, has_handle = adapter.decode_body(body, answer)
     assert has_handle is True
     assert decode["kv_transfer_params"] == HANDLE
-    assert decode["kv_transfer_params"] is answer["kv_transfer_params"]  # passed through, not rebuilt
     assert {k: v for k, v in decode.items() if k != "kv_transfer_params"} == snapshot
     assert decode["stream"] is True and decode["max_tokens"] == 200  # the client's own values
     assert decode["stream_options"] == {"include_usage": True}
     assert body == snapshot  # the client's body is not mutated
 
 
-def test_decode_handle_is_never_rewritten(adapter: VllmAdapter) -> None:
+def test_decode_handle_is_never_rewritten(adapter: Adapter) -> None:
     answer = prefill_answer(copy.deepcopy(HANDLE))
     decode, _ = adapter.decode_body(chat_body(), answer)
     handle = decode["kv_transfer_params"]
@@ -163,7 +188,7 @@ def test_decode_handle_is_never_rewritten(adapter: VllmAdapter) -> None:
     assert answer == prefill_answer(HANDLE)  # the prefill answer is left as it came
 
 
-def test_decode_replaces_a_client_sent_kv_transfer_params(adapter: VllmAdapter) -> None:
+def test_decode_replaces_a_client_sent_kv_transfer_params(adapter: Adapter) -> None:
     body = chat_body(kv_transfer_params={"remote_host": "client-chosen"})
     decode, has_handle = adapter.decode_body(body, prefill_answer(HANDLE))
     assert has_handle is True
@@ -172,7 +197,7 @@ def test_decode_replaces_a_client_sent_kv_transfer_params(adapter: VllmAdapter) 
 
 
 @pytest.mark.parametrize("with_key", [True, False], ids=["null-handle", "no-handle"])
-def test_decode_without_a_handle(adapter: VllmAdapter, with_key: bool) -> None:
+def test_decode_without_a_handle(adapter: Adapter, with_key: bool) -> None:
     body = chat_body()
     snapshot = copy.deepcopy(body)
     decode, has_handle = adapter.decode_body(body, prefill_answer(None, with_key=with_key))
@@ -183,7 +208,7 @@ def test_decode_without_a_handle(adapter: VllmAdapter, with_key: bool) -> None:
 
 
 @pytest.mark.parametrize("with_key", [True, False], ids=["null-handle", "no-handle"])
-def test_decode_without_a_handle_strips_a_client_sent_one(adapter: VllmAdapter, with_key: bool) -> None:
+def test_decode_without_a_handle_strips_a_client_sent_one(adapter: Adapter, with_key: bool) -> None:
     body = chat_body(kv_transfer_params={"do_remote_prefill": True, "remote_host": "client-chosen"})
     snapshot = copy.deepcopy(body)
     decode, has_handle = adapter.decode_body(body, prefill_answer(None, with_key=with_key))
@@ -193,7 +218,7 @@ def test_decode_without_a_handle_strips_a_client_sent_one(adapter: VllmAdapter, 
     assert body == snapshot
 
 
-def test_full_round_trip_completions(adapter: VllmAdapter) -> None:
+def test_full_round_trip_completions(adapter: Adapter) -> None:
     body = {"model": "m", "prompt": [1, 2, 3], "max_tokens": 16, "stream": True, "echo": False}
     prefill = adapter.prefill_body(body)
     assert prefill["prompt"] == [1, 2, 3]
@@ -205,13 +230,13 @@ def test_full_round_trip_completions(adapter: VllmAdapter) -> None:
 # ---------------------------------------------------------------- registry
 
 
-def test_make_adapter_vllm() -> None:
-    assert isinstance(make_adapter("vllm"), VllmAdapter)
+def test_make_handoff_vllm() -> None:
+    assert isinstance(make_handoff("vllm"), VllmNixlHandoff)
 
 
-def test_make_adapter_unknown_lists_valid_ones() -> None:
+def test_make_handoff_unknown_lists_valid_ones() -> None:
     with pytest.raises(ValueError) as info:
-        make_adapter("mooncake-push")
+        make_handoff("mooncake-push")
     assert "mooncake-push" in str(info.value)
-    for name in ADAPTERS:
+    for name in HANDOFFS:
         assert name in str(info.value)

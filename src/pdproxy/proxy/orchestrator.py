@@ -1,0 +1,426 @@
+"""The orchestrator: admit a request, run its handoff plan over the prefill leg and the decode leg,
+relay D's bytes, and account for it.
+
+Invariants:
+- one parse of the client body (in `api`), one prefill call per attempt, one decode call per attempt;
+- a request is admitted with its decode server already leased, so nothing is awaited between the
+  prefill answer and the decode request: P holds the KV blocks only for a short lease. If that D
+  stopped being routable while P worked, another is leased (the NIXL pull handle names no D);
+- streamed bytes are relayed as read (`relay`), never parsed, re-serialised or logged per chunk;
+- nothing reaches the client before D's first byte, so until then a failed decode is retried by
+  running the whole flow again (fresh prefill, fresh handle: the old KV may be freed); after it, a
+  failure ends the stream with an SSE error event and is never retried;
+- every lease is released in `finally`, whatever ends the request (error, timeout, client gone: the
+  server cancels the handler, the cancellation closes the upstream socket, and vLLM aborts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pdproxy.admission import AdmissionQueue, QueueFull, QueueTimeout
+from pdproxy.client import CallError, Stream, UpstreamClient
+from pdproxy.errors import (
+    ProxyError,
+    Unavailable,
+    UpstreamBadResponse,
+    UpstreamBadStatus,
+    UpstreamError,
+    UpstreamStreamBroken,
+    UpstreamTimeout,
+)
+from pdproxy.handoff import Handoff, UpstreamCall
+from pdproxy.http.request import Request
+from pdproxy.http.response import Response
+from pdproxy.metrics import Metrics
+from pdproxy.outlier import OutlierDetector
+from pdproxy.policies import Balancer
+from pdproxy.proxy.calls import check_status, translate
+from pdproxy.proxy.outcomes import FAILURE_OUTCOMES, outcome_of
+from pdproxy.proxy.prefill import PrefillLeg
+from pdproxy.proxy.record import CLIENT_CLOSED, LOG_FORMATS, RequestRecord, access_log, reported_usage
+from pdproxy.proxy.relay import SSE_EVENT_END, Relay
+from pdproxy.request import ProxyRequest
+from pdproxy.upstreams import Lease, State, Upstream, UpstreamPool
+
+RETRY_AFTER_SECONDS = 1
+# A stream whose first event is an error (vLLM: its KV never arrived) failed before any token: rerun it.
+SSE_ERROR_EVENT = b'data: {"error"'
+INTER_CHUNK_SAMPLE_EVERY = 8  # one stream in 8 records its chunk gaps: the cost stays off most streams
+
+
+@dataclass(slots=True, frozen=True)
+class FlowTimeouts:
+    """Seconds; see Settings for what each one bounds. `decode_total` 0 means no cap."""
+
+    connect: float
+    prefill: float
+    prefill_deadline: float
+    decode_first_byte: float
+    stream_idle: float
+    decode_total: float = 0.0
+
+
+@dataclass(slots=True, frozen=True)
+class FlowLimits:
+    """Failover and overload bounds. 0 means no cap for `max_concurrency`."""
+
+    prefill_retries: int
+    flow_retries: int
+    max_concurrency: int = 0
+    max_answer_bytes: int = 16 * 1024 * 1024  # a whole upstream answer read into memory
+
+
+class Orchestrator:
+    """Runs client requests through prefill and decode. One instance per process."""
+
+    def __init__(
+        self,
+        *,
+        prefill_pool: UpstreamPool,
+        decode_pool: UpstreamPool,
+        prefill_policy: Balancer,
+        decode_policy: Balancer,
+        handoff: Handoff,
+        client: UpstreamClient,
+        timeouts: FlowTimeouts,
+        limits: FlowLimits,
+        admission: AdmissionQueue,
+        outlier: OutlierDetector,
+        metrics: Metrics,
+        access_log_format: str = "text",
+        on_release: Callable[[Upstream], None] | None = None,
+    ) -> None:
+        self.prefill_pool = prefill_pool
+        self.decode_pool = decode_pool
+        self.decode_policy = decode_policy
+        self.handoff = handoff
+        self.client = client
+        self.timeouts = timeouts
+        self.limits = limits
+        self.admission = admission
+        self.outlier = outlier
+        self.metrics = metrics
+        self._log_format = LOG_FORMATS[access_log_format]
+        self._on_release = on_release or (lambda upstream: admission.wake())
+        self.prefill = PrefillLeg(
+            pool=prefill_pool, policy=prefill_policy, client=client, handoff=handoff, timeout=timeouts.prefill,
+            deadline=timeouts.prefill_deadline, retries=limits.prefill_retries,
+            max_answer_bytes=limits.max_answer_bytes, metrics=metrics, report=self.report,
+            on_release=self._on_release)
+        self._streams = 0
+        self._open_streams: dict[str, set[Relay]] = {}  # upstream id -> its relayed streams
+        self.draining = False
+        self.in_flight = 0  # requests in the handler, queued ones included
+        self.admitted = 0  # requests holding a concurrency slot
+        self._idle = asyncio.Event()
+        self._idle.set()
+        first_byte = timeouts.decode_first_byte
+        self._first_byte_timeout = min(first_byte, timeouts.decode_total) if timeouts.decode_total else first_byte
+
+    async def wait_idle(self) -> None:
+        """Return once no request is in flight (all leases released)."""
+        while self.in_flight:
+            await self._idle.wait()
+
+    def cut_streams(self, upstream: Upstream, reason: str) -> int:
+        """End every stream relayed from `upstream` now (each client gets an SSE error event)."""
+        relays = self._open_streams.pop(upstream.id, set())
+        for relay in relays:
+            relay.fire(reason)
+        return len(relays)
+
+    def start_drain(self) -> None:
+        """Refuse new requests from now on; those in flight go on."""
+        self.draining = True
+
+    async def handle(self, request: Request, preq: ProxyRequest) -> Response | None:
+        """Serve one request; errors before the first byte become OpenAI error responses.
+        None: the answer was streamed through `request`."""
+        record = RequestRecord(preq.request_id, preq.endpoint, time.perf_counter(), request.remote or "-")
+        self.in_flight += 1
+        self._idle.clear()
+        self.metrics.requests_in_flight.inc()
+        try:
+            decode_lease = await self._admit(preq)
+            try:
+                response = await self._run(request, preq, record, decode_lease)
+            finally:
+                self.admitted -= 1
+                self.admission.wake()
+            if response is not None:
+                record.status = response.status
+            return response
+        except ProxyError as exc:
+            record.status, record.error = exc.status, exc.message
+            if isinstance(exc, UpstreamTimeout):
+                self.metrics.timeouts.labels(exc.stage).inc()
+            return exc.response(preq.request_id)
+        except asyncio.CancelledError:
+            record.status, record.error = CLIENT_CLOSED, "client disconnected"
+            self.metrics.client_disconnects.labels(record.stage).inc()
+            raise
+        finally:
+            self.in_flight -= 1
+            if not self.in_flight:
+                self._idle.set()
+            self.metrics.requests_in_flight.dec()
+            self.account(record)
+
+    def refuse(self, request: Request, endpoint: str, request_id: str, error: ProxyError) -> Response:
+        """Answer a request refused before the flow (invalid, too large), with the same accounting."""
+        record = RequestRecord(request_id, endpoint, time.perf_counter(), request.remote or "-", status=error.status,
+                               error=error.message, stage="parse")
+        self.account(record)
+        return error.response(request_id)
+
+    def account(self, record: RequestRecord) -> None:
+        """One request's metrics and access-log line."""
+        total = time.perf_counter() - record.start
+        metrics = self.metrics
+        metrics.requests.labels(record.endpoint, str(record.status)).inc()
+        metrics.request_duration.labels(record.endpoint).observe(total)
+        if record.ttft_s is not None:
+            metrics.ttft.observe(record.ttft_s)
+        if self._log_format is not None:
+            access_log.info(self._log_format(record, total))
+
+    # -- admission ---------------------------------------------------------------------------
+
+    async def _admit(self, preq: ProxyRequest) -> Lease:
+        """A concurrency slot and a decode lease, at once or after waiting in the queue."""
+        if self.draining:
+            raise Unavailable("pdproxy is shutting down; retry on another instance",
+                              retry_after=RETRY_AFTER_SECONDS)
+        try:
+            return await self.admission.admit(lambda: self._try_admit(preq))
+        except QueueFull:
+            self.metrics.queue_rejections.labels("full").inc()
+            raise Unavailable("pdproxy is at capacity and its queue is full", retry_after=RETRY_AFTER_SECONDS) from None
+        except QueueTimeout:
+            self.metrics.queue_rejections.labels("timeout").inc()
+            raise Unavailable(f"pdproxy is at capacity: no slot within {self.admission.timeout:g}s",
+                              retry_after=RETRY_AFTER_SECONDS) from None
+
+    def _try_admit(self, preq: ProxyRequest) -> Lease | None:
+        """Grant a slot and lease a decode server, None when all are busy; 503 when none can serve."""
+        if not self.decode_pool.routable():  # before P computes KV that no D could take
+            raise Unavailable("no routable decode upstream", side="decode")
+        if not self.prefill_pool.routable():
+            raise Unavailable("no routable prefill upstream", side="prefill")
+        if self.limits.max_concurrency and self.admitted >= self.limits.max_concurrency:
+            return None
+        decode = self.decode_pool.available()
+        if not decode or not self.prefill_pool.available():
+            return None
+        self.admitted += 1
+        return Lease(self.decode_policy.choose(decode, preq), self._on_release)
+
+    # -- the flow ----------------------------------------------------------------------------
+
+    async def _run(
+        self, request: Request, preq: ProxyRequest, record: RequestRecord, decode_lease: Lease
+    ) -> Response | None:
+        """Prefill then decode; a decode that fails before its first byte reruns the whole flow.
+
+        The rerun prefers another D, but falls back to the same one: a D often fails because its KV never
+        arrived (P died or freed it), and a fresh prefill fixes that.
+        """
+        failed_decoders: list[Upstream] = []
+        last_error: UpstreamError | None = None
+        for attempt in range(1 + self.limits.flow_retries):
+            if attempt:
+                candidates = self.decode_pool.available(failed_decoders) or self.decode_pool.available()
+                if not candidates:
+                    break
+                decode_lease = Lease(self.decode_policy.choose(candidates, preq), self._on_release)
+                record.retries += 1
+                self.metrics.flow_retries.inc()
+            try:
+                record.stage = "prefill"
+                plan, answer = await self.prefill.run(preq, record, decode_lease.upstream)
+                try:
+                    decode_lease = self._recheck(decode_lease, preq)
+                    call, has_handle = plan.decode(answer)
+                    del answer  # freed before the stream: only D's call is needed now
+                    if not has_handle:
+                        self.metrics.kv_handoff_missing.inc()
+                    record.stage = "decode"
+                    return await self._decode(request, preq, call, record, decode_lease.upstream)
+                finally:
+                    plan.close()
+            except UpstreamError as exc:
+                if exc.side != "decode" or not exc.retryable:
+                    raise
+                last_error = exc
+                failed_decoders.append(decode_lease.upstream)
+            finally:
+                decode_lease.release()
+        assert last_error is not None
+        raise last_error
+
+    def _recheck(self, lease: Lease, preq: ProxyRequest) -> Lease:
+        """The D leased at admission, or another when it stopped being routable while P worked."""
+        if lease.upstream.routable:
+            return lease
+        candidates = self.decode_pool.available()
+        if not candidates:
+            return lease  # nothing better: the decode fails or succeeds on its own
+        fresh = Lease(self.decode_policy.choose(candidates, preq), self._on_release)
+        lease.release()
+        return fresh
+
+    async def _decode(
+        self, request: Request, preq: ProxyRequest, call: UpstreamCall, record: RequestRecord, upstream: Upstream
+    ) -> Response | None:
+        record.decode_upstream = upstream.url
+        sent = time.perf_counter()
+        if record.prefill_s is not None:
+            self.metrics.handoff_gap.observe(sent - record.start - record.prefill_s)
+        reason: str | None = None
+        outcome = "cancelled"  # unless the call ends otherwise: the client went away
+        try:
+            if preq.stream:
+                response = await self._decode_stream(request, preq, call, record, upstream, sent)
+            else:
+                response = await self._decode_whole(preq, call, record, upstream)
+            outcome, reason = ("broken", record.error) if record.error else ("ok", None)
+            self.metrics.decode_duration.observe(time.perf_counter() - sent)
+            return response
+        except ProxyError as exc:
+            outcome, reason = outcome_of(exc), exc.message
+            raise
+        finally:
+            self.report(upstream, outcome, reason)
+
+    async def _decode_whole(
+        self, preq: ProxyRequest, call: UpstreamCall, record: RequestRecord, upstream: Upstream
+    ) -> Response:
+        """A non-streamed answer (or an error status), byte for byte."""
+        timeout = self._first_byte_timeout
+        try:
+            resp = await self.client.fetch(upstream.url, "POST", call.path, headers=preq.headers + call.headers,
+                                           body=call.body, timeout=timeout, max_bytes=self.limits.max_answer_bytes)
+        except CallError as exc:
+            raise translate(exc, side="decode", upstream=upstream.url, stage="decode", timeout=timeout) from None
+        content_type = resp.headers.get("content-type", "application/json")
+        check_status(resp.status, content_type, resp.body, side="decode", upstream=upstream.url)
+        record.ttft_s = time.perf_counter() - record.start
+        record.bytes_out = len(resp.body)
+        self._count_usage(resp.body)
+        return Response(status=resp.status, body=resp.body, content_type=content_type,
+                        headers=(("X-Request-Id", preq.request_id),))
+
+    async def _open(self, preq: ProxyRequest, call: UpstreamCall, upstream: Upstream) -> Stream:
+        try:
+            stream = await self.client.open(upstream.url, "POST", call.path, headers=preq.headers + call.headers,
+                                            body=call.body, first_byte_timeout=self._first_byte_timeout,
+                                            idle_timeout=self.timeouts.stream_idle)
+        except CallError as exc:
+            stage = "decode_first_byte" if exc.kind == "first_byte_timeout" else "decode"
+            error = translate(exc, side="decode", upstream=upstream.url, stage=stage)
+            if stage == "decode_first_byte":
+                error = UpstreamTimeout(f"decode upstream {upstream.url} sent no first byte within "
+                                        f"{self._first_byte_timeout:g}s", side="decode", upstream=upstream.url,
+                                        stage=stage)
+            raise error from None
+        if 200 <= stream.status < 300:
+            return stream
+        try:  # an error status: its whole (small) body, within what is left of the first-byte deadline
+            payload = stream.first + await asyncio.wait_for(stream.read_rest(self.limits.max_answer_bytes),
+                                                            self._first_byte_timeout)
+        except (CallError, asyncio.TimeoutError):
+            payload = stream.first
+        finally:
+            stream.abort()
+        check_status(stream.status, stream.headers.get("content-type", "application/json"), payload,
+                     side="decode", upstream=upstream.url)
+        raise AssertionError("unreachable: check_status raises for every non-2xx status")
+
+    async def _decode_stream(
+        self, request: Request, preq: ProxyRequest, call: UpstreamCall, record: RequestRecord, upstream: Upstream,
+        sent: float,
+    ) -> Response | None:
+        """Relay D's stream from its first chunk on."""
+        stream = await self._open(preq, call, upstream)
+        relay: Relay | None = None
+        try:
+            first = stream.first
+            if not first:
+                raise UpstreamBadResponse(f"decode upstream {upstream.url} closed the stream before any data",
+                                          side="decode", upstream=upstream.url)
+            if first.startswith(SSE_ERROR_EVENT):
+                raise UpstreamBadStatus(f"decode upstream {upstream.url} answered with an error event: "
+                                        f"{first[:300].decode(errors='replace').strip()}",
+                                        side="decode", upstream=upstream.url)
+            out = request.start_stream(stream.status, (
+                ("Content-Type", stream.headers.get("content-type", "text/event-stream")),
+                ("Cache-Control", "no-cache"),
+                ("X-Request-Id", preq.request_id),
+            ))
+            record.status = stream.status
+            record.ttft_s = time.perf_counter() - record.start
+            loop = asyncio.get_running_loop()
+            total = self.timeouts.decode_total
+            end = loop.time() - (time.perf_counter() - sent) + total if total else None
+            self._streams += 1
+            gaps = self.metrics.inter_token if self._streams % INTER_CHUNK_SAMPLE_EVERY == 0 else None
+            relay = Relay(loop, stream, out, end=end, gaps=gaps)
+            open_streams = self._open_streams.setdefault(upstream.id, set())
+            open_streams.add(relay)
+            # From here on the client has bytes: failures end the stream with an SSE error event.
+            try:
+                relay.begin(first)
+                ended = await relay.done
+            finally:
+                open_streams.discard(relay)
+                record.bytes_out = relay.bytes
+            if ended is None:
+                self._count_usage(relay.tail)
+            else:
+                error = self._broken_stream(ended, upstream, record)
+                out.write((b"" if relay.on_event_boundary else SSE_EVENT_END) + error.sse_event())
+            out.end()
+            return None
+        finally:
+            if relay is not None:
+                relay.close()
+            else:
+                stream.abort()
+
+    def _count_usage(self, data: bytes) -> None:
+        usage = reported_usage(data)
+        if usage is not None:
+            self.metrics.prompt_tokens.inc(usage[0])
+            self.metrics.completion_tokens.inc(usage[1])
+
+    def _broken_stream(self, ended: CallError | str, upstream: Upstream, record: RequestRecord) -> UpstreamStreamBroken:
+        if ended in ("stream_idle", "decode_total") or (isinstance(ended, CallError) and ended.kind == "idle_timeout"):
+            fired = "stream_idle" if isinstance(ended, CallError) else ended
+            self.metrics.timeouts.labels(fired).inc()
+            limit = self.timeouts.stream_idle if fired == "stream_idle" else self.timeouts.decode_total
+            cause = f"{fired.replace('_', ' ')} timeout ({limit:g}s)"
+        elif isinstance(ended, str):
+            cause = ended
+        else:
+            cause = translate(ended, side="decode", upstream=upstream.url, stage="stream").message
+        error = UpstreamStreamBroken(f"decode stream broke: {cause}", side="decode", upstream=upstream.url,
+                                     stage="stream")
+        record.error = error.message
+        return error
+
+    # -- outcomes --------------------------------------------------------------------------
+
+    def report(self, upstream: Upstream, outcome: str, reason: str | None = None) -> None:
+        """Record one upstream call's outcome; the outlier detector decides what it means."""
+        if upstream.state is State.REMOVED:  # its series are gone: recording would bring them back
+            return
+        self.metrics.upstream_requests.labels(upstream.role.value, upstream.url, outcome).inc()
+        if outcome == "ok":
+            self.outlier.report(upstream, None)
+        elif outcome in FAILURE_OUTCOMES:
+            upstream.last_error = reason or outcome
+            self.outlier.report(upstream, upstream.last_error)

@@ -1,0 +1,25 @@
+"""Run the upstream client's tests under both event loops the proxy supports."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+
+import pytest
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop is a dependency on CPython/Linux
+    uvloop = None  # type: ignore[assignment]
+
+_BOTH_LOOPS = ("test_client.py",)
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """test_client.py runs on asyncio and uvloop; every other test keeps the default loop only."""
+    factories: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {"asyncio": asyncio.new_event_loop}
+    if item.path.name in _BOTH_LOOPS and uvloop is not None:
+        factories["uvloop"] = uvloop.new_event_loop
+    return factories
