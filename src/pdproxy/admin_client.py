@@ -11,7 +11,8 @@ from typing import Any
 
 TIMEOUT = 10.0
 COLUMNS = (("ID", "id"), ("ROLE", "role"), ("URL", "url"), ("STATE", "state"), ("WEIGHT", "weight"),
-           ("IN-FLIGHT", "in_flight"), ("SERVED", "served"), ("SOURCE", "source"), ("LAST ERROR", "last_error"))
+           ("IN-FLIGHT", "in_flight"), ("SERVED", "served"), ("SOURCE", "source"), ("LAST ERROR", "last_error"),
+           ("METADATA ERROR", "meta_error"))  # set: the handoff cannot use it, so it gets no traffic
 
 
 class AdminClientError(Exception):

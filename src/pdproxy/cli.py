@@ -68,6 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="prompt compute per uncached token, one prompt at a time (default 0: none)")
     mock.add_argument("--cache-blocks", type=int, default=4096,
                       help="prefix cache size in 16-token blocks; 0: no cache (default 4096)")
+    mock.add_argument("--protocol", choices=("vllm", "omni", "sglang", "mooncake", "nixl-push"), default="vllm",
+                      help="PD protocol the engine speaks (match the proxy's --kv-adapter; default vllm)")
+    mock.add_argument("--bootstrap-port", type=int, default=0,
+                      help="sglang/mooncake/nixl-push prefill: port of its bootstrap server (nixl-push: its "
+                           "side channel; default: any free port)")
+    mock.add_argument("--kv-timeout-ms", type=float, default=2000.0,
+                      help="sglang/mooncake: how long P and D wait for each other's KV (default 2000)")
+    mock.add_argument("--dp-size", type=int, default=1, help="mooncake prefill: DP ranks on /query (default 1)")
+    mock.add_argument("--engine-id", default="", help="the engine's KV engine id (default: a fresh uuid)")
     mock.add_argument("--log-level", default="info", choices=LOG_LEVELS)
 
     # The admin flags work before and after the verb (`pdproxy upstreams list --admin-url URL`): the verb's
@@ -159,7 +168,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         try:
             config = MockConfig(role=args.role, ttft_ms=args.ttft_ms, itl_ms=args.itl_ms, tokens=args.tokens,
                                 model=args.model, prefill_ms_per_token=args.prefill_ms_per_token,
-                                cache_blocks=args.cache_blocks)
+                               cache_blocks=args.cache_blocks, protocol=args.protocol,
+                               bootstrap_port=args.bootstrap_port, kv_timeout_ms=args.kv_timeout_ms,
+                               dp_size=args.dp_size, engine_id=args.engine_id)
         except ValueError as exc:
             _fail(str(exc))
         _run_or_fail(run, _serve_mock(config, args.host, args.port))

@@ -11,7 +11,10 @@ drive the proxy's failure paths deterministically.
 With ``kv_events`` on, the prefix-cache model publishes vLLM-format KV-cache events over ZMQ
 (``mock_kv_events``) and ``/kv_event_sources`` says where, as vLLM does.
 
-Standalone on purpose: it imports nothing from ``pdproxy`` (but its own ``mock_kv_events``).
+``protocol`` picks the PD protocol it speaks (``vllm``, ``omni``, ``sglang``, ``mooncake``;
+see ``mock_pd.py`` for the two whose KV moves through P's bootstrap server).
+
+Standalone on purpose: it imports nothing from ``pdproxy`` but its own ``mock_pd`` and ``mock_kv_events``.
 """
 
 from __future__ import annotations
@@ -27,11 +30,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import orjson
 from aiohttp import web
 
 if TYPE_CHECKING:
     from pdproxy.mock_kv_events import KvEventPublisher
+from pdproxy.mock_pd import BOOTSTRAPPED, PROTOCOLS, BootstrapServer, KvBoard, fetch_kv, sglang_target
 
 __all__ = [
     "BLOCK_SIZE",
@@ -55,6 +60,7 @@ MAX_MODEL_LEN = 8192
 
 _ROLES = ("prefill", "decode", "both")
 _HANDLE_FIELDS = ("remote_engine_id", "remote_request_id", "remote_host", "remote_port", "remote_block_ids")
+_OMNI_HANDLE_FIELDS = ("remote_block_ids", "remote_cluster_id", "remote_host_ip")
 _GARBAGE = b"this is not json{"
 _DONE = b"data: [DONE]\n\n"
 _ROLE_DELTA = b'"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}\n\n'
@@ -83,6 +89,11 @@ class MockConfig:
     kv_events_port: int = 0  # 0: a free port; give the old one to stand in for an engine restarted in place
     kv_events_replay_port: int = 0  # the same, for the replay socket
     kv_events_replay: bool = True  # False: no replay socket (a subscriber that misses a batch cannot catch up)
+    protocol: str = "vllm"  # "vllm" | "omni" | "sglang" | "mooncake" | "nixl-push"
+    bootstrap_port: int = 0  # sglang/mooncake/nixl-push P: its bootstrap server's port (0: the OS picks one)
+    kv_timeout_ms: float = 2000.0  # how long P and D wait for each other (SGLang 300 s, Mooncake 480 s)
+    dp_size: int = 1  # mooncake P: DP ranks it announces on /query (one engine id each)
+    eos_after: int = 0  # non-streamed answers stop (finish_reason "stop") after this many tokens; 0: never
 
     def __post_init__(self) -> None:
         """Reject nonsense early, so a typo in a demo config fails at start-up."""
@@ -94,6 +105,10 @@ class MockConfig:
             raise ValueError("cache_blocks and prefill_ms_per_token must be >= 0")
         if self.tokens < 1:
             raise ValueError("tokens must be >= 1")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+        if not 0 <= self.bootstrap_port < 65536 or self.kv_timeout_ms <= 0 or self.dp_size < 1 or self.eos_after < 0:
+            raise ValueError("bootstrap_port must be 0-65535, kv_timeout_ms > 0, dp_size >= 1, eos_after >= 0")
 
 
 @dataclass(slots=True)
@@ -134,6 +149,7 @@ class MockStats:
     # Measurements, not outcomes: left out of ==, so comparing outcome counters stays exact.
     prompt_tokens_hit: int = dataclasses.field(default=0, compare=False)  # found in the prefix cache
     prompt_tokens_miss: int = dataclasses.field(default=0, compare=False)  # computed
+    kv_fetches: int = 0  # sglang/mooncake P: KV fetches from decode engines that reached its bootstrap server
 
 
 @dataclass(slots=True, frozen=True)
@@ -317,6 +333,22 @@ class MockEngine:
         self.prefix_cache = PrefixCache()
         self._compute_free_at = 0.0  # loop time when the prompt computed last is done (FIFO compute)
         self._compute_starts: deque[float] = deque()  # loop times prompts queued for compute start at
+        self.kv_board = KvBoard()  # sglang/mooncake P: rooms / transfer ids waiting for their D
+        self.bootstrap: BootstrapServer | None = None  # started with the app when this P needs one
+        self.bind_host = "127.0.0.1"  # where the bootstrap server listens (start_mock sets it)
+        self._session: aiohttp.ClientSession | None = None  # D's KV fetches from P's bootstrap server
+        self._kv_timers: dict[str, asyncio.TimerHandle] = {}  # P: when published KV is given up
+
+    @property
+    def bootstrap_port(self) -> int | None:
+        """The port of this P's bootstrap server once it runs (None when it has none)."""
+        return self.bootstrap.port if self.bootstrap is not None else None
+
+    @property
+    def engine_ids(self) -> list[str]:
+        """The engine id of each DP rank (Mooncake's /query); rank 0's is the engine's own."""
+        cfg = self.config
+        return [cfg.engine_id] + [f"{cfg.engine_id}-dp{rank}" for rank in range(1, cfg.dp_size)]
 
     # ------------------------------------------------------------------ app
 
@@ -334,7 +366,10 @@ class MockEngine:
         app.router.add_get("/stats", self._handle_stats)
         app.router.add_get("/kv_event_sources", self._handle_kv_event_sources)
         app.router.add_get("/metrics", self._handle_metrics)
+        app.router.add_get("/get_server_info", self._handle_server_info)
+        app.on_startup.append(self._on_startup)
         app.on_shutdown.append(self._on_shutdown)
+        app.on_cleanup.append(self._on_cleanup)
         if self.config.kv_events:
             app.on_startup.append(self._start_kv_events)
             app.on_cleanup.append(self._stop_kv_events)
@@ -383,6 +418,32 @@ class MockEngine:
         events = self.prefix_cache.events
         return web.Response(body=orjson.dumps(events.sources() if events is not None else {}),
                             content_type="application/json")
+
+    async def _on_startup(self, _app: web.Application) -> None:
+        cfg = self.config
+        if cfg.role == "prefill" and cfg.protocol in BOOTSTRAPPED:
+            worker = f"tcp://{cfg.side_channel_host}:{cfg.side_channel_port}"
+            self.bootstrap = BootstrapServer(self.kv_board, self.engine_ids, worker, cfg.kv_timeout_ms / 1000.0,
+                                             self._count_kv_fetch)
+            await self.bootstrap.start(self.bind_host, cfg.bootstrap_port)
+
+    def _expire_kv(self, key: str) -> None:
+        self._kv_timers.pop(key, None)
+        self.kv_board.abort(key)
+
+    def _count_kv_fetch(self) -> None:
+        self.stats.kv_fetches += 1
+        self._notify()
+
+    async def _on_cleanup(self, _app: web.Application) -> None:
+        for timer in self._kv_timers.values():
+            timer.cancel()
+        self._kv_timers.clear()
+        if self.bootstrap is not None:
+            await self.bootstrap.stop()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
     async def _on_shutdown(self, _app: web.Application) -> None:
         """Cancel hanging/stalled/slow generations so runner.cleanup() never waits on them."""
@@ -503,6 +564,17 @@ class MockEngine:
         }
         return web.Response(body=orjson.dumps(payload), content_type="application/json")
 
+    async def _handle_server_info(self, _request: web.Request) -> web.Response:
+        """SGLang's server args, flattened as its /get_server_info answers them (the part a proxy reads)."""
+        cfg = self.config
+        if cfg.protocol != "sglang":
+            return _error_response(404, "Not Found", type_="NotFoundError")
+        mode = {"prefill": "prefill", "decode": "decode"}.get(cfg.role, "null")
+        port = self.bootstrap_port or cfg.bootstrap_port or 8998
+        payload = {"model_path": cfg.model, "disaggregation_mode": mode, "disaggregation_bootstrap_port": port,
+                   "disaggregation_transfer_backend": "mock", "tp_size": 1, "dp_size": 1}
+        return web.Response(body=orjson.dumps(payload), content_type="application/json")
+
     async def _handle_stats(self, _request: web.Request) -> web.Response:
         payload: dict[str, Any] = dataclasses.asdict(self.stats)
         payload["role"] = self.config.role
@@ -548,7 +620,8 @@ class MockEngine:
             if not isinstance(body, dict):
                 raise _BadRequest("Request body must be a JSON object.")
             gen = self._parse(body, chat, request_id)
-            prefill = self._check_role(gen)
+            prefill = self._check_role(gen) if self.config.protocol == "vllm" else self.config.role == "prefill"
+            kv_key = self._kv_key(body, gen, prefill, request)
         except _BadRequest as exc:
             return _error_response(400, exc.message, param=exc.param)
 
@@ -559,26 +632,46 @@ class MockEngine:
             return await self._apply_fault(request, _Fault("drop" if fault.kind == "die" else "hang"))
 
         stats = self.stats
-        computes_prompt = True  # unless the KV arrives from a prefill engine
-        if prefill:
-            stats.prefills += 1
-        else:
-            stats.decodes += 1
-            kv = gen.kv
-            if kv is None or not kv.get("do_remote_prefill"):
-                stats.decodes_without_handle += 1
-            elif self._handle_is_valid(kv, gen, request):
-                stats.decodes_with_valid_handle += 1
-                computes_prompt = False
-            else:
-                stats.decodes_with_invalid_handle += 1
-        if computes_prompt:
-            t0 = self._compute_prompt(gen.prompt_text, t0)
-
         stats.in_flight += 1
         self._notify()
         try:
+            computes_prompt = True  # unless the KV arrives from a prefill engine
+            if prefill:
+                stats.prefills += 1
+            elif self.config.protocol in BOOTSTRAPPED:
+                stats.decodes += 1
+                # D waits here for P's KV (bounded by kv_timeout_ms): the heart of the concurrent protocols.
+                fetched = await self._fetch_kv(kv_key) if kv_key is not None else None
+                if isinstance(fetched, str):  # the KV never came: fail as the engines' load-failure policy does
+                    stats.decodes_with_invalid_handle += 1
+                    return _error_response(500, f"KV transfer failed: {fetched}", type_="InternalServerError")
+                if fetched is None:
+                    stats.decodes_without_handle += 1
+                elif self._fetched_kv_is_valid(fetched, gen, kv_key):
+                    stats.decodes_with_valid_handle += 1
+                    computes_prompt = False
+                else:
+                    stats.decodes_with_invalid_handle += 1
+            else:
+                stats.decodes += 1
+                kv = gen.kv
+                if kv is None or (self.config.protocol == "vllm" and not kv.get("do_remote_prefill")):
+                    stats.decodes_without_handle += 1
+                elif self._handle_is_valid(kv, gen, request, self.config.protocol):
+                    stats.decodes_with_valid_handle += 1
+                    computes_prompt = False
+                else:
+                    stats.decodes_with_invalid_handle += 1
+            self._notify()
+            if computes_prompt:
+                t0 = self._compute_prompt(gen.prompt_text, t0)
+            if prefill and kv_key is not None:
+                failed = await self._hand_over(kv_key, gen, t0)
+                if failed is not None:
+                    return failed
             if gen.stream:
+                if prefill:  # only SGLang's P streams: it makes the first token only, D the rest
+                    gen = dataclasses.replace(gen, max_tokens=1)
                 return await self._stream(request, gen, fault, t0)
             return await self._complete(gen, prefill, t0)
         except asyncio.CancelledError:
@@ -587,6 +680,111 @@ class MockEngine:
         finally:
             stats.in_flight -= 1
             self._notify()
+
+    # ------------------------------------------------- PD protocols (mock_pd)
+
+    def _kv_key(self, body: dict[str, Any], gen: _Gen, prefill: bool, request: web.Request) -> tuple[str, str] | None:
+        """(P's bootstrap base URL, room or transfer id) of a bootstrapped request; None otherwise.
+
+        Raises _BadRequest for fields the real engine would reject."""
+        cfg = self.config
+        if cfg.protocol == "sglang" and cfg.role != "both":
+            target = sglang_target(body, cfg.bootstrap_port or 8998)
+            if isinstance(target, str):
+                raise _BadRequest(target, "bootstrap_room")
+            return target
+        if cfg.protocol not in ("mooncake", "nixl-push") or cfg.role == "both":
+            return None
+        kv = gen.kv or {}
+        if cfg.protocol == "nixl-push":
+            return self._push_key(kv, prefill, request)
+        if prefill:
+            if not kv.get("do_remote_decode"):
+                raise _BadRequest("A Mooncake prefill request needs kv_transfer_params.do_remote_decode.",
+                                  "kv_transfer_params")
+            rank = request.headers.get("X-data-parallel-rank", "0")
+            if not rank.isdigit() or int(rank) >= cfg.dp_size:
+                raise _BadRequest(f"X-data-parallel-rank {rank!r} is not a DP rank of this engine "
+                                  f"(0-{cfg.dp_size - 1}).")
+            transfer_id = kv.get("transfer_id")
+            # Without a transfer_id vLLM logs "Missing transfer_id" and holds no KV: nobody can fetch it.
+            return ("", f"{rank}/{transfer_id}") if isinstance(transfer_id, str) and transfer_id else None
+        if not kv.get("do_remote_prefill"):
+            return None
+        addr, engine_id, transfer_id = (kv.get(k) for k in ("remote_bootstrap_addr", "remote_engine_id", "transfer_id"))
+        if not all(isinstance(v, str) and v for v in (addr, engine_id, transfer_id)):
+            return None  # vLLM: "Got invalid KVTransferParams", and D recomputes
+        return str(addr).rstrip("/"), f"{engine_id}/{transfer_id}"
+
+    def _push_key(self, kv: dict[str, Any], prefill: bool, request: web.Request) -> tuple[str, str] | None:
+        """NIXL push: P's KV is found by (P's engine id, request id); D is told where P is."""
+        request_id = request.headers.get("X-Request-Id", "")
+        if prefill:
+            if not kv.get("do_remote_decode"):
+                raise _BadRequest("A NIXL prefill request needs kv_transfer_params.do_remote_decode.",
+                                  "kv_transfer_params")
+            return "", f"{self.config.engine_id}/{request_id}"
+        if not kv.get("do_remote_prefill"):
+            return None
+        missing = [k for k in ("remote_engine_id", "remote_host", "remote_port", "tp_size") if kv.get(k) is None]
+        if missing:  # vLLM's push scheduler indexes these: a request without them cannot be served
+            raise _BadRequest(f"kv_transfer_params lacks {', '.join(missing)}.", "kv_transfer_params")
+        return f"http://{kv['remote_host']}:{kv['remote_port']}", f"{kv['remote_engine_id']}/{request_id}"
+
+    def _kv_for(self, gen: _Gen, rank: int) -> dict[str, Any]:
+        return {"engine_id": self.engine_ids[rank], "block_ids": block_ids_for(gen.prompt_text)}
+
+    async def _hand_over(self, kv_key: tuple[str, str], gen: _Gen, t0: float) -> web.Response | None:
+        """P's side once its prompt is computed: publish the KV; SGLang's P also waits for its D.
+
+        Returns an error response when no D came in time (the proxy must call D while P waits)."""
+        cfg = self.config
+        _, key = kv_key
+        remaining = t0 + cfg.ttft_ms / 1000.0 - asyncio.get_running_loop().time()
+        if remaining > 0:  # the KV exists once the prompt is computed
+            try:
+                await asyncio.sleep(remaining)
+            except asyncio.CancelledError:
+                if cfg.protocol == "sglang":
+                    self.kv_board.abort(key)  # a D already waiting for the room learns it failed
+                raise
+        timeout_s = cfg.kv_timeout_ms / 1000.0
+        if cfg.protocol in ("mooncake", "nixl-push"):
+            rank, board_key = 0, key
+            if cfg.protocol == "mooncake":
+                rank_text, transfer_id = key.split("/", 1)
+                rank = int(rank_text)
+                board_key = f"{self.engine_ids[rank]}/{transfer_id}"
+            self.kv_board.publish(board_key, self._kv_for(gen, rank))
+            # P holds the blocks until a D took them, or its abort timeout (Mooncake) / lease (push) passed.
+            timer = asyncio.get_running_loop().call_later(timeout_s, self._expire_kv, board_key)
+            self._kv_timers[board_key] = timer
+            return None
+        slot = self.kv_board.publish(key, self._kv_for(gen, 0))
+        try:
+            taken = await self.kv_board.wait_taken(slot, key, timeout_s)
+        except asyncio.CancelledError:
+            self.kv_board.abort(key)  # a D still waiting learns the room failed
+            raise
+        if taken:
+            return None
+        return _error_response(500, f"KV transfer timed out: no decode server took bootstrap room {key} "
+                               f"within {timeout_s:g}s", type_="InternalServerError")
+
+    async def _fetch_kv(self, kv_key: tuple[str, str]) -> dict[str, Any] | str:
+        """D's side: fetch the KV from P's bootstrap server (the KV waits there until P computed it)."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        base, key = kv_key
+        return await fetch_kv(self._session, f"{base}/kv/{key}", self.config.kv_timeout_ms / 1000.0)
+
+    @staticmethod
+    def _fetched_kv_is_valid(kv: dict[str, Any], gen: _Gen, kv_key: tuple[str, str]) -> bool:
+        """The KV is this prompt's, and (Mooncake) from the engine D was told about."""
+        if kv.get("block_ids") != block_ids_for(gen.prompt_text):
+            return False
+        key = kv_key[1]
+        return "/" not in key or key.split("/", 1)[0] == kv.get("engine_id")
 
     def _compute_prompt(self, prompt_text: str, t0: float) -> float:
         """Look the prompt up in the prefix cache; return when its computation ends (loop time).
@@ -735,13 +933,16 @@ class MockEngine:
         return remote_decode
 
     @staticmethod
-    def _handle_is_valid(kv: dict[str, Any], gen: _Gen, request: web.Request) -> bool:
-        """A decode handle is valid if complete, for this prompt, and for this request id."""
-        if any(kv.get(name) is None for name in _HANDLE_FIELDS):
+    def _handle_is_valid(kv: dict[str, Any], gen: _Gen, request: web.Request, protocol: str = "vllm") -> bool:
+        """A decode handle is valid if complete, for this prompt, and (vLLM) for this request id.
+
+        omni's LLMDataDist D needs remote_block_ids, remote_cluster_id and remote_host_ip."""
+        fields = _OMNI_HANDLE_FIELDS if protocol == "omni" else _HANDLE_FIELDS
+        if any(kv.get(name) is None for name in fields):
             return False
         if kv["remote_block_ids"] != block_ids_for(gen.prompt_text):
             return False
-        return kv["remote_request_id"] == request.headers.get("X-Request-Id")
+        return protocol == "omni" or kv["remote_request_id"] == request.headers.get("X-Request-Id")
 
     # ---------------------------------------------------------- generation
 
@@ -759,6 +960,9 @@ class MockEngine:
         """Non-streaming answer; a prefill answer also carries the NIXL-style handle."""
         cfg = self.config
         n = 1 if prefill else gen.max_tokens
+        finish = "length"
+        if 0 < cfg.eos_after <= n:  # the model stopped on its own before the length cap
+            n, finish = cfg.eos_after, "stop"
         delay_s = (cfg.ttft_ms + (0.0 if prefill else cfg.itl_ms * (n - 1))) / 1000.0
         remaining = t0 + delay_s - asyncio.get_running_loop().time()  # t0 may lie ahead: prompt compute
         if remaining > 0:
@@ -772,7 +976,7 @@ class MockEngine:
                 "index": 0,
                 "message": {"role": "assistant", "content": text},
                 "logprobs": None,
-                "finish_reason": "length",
+                "finish_reason": finish,
                 "stop_reason": None,
             }
         else:
@@ -780,7 +984,7 @@ class MockEngine:
                 "index": 0,
                 "text": text,
                 "logprobs": None,
-                "finish_reason": "length",
+                "finish_reason": finish,
                 "stop_reason": None,
             }
         payload: dict[str, Any] = {
@@ -791,7 +995,25 @@ class MockEngine:
             "choices": [choice],
             "usage": self._usage(gen, n),
         }
-        if prefill:
+        if prefill and cfg.protocol == "omni" and finish == "length":
+            # LLMDataDist holds the blocks of every length-capped request and says where they are.
+            payload["kv_transfer_params"] = {
+                "remote_block_ids": block_ids_for(gen.prompt_text),
+                "remote_cluster_id": cfg.engine_id,
+                "remote_host_ip": f"tcp://{cfg.side_channel_host}:{cfg.side_channel_port}",
+                "spec_token_ids": None,
+                "remote_dp_rank": 0,
+                "remote_request_id": rid,
+            }
+        elif prefill and cfg.protocol == "nixl-push":
+            payload["kv_transfer_params"] = {  # the full set, as push_scheduler answers it (D needs none of it)
+                "do_remote_prefill": True, "do_remote_decode": False,
+                "remote_block_ids": [block_ids_for(gen.prompt_text)], "remote_engine_id": cfg.engine_id,
+                "remote_request_id": gen.request_id, "remote_host": cfg.side_channel_host,
+                "remote_port": self.bootstrap_port, "tp_size": 1, "pp_size": 1,
+                "remote_num_tokens": gen.prompt_tokens, "transfer_mode": "push",
+            }
+        elif prefill and cfg.protocol == "vllm":
             payload["kv_transfer_params"] = {
                 "do_remote_prefill": True,
                 "do_remote_decode": False,
@@ -906,6 +1128,7 @@ async def start_mock(
     The caller owns the runner and must ``await runner.cleanup()``.
     """
     engine = MockEngine(config)
+    engine.bind_host = host
     runner = _runner(engine)
     await runner.setup()
     try:
@@ -923,10 +1146,12 @@ async def serve_mock(config: MockConfig, host: str, port: int) -> None:
     engine, runner, url = await start_mock(config, host, port)
     try:
         log.info(
-            "mock engine role=%s engine_id=%s listening on %s",
+            "mock engine role=%s protocol=%s engine_id=%s listening on %s%s",
             engine.config.role,
+            engine.config.protocol,
             engine.config.engine_id,
             url,
+            f" (bootstrap server on port {engine.bootstrap_port})" if engine.bootstrap_port else "",
         )
         await asyncio.Event().wait()
     finally:

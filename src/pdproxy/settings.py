@@ -262,9 +262,25 @@ class Settings(BaseSettings):
     # ---- KV handoff
     kv_adapter: str = setting(
         "vllm", group=HANDOFF,
-        description='KV handoff protocol: vllm',
-        doc=("KV-cache handoff protocol between P and D: vllm (vLLM's kv_transfer_params, e.g. NixlConnector). An "
-             'unknown name stops the proxy at start-up.'))
+        description='KV handoff protocol: vllm, omni, sglang, mooncake, nixl-push (README: Engines and handoffs)',
+        doc=("KV-cache handoff protocol between P and D: vllm (vLLM's kv_transfer_params, NixlConnector pull), omni "
+             "(omni-infer's LLMDataDist), sglang (SGLang's bootstrap rooms), mooncake (vLLM's MooncakeConnector) or "
+             "nixl-push (vLLM's NixlPushConnector). An unknown name stops the proxy at start-up."))
+    handoff_meta: dict[str, dict[str, Any]] = setting(
+        {}, group=HANDOFF, metavar='JSON', default_text='none',
+        example={"http://10.0.0.11:8100": {"bootstrap_port": 9000}},
+        description="per-server handoff metadata that wins over discovery, e.g. '{\"http://p1:8100\": "
+                    "{\"bootstrap_port\": 9000}}'",
+        doc=('Per-server handoff metadata, keyed by server URL, that wins over what the handoff discovers from the '
+             'server itself (SGLang bootstrap_port, Mooncake/NIXL-push engine_id): for engines whose metadata is '
+             'not on their HTTP API.'))
+    pd_min_prompt_tokens: int = setting(
+        0, group=HANDOFF, ge=0, metavar='N',
+        description=('send prompts whose estimated uncached part on the chosen decode server is under N tokens to '
+                     'that server alone, without prefill; 0 means always disaggregate'),
+        doc=("Skip disaggregation when it does not pay (llm-d's threshold): a prompt whose estimated uncached part "
+             'is under this many tokens goes to the decode server alone, as a normal request. 0 (the default) always '
+             'disaggregates.'))
     # ---- failover
     prefill_retries: int = setting(
         2, group=FAILOVER, ge=0, le=16,
@@ -521,6 +537,18 @@ class Settings(BaseSettings):
     @classmethod
     def _split(cls, value: Any) -> Any:
         return _split_servers(value)
+
+    @field_validator("handoff_meta", mode="before")
+    @classmethod
+    def _parse_handoff_meta(cls, value: Any) -> Any:
+        if isinstance(value, str):  # the CLI and env give JSON text
+            try:
+                value = yaml.safe_load(value) if value.strip() else {}
+            except yaml.YAMLError as exc:
+                raise ValueError(f"not a JSON object: {exc}") from None
+        if isinstance(value, dict):
+            return {normalize_url(str(url)): meta for url, meta in value.items()}
+        return value
 
     @field_validator("health_path")
     @classmethod

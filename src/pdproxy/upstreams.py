@@ -12,7 +12,7 @@ import enum
 import itertools
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 
@@ -110,10 +110,15 @@ class Upstream:
     def load(self) -> int:
         """Requests in flight on this server from every worker of the host (this process's alone unshared)."""
         return self.in_flight if self.shared is None else self.shared.in_flight()
+    # What the handoff learnt about this server (bootstrap port, engine id per DP rank), written only
+    # by `handoff.discovery.MetadataRefresher`. `meta_error` set: the handoff cannot use this server,
+    # so it is not routable whatever its health (the reason shows in describe()).
+    meta: dict[str, Any] = field(default_factory=dict)
+    meta_error: str | None = None
 
     @property
     def routable(self) -> bool:
-        return self.state in ROUTABLE_STATES
+        return self.state in ROUTABLE_STATES and self.meta_error is None
 
     def describe(self) -> dict[str, object]:
         """A JSON-ready view for operators (/health?verbose=1, the admin API)."""
@@ -129,6 +134,8 @@ class Upstream:
             "last_error": self.last_error,
             "source": self.source,
             **({"kv_events": self.kv_events()} if self.kv_events is not None else {}),
+            "meta": dict(self.meta),
+            "meta_error": self.meta_error,
         }
 
     @property

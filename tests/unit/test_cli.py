@@ -234,6 +234,8 @@ def test_help_defaults_match_settings(option: tuple[tuple[str, ...], str, dict[s
         number = stated.split()
         value = float(number[0]) * (1024 * 1024 if number[1:] == ["MiB"] else 1)
         assert value == default
+    elif not default:  # None, or an empty mapping: the help says "none"
+        assert stated == "none"
     else:
         assert stated == default
 

@@ -6,7 +6,14 @@ orchestrator makes. Two kinds exist:
 - sequential (`concurrent = False`): call P, then build D's call from P's answer (vLLM NIXL pull,
   omni LLMDataDist);
 - concurrent (`concurrent = True`): both calls are known up front and made at once; P is watched
-  while D is relayed (SGLang bootstrap, vLLM Mooncake, NIXL push).
+  while D is relayed (SGLang bootstrap, vLLM Mooncake). In every concurrent protocol D waits for KV
+  that only P produces (SGLang: up to 300 s, Mooncake: up to 480 s), so a P that fails before D's
+  first byte must cancel D at once (`cancel_decode_on_prefill_failure`).
+
+Some protocols need per-upstream facts the proxy must learn before routing (SGLang P's bootstrap
+port, Mooncake P's engine id per DP rank): `discover()` fetches them next to the health probe, the
+result lives in `Upstream.meta`, and an upstream whose metadata cannot be had is not routable
+(`Upstream.meta_error`). `plan()` only reads `prefill.meta` / `decode.meta`; it never fetches.
 
 A handoff never interprets the KV handle it carries: whatever P returns goes to D unchanged.
 A client-supplied handle or bootstrap field is never forwarded.
@@ -14,11 +21,33 @@ A client-supplied handle or bootstrap field is never forwarded.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 from pdproxy.request import ProxyRequest
-from pdproxy.upstreams import Upstream
+from pdproxy.upstreams import Role, Upstream
+
+#: `await fetch_json(url)` -> the parsed JSON body of a GET; raises (anything) on a transport error,
+#: a non-2xx status or a body that is not JSON. Injected, so discovery runs on whatever client the
+#: proxy uses.
+FetchJson = Callable[[str], Awaitable[Any]]
+
+#: Body fields a client may not set itself: each one steers the KV transfer of some engine family.
+HANDOFF_FIELDS = frozenset({
+    "kv_transfer_params",
+    "bootstrap_host",
+    "bootstrap_port",
+    "bootstrap_room",
+    "bootstrap_pair_key",
+    "disagg_prefill_dp_rank",
+    "routed_dp_rank",
+    "data_parallel_rank",
+})
+
+
+class MetadataError(Exception):
+    """An upstream's handoff metadata could not be had (its message goes into `describe()`)."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -46,12 +75,44 @@ class Plan(Protocol):
         ...
 
 
+class ConcurrentPlan:
+    """A plan whose two calls are both fixed up front (Mooncake, NIXL push): nothing to free."""
+
+    __slots__ = ("_decode", "prefill")
+
+    def __init__(self, prefill: UpstreamCall, decode: UpstreamCall) -> None:
+        self.prefill = prefill
+        self._decode = decode
+
+    def decode(self, prefill_answer: dict[str, Any] | None) -> tuple[UpstreamCall, bool]:
+        return self._decode, True  # D's params are the proxy's own: always a handle
+
+    def close(self) -> None:
+        return None
+
+
 class Handoff(Protocol):
     """An engine family's PD protocol."""
 
     name: ClassVar[str]
     concurrent: ClassVar[bool]
+    #: Concurrent plans: D waits for KV only P makes, so P failing before D's first byte cancels D.
+    cancel_decode_on_prefill_failure: ClassVar[bool]
+    #: Roles whose upstreams need `discover()` before they may be routed to (empty: none).
+    meta_roles: ClassVar[frozenset[Role]]
 
     def plan(self, request: ProxyRequest, prefill: Upstream, decode: Upstream) -> Plan:
         """The plan for one attempt of `request` on `prefill` and `decode`."""
         ...
+
+    async def discover(self, upstream: Upstream, fetch_json: FetchJson) -> dict[str, Any]:
+        """This upstream's metadata (what `plan()` reads from `upstream.meta`); MetadataError when
+        it cannot be had. Only called for upstreams whose role is in `meta_roles`."""
+        ...
+
+
+def without_handoff_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """The client's body minus every field that steers a KV transfer (a copy only when needed)."""
+    if HANDOFF_FIELDS.isdisjoint(body):
+        return body
+    return {key: value for key, value in body.items() if key not in HANDOFF_FIELDS}

@@ -12,9 +12,9 @@ from typing import Any, ClassVar
 
 import orjson
 
-from pdproxy.handoff.base import UpstreamCall
+from pdproxy.handoff.base import FetchJson, UpstreamCall
 from pdproxy.request import ProxyRequest
-from pdproxy.upstreams import Upstream
+from pdproxy.upstreams import Role, Upstream
 
 # Only `do_remote_decode` matters to vLLM; the null keys are what its reference proxy sends.
 PREFILL_REQUEST: dict[str, Any] = {
@@ -54,8 +54,10 @@ class SequentialPlan:
 
     __slots__ = ("_body", "_path", "prefill")
 
-    def __init__(self, request: ProxyRequest, prefill_body: dict[str, Any]) -> None:
-        self._body = request.body
+    def __init__(
+        self, request: ProxyRequest, prefill_body: dict[str, Any], decode_body: dict[str, Any] | None = None
+    ) -> None:
+        self._body = request.body if decode_body is None else decode_body  # D's body before the handle
         self._path = request.endpoint
         self.prefill = UpstreamCall(request.endpoint, orjson.dumps(prefill_body))
 
@@ -73,8 +75,13 @@ class VllmNixlHandoff:
 
     name: ClassVar[str] = "vllm"
     concurrent: ClassVar[bool] = False
+    cancel_decode_on_prefill_failure: ClassVar[bool] = False  # D is called only after P answered
+    meta_roles: ClassVar[frozenset[Role]] = frozenset()  # the handle carries every address D needs
 
     def plan(self, request: ProxyRequest, prefill: Upstream, decode: Upstream) -> SequentialPlan:
         body = one_token_body(request.body)
         body["kv_transfer_params"] = dict(PREFILL_REQUEST)
         return SequentialPlan(request, body)
+
+    async def discover(self, upstream: Upstream, fetch_json: FetchJson) -> dict[str, Any]:
+        return {}
