@@ -1,5 +1,7 @@
 """Real vLLM's KV-cache events (--kv-events-config on both prefill servers): pdproxy's token blocks for a
-completion and a chat are the ones the engine stored, and a repeated prefix goes to the server holding it."""
+completion and a chat are the ones the engine stored, and a repeated prefix goes to the server holding it.
+
+Named to sort before test_vllm.py: its failover tests kill prefill servers, the last one for good."""
 
 from __future__ import annotations
 
