@@ -13,7 +13,6 @@ message, the discovery by its HTTP timeout.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from pdproxy.routing.kv_events import END_SEQ, BadBatch, ServerCache, decode_seq
+from pdproxy.routing.wiring import Background
 
 log = logging.getLogger("pdproxy.kv_events")
 
@@ -88,16 +88,13 @@ class KvSubscriber:
         self._replay_timeout = replay_timeout
         self._retry_interval = retry_interval
         self._topic = source.topic.encode()
-        self._task: asyncio.Task[None] | None = None
+        self._task = Background(self._run)
 
     def start(self) -> None:
-        self._task = asyncio.ensure_future(self._run())
+        self._task.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._task.stop()
 
     async def _run(self) -> None:
         sub = self._context.socket(zmq.SUB)
