@@ -24,12 +24,14 @@ from pdproxy.http.response import Response
 from pdproxy.http.router import Router
 from pdproxy.http.server import Server
 from pdproxy.http.server import start_server as start_http_server
+from pdproxy.livez import LIVEZ_PATH, livez_handler
 from pdproxy.membership import Hooks, Membership, read_state_file
 from pdproxy.metrics import CONTENT_TYPE, Metrics
 from pdproxy.outlier import ConsecutiveFailureDetector, NoOutlierDetection, OutlierDetector
 from pdproxy.policies import PolicyOptions, make_balancer
 from pdproxy.proxy.orchestrator import FlowLimits, FlowTimeouts, Orchestrator
 from pdproxy.proxy.passthrough import Passthrough
+from pdproxy.proxy.record import RequestRecord
 from pdproxy.settings import Settings
 from pdproxy.upstreams import Role, State, Upstream, UpstreamPool
 
@@ -67,6 +69,18 @@ class App:
     discovery: Discovery | None = None
     services: list[Service] = field(default_factory=list)  # run beside the requests (pdproxy.routing's)
     _started: bool = field(default=False, repr=False)
+
+    def on_server_event(self, reason: str, request: Request | None, status: int) -> None:
+        """A refusal the HTTP server made itself (a client-side limit, malformed HTTP): a metric and, when it
+        answered, an access-log line. Disconnects of requests the orchestrator serves are counted there."""
+        if reason == "client_closed":
+            return
+        self.metrics.client_refusals.labels(reason).inc()
+        if status:
+            endpoint = request.path if request is not None else "-"
+            remote = request.remote or "-" if request is not None else "-"
+            self.flow.account(RequestRecord("-", endpoint, time.perf_counter(), remote, status=status, error=reason,
+                                            stage="client"), metrics=False)
 
     def __getitem__(self, key: str) -> Any:
         value = getattr(self, key)
@@ -147,7 +161,9 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
                 metrics.upstream_requests.labels(pool.role.value, url, "stale_retry").inc()
                 return
 
-    client = UpstreamClient(ClientOptions(connect_timeout=settings.connect_timeout), on_stale_retry=on_stale_retry)
+    client = UpstreamClient(ClientOptions(connect_timeout=settings.connect_timeout,
+                                          keepalive_timeout=settings.upstream_keepalive_timeout),
+                            on_stale_retry=on_stale_retry)
     limits = FlowLimits(settings.prefill_retries, settings.flow_retries, settings.max_concurrency)
     flow = Orchestrator(
         prefill_pool=pools[Role.PREFILL],
@@ -197,12 +213,13 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
                          timeout=settings.decode_first_byte_timeout, max_answer_bytes=limits.max_answer_bytes,
                          on_release=on_release)
     OpenAIApi(flow, models, upstream_api_key=api_key).add_routes(router)
+    router.add("GET", LIVEZ_PATH, livez_handler(lambda: flow.draining))  # liveness: never asks an engine
     if settings.metrics_port is None:
         router.add("GET", "/metrics", metrics_handler(metrics))
     admin = _admin_api(settings, membership, caps)
     if settings.admin_port is None:
         admin.add_routes(router)
-    server_limits = ServerLimits(max_body_bytes=settings.max_body_bytes)
+    server_limits = settings.server_limits()
     app = App(router, flow, metrics, board, membership, client, server_limits, checker,
               admin if settings.admin_port is not None else None,
               build_discovery(settings, membership, metrics, caps))
@@ -271,14 +288,15 @@ async def start_server(app: App | Router, host: str, port: int, *, reuse_port: b
                        limits: ServerLimits | None = None) -> tuple[Runner, str]:
     """Start `app` (a whole App, or a bare Router) on host:port (0 picks a free port); the runner and
     the base URL. `reuse_port`: share the port with other processes' sockets (SO_REUSEPORT; workers)."""
+    on_event = None
     if isinstance(app, App):
         await app.startup()
-        router, limits = app.router, limits or app.limits
+        router, limits, on_event = app.router, limits or app.limits, app.on_server_event
     else:
         router, limits = app, limits or ServerLimits()
     try:
         server = await start_http_server(router, host, port, limits=limits, reuse_port=reuse_port,
-                                         backlog=LISTEN_BACKLOG)
+                                         backlog=LISTEN_BACKLOG, on_event=on_event)
     except BaseException:
         if isinstance(app, App):
             await app.cleanup()

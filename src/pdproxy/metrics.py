@@ -28,13 +28,26 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
                    300, 600, 1200)
 SMALL_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 
+# Label values known in advance. Their series are exported at 0 from the start: Prometheus's rate() and
+# increase() cannot see a counter's first step when its series is born at 1, so a one-off event (a
+# timeout, an ejection) would never show on the dashboard.
+UPSTREAM_OUTCOMES = ("ok", "rejected", "bad_status", "bad_response", "connect_error", "timeout", "broken",
+                     "cancelled")
+TIMEOUT_STAGES = ("prefill", "connect", "decode_first_byte", "stream_idle", "decode_total")
+DISCONNECT_STAGES = ("queue", "prefill", "decode")
+QUEUE_REJECTION_REASONS = ("full", "timeout")
+ADMIN_ACTIONS = ("add", "remove", "force_remove", "drain", "undrain", "update")
+DISCOVERY_ACTIONS = ("add", "remove", "drain", "undrain", "update")
+
 
 class UpstreamCollector:
     """Scrape-time view of the pools: in-flight, health and counts per state."""
 
-    def __init__(self, upstreams: Callable[[], Iterable[Any]], states: Iterable[str]) -> None:
+    def __init__(self, upstreams: Callable[[], Iterable[Any]], states: Iterable[str],
+                 on_seen: Callable[[str, str], None] = lambda role, url: None) -> None:
         self._upstreams = upstreams
         self._states = tuple(states)
+        self._on_seen = on_seen  # told every upstream at each scrape (to create its counters at 0)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         in_flight = GaugeMetricFamily("pdproxy_upstream_in_flight", "Requests leased to the upstream now.",
@@ -46,6 +59,7 @@ class UpstreamCollector:
         counts: dict[tuple[str, str], int] = {}
         for upstream in self._upstreams():
             role = upstream.role.value
+            self._on_seen(role, upstream.url)
             in_flight.add_metric((role, upstream.url), upstream.in_flight)
             healthy.add_metric((role, upstream.url), 1 if upstream.routable else 0)
             key = (role, upstream.state.value)
@@ -115,6 +129,9 @@ class Metrics:
         self.client_disconnects = Counter("pdproxy_client_disconnects",
                                           "Clients gone before their response ended, by stage.",
                                           ("stage",), registry=registry)
+        self.client_refusals = Counter("pdproxy_client_refusals",
+                                       "Requests and connections refused or cut by the proxy itself (client-side "
+                                       "limits, malformed HTTP), by reason.", ("reason",), registry=registry)
         self.kv_handoff_missing = Counter("pdproxy_kv_handoff_missing",
                                           "Prefill answers without kv_transfer_params (D recomputes).",
                                           registry=registry)
@@ -131,12 +148,37 @@ class Metrics:
                                             "Unix time of the last good list from the discovery source.",
                                             ("source",), registry=registry)
 
+        for labels, values in ((self.timeouts, TIMEOUT_STAGES), (self.client_disconnects, DISCONNECT_STAGES),
+                               (self.queue_rejections, QUEUE_REJECTION_REASONS), (self.admin_changes, ADMIN_ACTIONS)):
+            for value in values:
+                labels.labels(value)
+        self._zeroed: set[tuple[str, str]] = set()  # upstreams whose counters exist
+
     def watch_upstreams(self, upstreams: Callable[[], Iterable[Any]], states: Iterable[str]) -> None:
-        """Expose the pools' live state at scrape time."""
-        self.registry.register(UpstreamCollector(upstreams, states))  # type: ignore[arg-type]
+        """Expose the pools' live state at scrape time (and each upstream's counters, at 0 until counted:
+        an upstream added at runtime gets them at the first scrape that sees it)."""
+        for upstream in upstreams():  # the configured ones at once, so the very first scrape has them
+            self._zero_upstream(upstream.role.value, upstream.url)
+        self.registry.register(UpstreamCollector(upstreams, states, self._zero_upstream))  # type: ignore[arg-type]
+
+    def _zero_upstream(self, role: str, url: str) -> None:
+        if (role, url) in self._zeroed:
+            return
+        self._zeroed.add((role, url))
+        self.ejections.labels(role, url)
+        for outcome in UPSTREAM_OUTCOMES:
+            self.upstream_requests.labels(role, url, outcome)
+
+    def watch_discovery(self, source: str) -> None:
+        """The discovery source's counters, at 0 from the start."""
+        self.discovery_updates.labels(source)
+        self.discovery_errors.labels(source)
+        for action in DISCOVERY_ACTIONS:
+            self.discovery_changes.labels(source, action)
 
     def forget_upstream(self, role: str, url: str) -> None:
         """Drop a removed upstream's series, so label sets stay bounded."""
+        self._zeroed.discard((role, url))
         for metric in (self.upstream_requests, self.ejections):
             for labels in list(metric._metrics):  # prometheus-client has no public way to list children
                 if labels[:2] == (role, url):

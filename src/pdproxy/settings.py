@@ -24,6 +24,7 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
+from pdproxy.http.limits import ServerLimits
 from pdproxy.upstreams import MAX_WEIGHT, normalize_url
 
 if sys.version_info >= (3, 11):
@@ -49,12 +50,14 @@ LOGGING = "logging"
 METRICS = "metrics"
 ADMIN = "admin"
 DISCOVERY = "discovery"
+CLIENTS = "clients"
 GROUP_TITLES = {
     UPSTREAMS: "upstreams", LISTENING: "listening", POLICIES: "load balancing (policies)",
     HANDOFF: "KV handoff", FAILOVER: "failover", TIMEOUTS: "timeouts", HEALTH: "active health checks",
     EJECTION: "passive ejection (outlier detection)", ADMISSION: "overload protection (admission)",
     LIFECYCLE: "lifecycle", REQUESTS: "requests", LOGGING: "logging", METRICS: "metrics",
     ADMIN: "admin API and runtime membership", DISCOVERY: "discovery (upstreams found without hand edits)",
+    CLIENTS: "client-side limits (slow, broken and greedy clients)",
 }
 
 
@@ -405,6 +408,54 @@ class Settings(BaseSettings):
         description='largest accepted request body',
         doc=('Largest request body accepted from a client; a larger one is answered 413. Unit: bytes, at least '
              '1024.'))
+    # ---- client-side limits (nginx's names where they exist)
+    client_header_timeout: float = setting(
+        60.0, group=CLIENTS, gt=0,
+        description='seconds from connect (or a keep-alive request\'s first byte) to the end of the request head',
+        doc=("nginx's client_header_timeout: a client that takes longer to send its request line and headers is "
+             'closed (408 once some bytes arrived): a slowloris costs a connection for this long at most. Unit: '
+             'seconds.'))
+    client_body_timeout: float = setting(
+        60.0, group=CLIENTS, gt=0,
+        description='longest gap in seconds between two reads of a request body',
+        doc=("nginx's client_body_timeout: the longest pause between two reads of a request body; then 408 and "
+             'close. Unit: seconds.'))
+    keepalive_timeout: float = setting(
+        75.0, group=CLIENTS, gt=0,
+        description='seconds an idle keep-alive client connection stays open',
+        doc="nginx's keepalive_timeout: an idle keep-alive client connection is closed after this. Unit: seconds.")
+    send_timeout: float = setting(
+        60.0, group=CLIENTS, gt=0,
+        description='seconds a client may leave a response write undrained before it is closed',
+        doc=("nginx's send_timeout: a client that stops reading for this long while the proxy has bytes for it is "
+             "closed, and its request ends as the client's fault (499 in the access log; never counted against the "
+             'decode server, which was only paused meanwhile). Unit: seconds.'))
+    max_connections: int = setting(
+        10_000, group=CLIENTS, ge=1,
+        description='open client connections per process; more get 503',
+        doc=('Open client connections per process (per worker with --workers); a connection over the cap is '
+             'answered 503 with Retry-After and closed. A proxied stream holds two file descriptors.'))
+    max_header_bytes: int = setting(
+        64 * 1024, group=CLIENTS, ge=1024,
+        description='largest request line + headers; more get 431',
+        doc='Largest request line plus headers; a larger head is answered 431 and closed. Unit: bytes.')
+    max_headers: int = setting(
+        128, group=CLIENTS, ge=8,
+        description='most request headers; more get 431',
+        doc='Most headers a request may carry; more are answered 431 and closed.')
+    body_budget_bytes: int = setting(
+        512 * 1024 * 1024, group=CLIENTS, ge=1024, default_text="512 MiB",
+        description='request-body bytes held at once per process; over it 503 + Retry-After',
+        doc=('Request-body bytes the process holds at once, while bodies are read and parsed (taken from '
+             'Content-Length before the body is read): a request that does not fit is answered 503 with '
+             'Retry-After instead of growing memory. Unit: bytes.'))
+    upstream_keepalive_timeout: float = setting(
+        4.0, group=CLIENTS, gt=0,
+        description='seconds an idle upstream connection is kept for reuse (below the engines\' 5 s)',
+        doc=("Idle connections to P and D are closed after this, below the engines' own keep-alive (vLLM's uvicorn "
+             'closes idle connections after 5 s), so the proxy rarely reuses one the engine is closing; when it '
+             'does, the call is re-sent once on a fresh connection (outcome stale_retry, never held against the '
+             'engine). Unit: seconds.'))
     upstream_api_key: SecretStr | None = setting(
         None, group=REQUESTS, metavar='KEY', default_text="the client's header is forwarded", example="sk-change-me",
         description="send 'Authorization: Bearer KEY' upstream instead of the client's header",
@@ -609,6 +660,14 @@ class Settings(BaseSettings):
         if self.discovery == "kubernetes" and not self.discovered_roles():
             raise ValueError("discovery=kubernetes needs discovery_k8s_prefill_selector and/or "
                              "discovery_k8s_decode_selector")
+
+    def server_limits(self) -> ServerLimits:
+        """The client-side limits every listener of the lean HTTP server runs with."""
+        return ServerLimits(header_timeout=self.client_header_timeout, body_timeout=self.client_body_timeout,
+                            keepalive_timeout=self.keepalive_timeout, max_connections=self.max_connections,
+                            max_header_bytes=self.max_header_bytes, max_headers=self.max_headers,
+                            max_body_bytes=self.max_body_bytes, body_budget_bytes=self.body_budget_bytes,
+                            send_timeout=self.send_timeout)
 
     @classmethod
     def settings_customise_sources(

@@ -4,11 +4,13 @@ every kind (pipelined, HTTP/1.0, Expect), through the real proxy to real upstrea
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import time
 
 import aiohttp
 import orjson
+import pytest
 from aiohttp import web
 
 from pdproxy.mock import MockConfig, MockEngine
@@ -311,3 +313,61 @@ async def test_a_client_gone_after_the_first_chunk_is_a_disconnect_not_an_error(
     assert cluster.metric("pdproxy_client_disconnects_total", stage="decode") == 1
     assert cluster.metric("pdproxy_upstream_requests_total", role="decode", upstream=cluster.decode_urls[0],
                           outcome="cancelled") == 1
+
+
+# ---------------------------------------------------------------- client-side limits, wired
+
+
+async def test_refusals_by_the_server_are_counted_and_logged(cluster_factory: ClusterFactory,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    cluster = await cluster_factory(client_header_timeout=0.3, access_log=True, max_body_bytes=4096)
+    caplog.set_level(logging.INFO, logger="pdproxy.access")
+    reader, writer = await asyncio.open_connection(*host_port(cluster.url))
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: p\r\n")  # ... and the rest never comes (slowloris)
+    status, _, payload = await read_response(reader)
+    assert status == 408 and orjson.loads(payload)["error"]["code"] == 408
+    writer.close()
+    async with aiohttp.ClientSession() as http:
+        async with http.post(cluster.url + "/v1/completions", data=b"x" * 10_000) as resp:
+            assert resp.status == 413
+    assert cluster.metric("pdproxy_client_refusals_total", reason="header_timeout") == 1
+    assert cluster.metric("pdproxy_client_refusals_total", reason="too_large") == 1
+    lines = [r.getMessage() for r in caplog.records if r.name == "pdproxy.access"]
+    assert any(" 408 " in line and "header_timeout" in line for line in lines), lines
+    assert any(" 413 " in line and "too_large" in line for line in lines), lines
+
+
+async def test_a_stream_cut_mid_event_gets_its_error_event_on_a_boundary(cluster_factory: ClusterFactory) -> None:
+    """D dies in the middle of an SSE event: the client's last event is a whole JSON error, not glued to the
+    half-written one."""
+
+    async def half_then_die(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:"))
+        await reader.readexactly(length)
+        whole, half = b'data: {"choices": [{"text": "a"}]}\n\n', b'data: {"choices": [{"te'
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     + b"%x\r\n%s\r\n" % (len(whole), whole))
+        await writer.drain()
+        await asyncio.sleep(0.05)  # two reads on the proxy's side: the half event arrives on its own
+        writer.write(b"%x\r\n%s\r\n" % (len(half), half))
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.transport.abort()
+
+    server, url = await start_raw(half_then_die)
+    try:
+        cluster = await cluster_factory(n_decode=0, extra_decode=(url,), health_interval=0)
+        async with aiohttp.ClientSession() as http:
+            async with http.post(cluster.url + "/v1/completions", json={**COMPLETION, "stream": True}) as resp:
+                assert resp.status == 200
+                body = await resp.read()
+        events = [e for e in body.split(b"\n\n") if e]
+        assert events[0] == b'data: {"choices": [{"text": "a"}]}'
+        assert events[1] == b'data: {"choices": [{"te'  # relayed as it came
+        error = orjson.loads(events[-1].removeprefix(b"data: "))["error"]
+        assert "decode stream broke" in error["message"]
+    finally:
+        server.close()
+        await server.wait_closed()

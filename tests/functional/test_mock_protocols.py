@@ -16,8 +16,9 @@ import orjson
 import pytest
 from aiohttp import web
 
+from pdproxy.client import ClientOptions, UpstreamClient
 from pdproxy.handoff.base import UpstreamCall
-from pdproxy.handoff.discovery import MetadataRefresher, aiohttp_fetch_json
+from pdproxy.handoff.discovery import MetadataRefresher, client_fetch_json
 from pdproxy.handoff.omni import OmniHandoff
 from pdproxy.handoff.sglang import SglangHandoff
 from pdproxy.handoff.vllm_mooncake import MooncakeHandoff
@@ -71,9 +72,13 @@ async def call(http: aiohttp.ClientSession, base: str, leg: UpstreamCall, rid: s
 
 async def discovered(handoff: Any, role: Role, url: str, http: aiohttp.ClientSession) -> Upstream:
     upstream = Upstream(role, url)
-    refresher = MetadataRefresher(handoff, aiohttp_fetch_json(lambda: http, 1.0))
-    refresher.prepare(upstream)
-    await asyncio.wait_for(refresher.refresh(upstream), 2)
+    client = UpstreamClient(ClientOptions(connect_timeout=1.0))
+    try:
+        refresher = MetadataRefresher(handoff, client_fetch_json(client, 1.0))
+        refresher.prepare(upstream)
+        await asyncio.wait_for(refresher.refresh(upstream), 2)
+    finally:
+        await client.close()
     return upstream
 
 

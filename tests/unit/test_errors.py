@@ -41,8 +41,8 @@ EXPECTED: dict[type[ProxyError], tuple[int, str, bool]] = {
     Forbidden: (403, "permission_error", False),
     NotFound: (404, "invalid_request_error", False),
     MethodNotAllowed: (405, "invalid_request_error", False),
-    PayloadTooLarge: (413, "invalid_request_error", False),
     RequestTimeout: (408, "invalid_request_error", False),
+    PayloadTooLarge: (413, "invalid_request_error", False),
     UnsupportedMediaType: (415, "invalid_request_error", False),
     ExpectationFailed: (417, "invalid_request_error", False),
     HeadersTooLarge: (431, "invalid_request_error", False),
@@ -104,6 +104,22 @@ def test_response_carries_status_body_and_request_id(cls: type[ProxyError]) -> N
     assert "X-Request-Id" not in dict(make(cls).response().headers)
 
 
+@pytest.mark.parametrize("cls", list(EXPECTED), ids=lambda c: c.__name__)
+def test_response_headers_are_pairs(cls: type[ProxyError]) -> None:
+    error = make(cls)
+    response = error.response("req-42")
+    assert response.status == EXPECTED[cls][0]
+    assert response.content_type == "application/json"
+    assert response.body == error.body()
+    assert ("X-Request-Id", "req-42") in response.headers
+    assert all(name != "X-Request-Id" for name, _ in make(cls).response().headers)
+
+
+def test_retry_after_and_www_authenticate_reach_response() -> None:
+    assert ("Retry-After", "2") in Unavailable("full", retry_after=2).response().headers
+    assert ("WWW-Authenticate", "Bearer") in Unauthorized("token").response().headers
+
+
 def test_sides() -> None:
     assert InvalidRequest("x").side == "client"
     assert Unavailable("x").side == "internal"
@@ -151,6 +167,9 @@ def test_upstream_rejected_relays_body_and_content_type(status: int, content_typ
     assert dict(response.headers)["X-Request-Id"] == "req-9"
     assert "X-Request-Id" not in dict(error.response().headers)
     assert UPSTREAM in str(error)
+    rendered = error.response("req-9")
+    assert (rendered.status, rendered.body, rendered.content_type) == (status, payload, content_type)
+    assert rendered.headers == (("X-Request-Id", "req-9"),)
 
 
 # ---------------------------------------------------------------- translate (the upstream-call boundary)

@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import zlib
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
@@ -22,6 +23,7 @@ import aiohttp
 import openai
 import orjson
 import pytest
+from yarl import URL
 
 from pdproxy.errors import InvalidRequest, Unavailable
 from pdproxy.http.limits import ServerLimits
@@ -151,6 +153,11 @@ def make_router(probe: Probe) -> Router:
     async def refuse(request: Request) -> Response:
         raise Unavailable("no decode upstream", retry_after=3)
 
+    async def refuse_stream(request: Request) -> None:
+        out = request.start_stream(200, [("Content-Type", "text/event-stream")])
+        out.write(b"data: 1\n\n")
+        raise Unavailable("decode died")
+
     async def big(request: Request) -> Response:
         return Response(body=b"y" * 200_000, content_type="application/octet-stream")
 
@@ -164,6 +171,7 @@ def make_router(probe: Probe) -> Router:
     router.add("GET", "/boom", boom)
     router.add("GET", "/boom-stream", boom_stream)
     router.add("GET", "/refuse", refuse)
+    router.add("GET", "/refuse-stream", refuse_stream)
     router.add("GET", "/big", big)
     return router
 
@@ -281,6 +289,8 @@ def test_routes_query_headers_and_match_info_with_aiohttp(run: Callable[..., Any
                 assert (await resp.json())["body"] == "payload"
             async with session.get(f"{server.url}/items/7/parts/b") as resp:
                 assert (await resp.json())["match"] == {"item": "7", "part": "b"}
+            async with session.get(URL(f"{server.url}/items/http%3A%2F%2Fh%3A1/parts/b", encoded=True)) as resp:
+                assert (await resp.json())["match"] == {"item": "http://h:1", "part": "b"}
             async with session.get(f"{server.url}/nowhere") as resp:
                 assert resp.status == 404
                 assert (await resp.json())["error"]["message"] == "unknown route: GET /nowhere"
@@ -587,6 +597,12 @@ def test_handler_exceptions(run: Callable[..., Any], caplog: pytest.LogCaptureFi
             rest = await closed_by_server(reader)
             assert rest == b"9\r\ndata: 1\n\n\r\n"  # the chunk, then a close: never a second response
             writer.close()
+            reader, writer = await connect(server)
+            writer.write(b"GET /refuse-stream HTTP/1.1\r\nHost: x\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 1)
+            assert head.startswith(b"HTTP/1.1 200 ")
+            assert await closed_by_server(reader) == b"9\r\ndata: 1\n\n\r\n"  # a ProxyError after the head: close
+            writer.close()
 
     with caplog.at_level(logging.ERROR, logger="pdproxy.http"):
         run(scenario())
@@ -845,5 +861,84 @@ def test_upgrade_and_absolute_form_requests(run: Callable[..., Any]) -> None:
             reply = await read_reply(reader)
             assert reply.json()["path"] == "/echo" and reply.json()["query"] == {"i": "4"}
             writer.close()
+
+    run(scenario())
+
+
+def test_the_server_and_the_error_tree_need_no_aiohttp() -> None:
+    code = "import sys, pdproxy.errors, pdproxy.http.server; assert 'aiohttp' not in sys.modules, 'aiohttp imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
+
+
+def test_chunked_bodies_take_the_budget_as_they_arrive(run: Callable[..., Any]) -> None:
+    async def scenario() -> None:
+        async with serve(body_budget_bytes=1000) as (server, probe):
+            reader, writer = await connect(server)
+            writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         + (b"100\r\n" + b"c" * 256 + b"\r\n") * 3)
+            other_reader, other_writer = await connect(server)
+            other_writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 300\r\n\r\n")
+            reply = await read_reply(other_reader)  # 768 held by the chunked body: 300 more do not fit
+            assert reply.status == 503 and reply.headers["retry-after"] == "1"
+            writer.write(b"0\r\n\r\n")
+            assert len((await read_reply(reader)).json()["body"]) == 768
+            assert [e[0] for e in probe.events] == ["body_budget"]
+            writer.close()
+            other_writer.close()
+
+    run(scenario())
+
+
+def test_the_pipeline_buffer_is_bounded_while_a_handler_runs(run: Callable[..., Any]) -> None:
+    async def scenario() -> None:
+        async with serve() as (server, probe):
+            _reader, writer = await connect(server)
+            writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+            await asyncio.wait_for(probe.started.wait(), 1)
+            request = b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n"
+            writer.write(request * (32 * 1024 * 1024 // len(request)))  # 32 MiB: more than the kernel buffers
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(writer.drain(), 0.5)  # the server stopped reading
+            (conn,) = server._conns
+            assert len(conn._queue) <= 256 * 1024 // len(request) + 1  # at most one socket read of requests
+            writer.transport.abort()
+
+    run(scenario())
+
+
+def test_100_continue_for_a_pipelined_request_waits_for_the_answer_before_it(run: Callable[..., Any]) -> None:
+    async def scenario() -> None:
+        async with serve() as (server, probe):
+            reader, writer = await connect(server)
+            writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+            await asyncio.wait_for(probe.started.wait(), 1)
+            writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+            with pytest.raises(asyncio.TimeoutError):  # nothing may interleave with the running answer
+                await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 0.2)
+            probe.release.set()
+            assert (await read_reply(reader)).status == 200
+            assert (await read_reply(reader)).status == 100
+            writer.write(b"hello")
+            assert (await read_reply(reader)).json()["body"] == "hello"
+            writer.close()
+
+    run(scenario())
+
+
+def test_a_pre_bound_socket_and_a_plain_handler(run: Callable[..., Any]) -> None:
+    async def handler(request: Request) -> Response:
+        return json_response({"path": request.path}, headers=[("X-Served-By", "sock")])
+
+    async def scenario() -> None:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))  # as the workers supervisor reserves the port
+        server = await start_server(handler, "ignored", 0, sock=sock)
+        try:
+            assert server.url == f"http://127.0.0.1:{sock.getsockname()[1]}"
+            async with aiohttp.ClientSession() as session, session.get(f"{server.url}/any/path") as resp:
+                assert resp.headers["X-Served-By"] == "sock"
+                assert (await resp.json())["path"] == "/any/path"
+        finally:
+            await server.close()
 
     run(scenario())

@@ -10,6 +10,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from pdproxy.http.limits import ServerLimits
 from pdproxy.settings import ConfigError, Settings, UpstreamSpec, load_settings, read_config_file
 
 REPO = Path(__file__).resolve().parents[2]
@@ -426,3 +427,14 @@ def test_yaml_example_every_key_has_a_comment() -> None:
                     break
                 comment.append(above)
             assert "default" in " ".join(comment).lower(), f"no default stated above {line!r}"
+
+
+def test_server_limits_come_from_the_settings() -> None:
+    settings = load_settings({"prefill_servers": "p:1", "decode_servers": "d:1", "client_header_timeout": 3,
+                              "client_body_timeout": 4, "keepalive_timeout": 5, "send_timeout": 6,
+                              "max_connections": 7, "max_header_bytes": 8192, "max_headers": 9,
+                              "max_body_bytes": 10_000, "body_budget_bytes": 20_000})
+    assert settings.server_limits() == ServerLimits(header_timeout=3, body_timeout=4, keepalive_timeout=5,
+                                                    send_timeout=6, max_connections=7, max_header_bytes=8192,
+                                                    max_headers=9, max_body_bytes=10_000, body_budget_bytes=20_000)
+    assert load_settings({"prefill_servers": "p:1", "decode_servers": "d:1"}).server_limits() == ServerLimits()

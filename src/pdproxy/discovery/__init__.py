@@ -88,6 +88,8 @@ def build_discovery(settings: Settings, membership: Membership, metrics: Metrics
     source = make_source(settings)
     if source is None:
         return None
+    if metrics is not None:
+        metrics.watch_discovery(source.name)
     reconciler = Reconciler(membership, source.name, removal_delay=settings.discovery_removal_delay, caps=caps,
                             metrics=metrics)
     log.info("discovery: %s (removal delay %gs)", source.name, settings.discovery_removal_delay)

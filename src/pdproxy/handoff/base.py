@@ -50,7 +50,7 @@ class MetadataError(Exception):
     """An upstream's handoff metadata could not be had (its message goes into `describe()`)."""
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class UpstreamCall:
     """One leg: the path, the serialised JSON body, and header lines for this leg only
     (`Name: value\\r\\n` each, on top of the request's own headers)."""
@@ -58,6 +58,11 @@ class UpstreamCall:
     path: str
     body: bytes
     headers: bytes = b""
+
+    def sent(self) -> None:
+        """Drop the body once the upstream answered: a stream's frames hold its call for the stream's whole life,
+        and orjson's bytes take 4 KiB or more whatever their length."""
+        self.body = b""
 
 
 class Plan(Protocol):

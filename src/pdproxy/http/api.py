@@ -46,6 +46,7 @@ class OpenAIApi:
         request_id = _request_id(request)
         try:
             body = parse_json_object(request.body)
+            request.body = b""  # parsed: the raw bytes are not held for the whole stream
             check(body)
             stream = _check_common(body)
         except ProxyError as exc:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote
 
 if TYPE_CHECKING:
     import asyncio
@@ -55,17 +55,19 @@ class Headers(Mapping[str, str]):
 
 
 class Request:
-    """One client request, whole: the server calls the handler only once its body is read (and decoded)."""
+    """One client request, whole: the server calls the handler only once its body is read (and decoded).
+    `path` is percent-decoded (`raw_path` is as sent); `match_info` values are decoded too."""
 
     __slots__ = ("_budget", "_conn", "body", "headers", "keep_alive", "match_info", "method", "path",
-                 "query_string", "remote", "version")
+                 "query_string", "raw_path", "remote", "version")
 
     def __init__(self, conn: HttpConnection | None, method: str, path: str, query_string: str, version: str,
                  keep_alive: bool, headers: Headers, remote: str | None) -> None:
         self._conn = conn
         self._budget = 0  # body-budget bytes this request holds until its handler returns
         self.method = method
-        self.path = path
+        self.raw_path = path  # as sent (percent-encoded); routing splits this one into segments
+        self.path = unquote(path) if "%" in path else path
         self.query_string = query_string
         self.version = version
         self.keep_alive = keep_alive

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
+from urllib.parse import unquote
 
 from pdproxy.errors import MethodNotAllowed, NotFound
 
@@ -54,7 +55,7 @@ class Router:
     def _match(self, request: Request) -> dict[str, Handler] | None:
         if not self._patterns:
             return None
-        parts = request.path.strip("/").split("/")
+        parts = request.raw_path.strip("/").split("/")
         for segments, methods in self._patterns:
             if len(segments) != len(parts):
                 continue
@@ -63,7 +64,7 @@ class Router:
                 if segment.startswith("{") and segment.endswith("}"):
                     if not part:
                         break
-                    params[segment[1:-1]] = part
+                    params[segment[1:-1]] = unquote(part) if "%" in part else part
                 elif segment != part:
                     break
             else:

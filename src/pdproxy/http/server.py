@@ -211,7 +211,7 @@ class HttpConnection(asyncio.Protocol):
         self._closed = False
         self._ignore_input = False  # no request after this point is parsed (refused, or Connection: close)
         self._lingering = False
-        self._eof = False  # the client half-closed: answer what is queued, then close
+        self._eof = False  # the client sent its FIN
         self._reading_paused = False
         self._writing_paused = False
         # the request being read
@@ -377,7 +377,10 @@ class HttpConnection(asyncio.Protocol):
                        "headers_too_large")
         key = name.lower()
         if key == b"content-length":
-            length = int(value)  # llhttp accepts digits only here
+            try:
+                length = int(value)  # llhttp lets only digits through; int() is the last word
+            except ValueError:
+                self._stop(InvalidRequest("malformed Content-Length"), "malformed")
             if self._content_length is not None and self._content_length != length:
                 self._stop(InvalidRequest("two different Content-Length headers"), "malformed")
             self._content_length = length
@@ -561,6 +564,10 @@ class HttpConnection(asyncio.Protocol):
         try:
             response = await handler(request)
         except ProxyError as exc:
+            if self._stream is not None:  # the stream's head is out: the handler had to say it in the stream
+                logger.debug("%s %s: %s after its stream started; closing", request.method, request.path, exc)
+                self.abort()
+                return
             response = exc.response()
         except asyncio.CancelledError:
             raise
@@ -599,6 +606,7 @@ class HttpConnection(asyncio.Protocol):
         self._server.requests -= 1
         self._task = None
         self._active = None
+        request._conn = None  # start_stream is over for it; an access log may keep the request, not the socket
         stream = self._stream
         self._stream = None
         if not task.cancelled() and task.exception() is not None:  # _run itself failed: a bug in the server

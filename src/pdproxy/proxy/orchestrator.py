@@ -177,14 +177,14 @@ class Orchestrator:
         self.account(record)
         return error.response(request_id)
 
-    def account(self, record: RequestRecord) -> None:
-        """One request's metrics and access-log line."""
+    def account(self, record: RequestRecord, *, metrics: bool = True) -> None:
+        """One request's metrics (unless `metrics` is False: a refusal counted elsewhere) and access-log line."""
         total = time.perf_counter() - record.start
-        metrics = self.metrics
-        metrics.requests.labels(record.endpoint, str(record.status)).inc()
-        metrics.request_duration.labels(record.endpoint).observe(total)
-        if record.ttft_s is not None:
-            metrics.ttft.observe(record.ttft_s)
+        if metrics:
+            self.metrics.requests.labels(record.endpoint, str(record.status)).inc()
+            self.metrics.request_duration.labels(record.endpoint).observe(total)
+            if record.ttft_s is not None:
+                self.metrics.ttft.observe(record.ttft_s)
         if self._log_format is not None:
             access_log.info(self._log_format(record, total))
 
@@ -327,6 +327,7 @@ class Orchestrator:
                                         f"{self._first_byte_timeout:g}s", side="decode", upstream=upstream.url,
                                         stage=stage)
             raise error from None
+        call.sent()  # answered: no re-send can need the body any more
         if 200 <= stream.status < 300:
             return stream
         try:  # an error status: its whole (small) body, within what is left of the first-byte deadline

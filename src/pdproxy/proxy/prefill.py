@@ -76,6 +76,7 @@ class PrefillLeg:
                 self._report(upstream, outcome, reason)  # before the release, which may remove the upstream
                 lease.release()
             record.prefill_s = time.perf_counter() - record.start
+            plan.prefill.sent()
             return plan, answer
         if last_error is not None:
             raise last_error
