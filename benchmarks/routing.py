@@ -19,6 +19,11 @@ cannot hold everything but all together can. Policies: the proxy's round_robin, 
 least_tokens, prefix_hash, cache_aware, and `oracle`, which pins each group or conversation to
 one server because it knows the group id (sent as the OpenAI `user` field, which only it reads).
 
+Sharing (issue 14): `--workers 1,2,4` also runs cache_aware in a real `pdproxy --workers N` process
+per count (the kernel spreads the client's connections over the workers), and `--replicas 2`
+runs two separate pdproxy processes with the client alternating between them, as a round-robin
+L4 balancer would (each replica on its own approximate index).
+
 Reported per workload and policy: prefix-cache hit ratio (hit prompt tokens / prompt tokens, from
 the engines' /stats), per-server request counts and max/mean imbalance, TTFT p50/p99, throughput.
 Results go to benchmarks/results/routing.{json,md,png}; matplotlib is installed for the chart
@@ -35,6 +40,9 @@ import math
 import os
 import platform
 import random
+import re
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -47,7 +55,7 @@ import aiohttp
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without installing
-from pdproxy.app import FLOW, build_app, start_server
+from pdproxy.app import build_app, start_server
 from pdproxy.mock import BLOCK_SIZE, MockConfig, MockEngine, start_mock
 from pdproxy.policies import PolicyOptions, make_balancer
 from pdproxy.request import ProxyRequest
@@ -55,6 +63,7 @@ from pdproxy.settings import Settings
 from pdproxy.upstreams import Role, Upstream
 
 RESULTS = Path(__file__).resolve().parent / "results"
+SRC = str(Path(__file__).resolve().parents[1] / "src")
 PROXY_POLICIES = ("round_robin", "least_conn", "least_tokens", "prefix_hash", "cache_aware")
 ALL_POLICIES = (*PROXY_POLICIES, "oracle")
 JSON_HEADERS = {"Content-Type": "application/json"}
@@ -186,18 +195,24 @@ class Progress:
             sys.stderr.flush()
 
 
-async def _client(url: str, workload: Workload, concurrency: int, progress: Progress) -> tuple[list[float], int]:
-    """Closed loop: `concurrency` workers, each running whole streams (conversations) in turn."""
+async def _client(urls: Sequence[str], workload: Workload, concurrency: int,
+                  progress: Progress) -> tuple[list[float], int]:
+    """Closed loop: `concurrency` workers, each running whole streams (conversations) in turn.
+
+    With several proxy urls (replicas) the requests alternate between them, one by one."""
     ttfts: list[float] = []
     errors = 0
     streams = iter(workload.streams)
     timeout = aiohttp.ClientTimeout(total=60)
+    sent = 0
 
     async def worker(http: aiohttp.ClientSession) -> None:
-        nonlocal errors
+        nonlocal errors, sent
         for stream in streams:
             for job in stream:
                 body = orjson.dumps(job.body)
+                url = urls[sent % len(urls)]
+                sent += 1
                 start = time.perf_counter()
                 try:
                     async with http.post(url + _path(job), data=body, headers=JSON_HEADERS,
@@ -213,7 +228,9 @@ async def _client(url: str, workload: Workload, concurrency: int, progress: Prog
                     errors += 1
                 progress.step()
 
-    connector = aiohttp.TCPConnector(limit=concurrency)
+    # A new connection per request when the proxy has workers: SO_REUSEPORT spreads connections,
+    # so kept-alive ones would pin each client to one worker.
+    connector = aiohttp.TCPConnector(limit=concurrency, force_close=True)
     async with aiohttp.ClientSession(connector=connector) as http:
         await asyncio.gather(*(worker(http) for _ in range(concurrency)))
     return ttfts, errors
@@ -244,23 +261,120 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class ProxyProcess:
+    """A real `pdproxy` process (`--workers N`), its output drained so it never blocks on a pipe."""
+
+    LISTENING = re.compile(r"pdproxy listening on (http://127\.0\.0\.1:\d+)")
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.lines: list[str] = []
+        self.url: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._reader = asyncio.ensure_future(self._read())
+
+    @classmethod
+    async def start(cls, args: Sequence[str]) -> ProxyProcess:
+        env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "pdproxy", *args, env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        proxy = cls(process)
+        try:
+            await asyncio.wait_for(asyncio.shield(proxy.url), 60)
+        except BaseException:
+            await proxy.stop()
+            raise
+        return proxy
+
+    async def _read(self) -> None:
+        assert self.process.stdout is not None
+        while line := await self.process.stdout.readline():
+            text = line.decode(errors="replace").rstrip()
+            self.lines.append(text)
+            match = self.LISTENING.search(text)
+            if match and not self.url.done():
+                self.url.set_result(match[1])
+        if not self.url.done():
+            self.url.set_exception(RuntimeError("pdproxy exited: " + " | ".join(self.lines[-5:])))
+
+    async def stop(self) -> None:
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.process.wait(), 30)
+            except asyncio.TimeoutError:
+                self.process.kill()
+                await self.process.wait()
+        await self._reader
+
+
+def _variant(policy: str) -> tuple[str, int, int, bool]:
+    """`cache_aware@w4` -> (cache_aware, 4 workers, 0 replicas, no events); `cache_aware@r2` -> 2 replicas;
+    `cache_aware@r2e` -> 2 replicas routing on the mock engines' KV events."""
+    name, _, where = policy.partition("@")
+    if not where:
+        return name, 0, 0, False
+    events = where.endswith("e")
+    count = int(where[1:].rstrip("e"))
+    return (name, count, 0, events) if where[0] == "w" else (name, 1, count, events)
+
+
+def label(policy: str) -> str:
+    name, workers, replicas, events = _variant(policy)
+    if replicas:
+        return f"{name}, {replicas} replicas" + (" + KV events" if events else "")
+    return f"{name}, --workers {workers}" if workers else name
+
+
 async def run_policy(workload: Workload, policy: str, args: argparse.Namespace) -> Result:
     """Fresh engines and a fresh proxy, the whole workload, then the engines' counters."""
+    policy, workers, replicas, events = _variant(policy)
     words_per_server = args.cache_factor * workload.working_set_words / args.prefill
     cache_blocks = math.ceil(words_per_server / BLOCK_SIZE)
     index_blocks = math.ceil(words_per_server * workload.chars_per_word / args.cache_block_chars)
     runners = []
+    processes: list[ProxyProcess] = []
     engines: list[MockEngine] = []
     urls: list[str] = []
     try:
         for _ in range(args.prefill):
             engine, runner, url = await start_mock(MockConfig(
-                role="prefill", cache_blocks=cache_blocks, prefill_ms_per_token=args.ms_per_token))
+                role="prefill", cache_blocks=cache_blocks, prefill_ms_per_token=args.ms_per_token, kv_events=events))
             runners.append(runner)
             engines.append(engine)
             urls.append(url)
         _, runner, decode_url = await start_mock(MockConfig(role="decode"))
         runners.append(runner)
+        if workers:
+            proxy_urls = []
+            for _ in range(max(replicas, 1)):
+                proxy = await ProxyProcess.start([
+                    "--prefill-servers", ",".join(urls), "--decode-servers", decode_url, "--host", "127.0.0.1",
+                    "--port", "0", "--workers", str(workers), "--metrics-port", str(_free_port()),
+                    "--health-interval", "0", "--no-access-log", "--prefill-policy", policy,
+                    "--cache-block-chars", str(args.cache_block_chars),
+                    "--cache-index-max-blocks", str(index_blocks),
+                    "--cache-aware-weight", str(args.cache_aware_weight),
+                    "--cache-aware-load", args.cache_aware_load,
+                    *(["--kv-events", "--tokenizer", "words"] if events else [])])
+                processes.append(proxy)
+                proxy_urls.append(proxy.url.result())
+                if events:
+                    await _wait_exact(proxy_urls[-1])
+            name = label(f"{policy}@{'r' if replicas else 'w'}{replicas or workers}{'e' if events else ''}")
+            progress = Progress(f"{workload.name} / {name}", workload.requests)
+            started = time.perf_counter()
+            ttfts, errors = await _client(proxy_urls, workload, args.concurrency, progress)
+            seconds = time.perf_counter() - started
+            stats = await _engine_stats(urls)
+            return _result(workload, name, stats, ttfts, errors, seconds)
         settings = Settings(
             prefill_servers=",".join(urls), decode_servers=decode_url, access_log=False, health_interval=0,
             prefill_policy="least_conn" if policy == "oracle" else policy,
@@ -269,21 +383,48 @@ async def run_policy(workload: Workload, policy: str, args: argparse.Namespace) 
         )
         app = build_app(settings, rng=random.Random(args.seed))
         if policy == "oracle":
-            app[FLOW].prefill_policy = PinByGroup(urls)
+            app.flow.prefill.policy = PinByGroup(urls)
         proxy_runner, proxy_url = await start_server(app, "127.0.0.1", 0)
         runners.append(proxy_runner)
         progress = Progress(f"{workload.name} / {policy}", workload.requests)
         started = time.perf_counter()
-        ttfts, errors = await _client(proxy_url, workload, args.concurrency, progress)
+        ttfts, errors = await _client([proxy_url], workload, args.concurrency, progress)
         seconds = time.perf_counter() - started
-        stats = []
-        async with aiohttp.ClientSession() as http:
-            for url in urls:
-                async with http.get(url + "/stats") as resp:
-                    stats.append(await resp.json())
+        stats = await _engine_stats(urls)
     finally:
+        for proxy in processes:
+            await proxy.stop()
         for runner in reversed(runners):
             await runner.cleanup()
+    return _result(workload, policy, stats, ttfts, errors, seconds)
+
+
+async def _wait_exact(proxy_url: str, timeout: float = 20.0) -> None:
+    """Until the proxy's view of every prefill server's KV events is exact (its subscriptions caught up)."""
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as http:
+        while True:
+            async with http.get(proxy_url + "/health?verbose=1") as resp:
+                upstreams = (await resp.json())["upstreams"]
+            states = [u.get("kv_events", {}).get("state") for u in upstreams if u["role"] == "prefill"]
+            if states and all(state == "exact" for state in states):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"KV-event views not exact after {timeout:g}s: {states}")
+            await asyncio.sleep(0.1)
+
+
+async def _engine_stats(urls: Sequence[str]) -> list[dict[str, Any]]:
+    stats = []
+    async with aiohttp.ClientSession() as http:
+        for url in urls:
+            async with http.get(url + "/stats") as resp:
+                stats.append(await resp.json())
+    return stats
+
+
+def _result(workload: Workload, policy: str, stats: list[dict[str, Any]], ttfts: list[float], errors: int,
+            seconds: float) -> Result:
     hit = sum(s["prompt_tokens_hit"] for s in stats)
     total = hit + sum(s["prompt_tokens_miss"] for s in stats)
     counts = [s["prefills"] for s in stats]
@@ -332,7 +473,52 @@ def decision_cost(servers: int = 8, prompt_chars: int = 4096, decisions: int = 4
                 policy.choose(pool, request)
             best = min(best, (time.perf_counter() - started) / len(requests))
         costs[name] = round(best * 1e6, 2)
+    costs["cache_aware shared, 4 workers"] = _shared_decision_cost(options, requests, servers)
     return costs
+
+
+def _shared_decision_cost(options: PolicyOptions, requests: Sequence[ProxyRequest], servers: int) -> float:
+    """µs per cache_aware decision in worker 0 of 4 sharing a table, each of the 3 others deciding as often.
+
+    The others' decisions are published between ours (their feed entries are what ours replays);
+    the time of publishing them alone is measured apart and taken off."""
+    from pdproxy.policies.prefix_index import block_keys
+    from pdproxy.routing.feed import DecisionFeed
+    from pdproxy.routing.load import WorkerRow
+    from pdproxy.routing.share import SharedBalancer
+    from pdproxy.routing.table import SharedTable, server_key
+
+    table = SharedTable.create(4)
+    try:
+        row = WorkerRow(table, 0)
+        policy = SharedBalancer(make_balancer("cache_aware", options, rng=random.Random(1)), row,
+                                DecisionFeed(table, 0))
+        pool = [Upstream(Role.PREFILL, f"http://10.0.0.{i + 1}:8100") for i in range(servers)]
+        others = [DecisionFeed(table, w) for w in (1, 2, 3)]
+        keys = [block_keys(r.prompt_prefix(options.block_chars * options.index_max_blocks), options.block_chars)
+                for r in requests]
+        targets = [server_key("prefill", u.url) for u in pool]
+
+        def publish(i: int) -> None:
+            for w, feed in enumerate(others):
+                feed.publish(targets[(i + w) % len(targets)], keys[(i + 7 * w) % len(keys)])
+
+        best = math.inf
+        for _ in range(5):
+            started = time.perf_counter()
+            for i, request in enumerate(requests):
+                publish(i)
+                policy.choose(pool, request)
+            both = time.perf_counter() - started
+            started = time.perf_counter()
+            for i in range(len(requests)):
+                publish(i)
+            best = min(best, (both - (time.perf_counter() - started)) / len(requests))
+        del policy, pool
+        return round(best * 1e6, 2)
+    finally:
+        table.close()
+        table.unlink()
 
 
 # ------------------------------------------------------------------------------------ reporting
@@ -430,6 +616,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--system-words", type=int, default=400)
     parser.add_argument("--user-words", type=int, default=100)
     parser.add_argument("--assistant-words", type=int, default=100)
+    parser.add_argument("--workers", default="",
+                        help="comma list of worker counts: cache_aware in a real `pdproxy --workers N` per count")
+    parser.add_argument("--replicas", type=int, default=0,
+                        help="also run cache_aware in this many pdproxy replicas, the client alternating between them, "
+                             "without and with the mock engines' KV events")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     parser.add_argument("--no-chart", action="store_true")
@@ -444,6 +635,10 @@ async def main_async(args: argparse.Namespace) -> list[Result]:
     unknown = set(policies) - set(ALL_POLICIES)
     if unknown:
         raise SystemExit(f"unknown policies: {', '.join(sorted(unknown))}")
+    policies += [f"cache_aware@w{int(n)}" for n in args.workers.split(",") if n.strip()]
+    if args.replicas:
+        policies.append(f"cache_aware@r{args.replicas}")
+        policies.append(f"cache_aware@r{args.replicas}e")
     costs = decision_cost()
     results = []
     for workload in workloads.values():

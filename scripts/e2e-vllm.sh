@@ -152,7 +152,7 @@ INSTALL_S=$(( SECONDS - t0 ))
 
 # -- 2. pdproxy's venv -----------------------------------------------------------------------------
 t0=$SECONDS
-if ! "$PROXY_VENV/bin/python" -c 'import aiohttp, orjson, pydantic_settings, pytest, pytest_asyncio, openai' \
+if ! "$PROXY_VENV/bin/python" -c 'import aiohttp, orjson, pydantic_settings, pytest, pytest_asyncio, openai, zmq, msgspec, jinja2, tokenizers' \
         >/dev/null 2>&1; then
     log "installing pdproxy '.[test]' into $PROXY_VENV"
     rm -rf "$PROXY_VENV"
@@ -173,21 +173,28 @@ log "model: $MODEL_DIR ($(( SECONDS - t0 )) s)"
 
 # -- 4. servers ------------------------------------------------------------------------------------
 # Free loopback ports, picked now, below the ephemeral range (see scripts/e2e/free_ports.py).
-read -r -a PORTS <<<"$(python3 scripts/e2e/free_ports.py 8)"
-(( ${#PORTS[@]} == 8 )) || die "could not find 8 free loopback ports"
+read -r -a PORTS <<<"$(python3 scripts/e2e/free_ports.py 13)"
+(( ${#PORTS[@]} == 13 )) || die "could not find 13 free loopback ports"
 P1_PORT=${PORTS[0]} P2_PORT=${PORTS[1]} D_PORT=${PORTS[2]}
 P1_SIDE=${PORTS[3]} P2_SIDE=${PORTS[4]} D_SIDE=${PORTS[5]}
-PROXY_PORT=${PORTS[6]} PROXY_PH_PORT=${PORTS[7]}
+PROXY_PORT=${PORTS[6]} PROXY_PH_PORT=${PORTS[7]} PROXY_KV_PORT=${PORTS[8]}
+P1_EVENTS=${PORTS[9]} P1_REPLAY=${PORTS[10]} P2_EVENTS=${PORTS[11]} P2_REPLAY=${PORTS[12]}
 
 start_group memwatch python3 scripts/e2e/memwatch.py "$PGIDS" "$WORK/mem-peak.json" 1
 unset 'LOGS[memwatch]'
 
-start_vllm() {  # NAME PORT SIDE_CHANNEL_PORT CPU ROLE
-    local name=$1 port=$2 side=$3 cpu=$4 role=$5
+start_vllm() {  # NAME PORT SIDE_CHANNEL_PORT CPU ROLE [EVENTS_PORT REPLAY_PORT]
+    local name=$1 port=$2 side=$3 cpu=$4 role=$5 events=${6:-} replay=${7:-}
     # The command goes in a launcher file that the failover tests reuse to bring a killed server back.
     # PYTHONPATH: scripts/e2e/vllm_site/sitecustomize.py stops NIXL's progress thread from spinning
     # (one core per engine at 100% otherwise; read that file before removing it).
     local kv_config="{\"kv_connector\":\"NixlConnector\",\"kv_role\":\"$role\",\"kv_buffer_device\":\"cpu\"}"
+    # KV-cache events for pdproxy's --kv-events (prefill only). vLLM binds the PUB endpoint only when
+    # it has a '*' (with a plain address it connects instead); the replay ROUTER always binds.
+    local events_flag=""
+    if [[ -n $events ]]; then
+        events_flag="--kv-events-config '{\"enable_kv_cache_events\":true,\"publisher\":\"zmq\",\"endpoint\":\"tcp://*:$events\",\"replay_endpoint\":\"tcp://127.0.0.1:$replay\",\"topic\":\"kv\"}'"
+    fi
     cat >"$WORK/start-$name.sh" <<SH
 exec env PYTHONPATH="$ROOT/scripts/e2e/vllm_site" \\
     VLLM_HOST_IP=127.0.0.1 VLLM_NIXL_SIDE_CHANNEL_HOST=127.0.0.1 VLLM_NIXL_SIDE_CHANNEL_PORT=$side \\
@@ -196,15 +203,15 @@ exec env PYTHONPATH="$ROOT/scripts/e2e/vllm_site" \\
     "$VLLM_VENV/bin/python" -m vllm.entrypoints.openai.api_server \\
     --model "$MODEL_DIR" --served-model-name "$SERVED_MODEL" --host 127.0.0.1 --port $port \\
     --dtype float32 --enforce-eager --max-model-len 1024 --seed 0 --disable-uvicorn-access-log \\
-    --kv-transfer-config '$kv_config'
+    --kv-transfer-config '$kv_config' $events_flag
 SH
     start_group "$name" bash "$WORK/start-$name.sh"
 }
 
 t0=$SECONDS
 log "starting vLLM: prefill :$P1_PORT :$P2_PORT, decode :$D_PORT (NIXL side channels :$P1_SIDE :$P2_SIDE :$D_SIDE)"
-start_vllm prefill1 "$P1_PORT" "$P1_SIDE" 0 kv_producer
-start_vllm prefill2 "$P2_PORT" "$P2_SIDE" 1 kv_producer
+start_vllm prefill1 "$P1_PORT" "$P1_SIDE" 0 kv_producer "$P1_EVENTS" "$P1_REPLAY"
+start_vllm prefill2 "$P2_PORT" "$P2_SIDE" 1 kv_producer "$P2_EVENTS" "$P2_REPLAY"
 start_vllm decode "$D_PORT" "$D_SIDE" 0 kv_consumer
 
 declare -A SERVER_URL=([prefill1]="http://127.0.0.1:$P1_PORT" [prefill2]="http://127.0.0.1:$P2_PORT"
@@ -240,8 +247,12 @@ PROXY_ARGS=(--host 127.0.0.1 --health-timeout 10 --connect-timeout 30
 start_group proxy "$PROXY_VENV/bin/python" -m pdproxy "${PROXY_ARGS[@]}" --port "$PROXY_PORT"
 start_group proxy_prefix_hash "$PROXY_VENV/bin/python" -m pdproxy "${PROXY_ARGS[@]}" --port "$PROXY_PH_PORT" \
     --prefill-policy prefix_hash
-for name in proxy proxy_prefix_hash; do
-    port=$PROXY_PORT; [[ $name == proxy ]] || port=$PROXY_PH_PORT
+# cache_aware on the prefill servers' KV events (found at their GET /kv_event_sources).
+start_group proxy_kv_events "$PROXY_VENV/bin/python" -m pdproxy "${PROXY_ARGS[@]}" --port "$PROXY_KV_PORT" \
+    --prefill-policy cache_aware --kv-events --tokenizer "$MODEL_DIR/tokenizer.json"
+declare -A PROXY_PORTS=([proxy]=$PROXY_PORT [proxy_prefix_hash]=$PROXY_PH_PORT [proxy_kv_events]=$PROXY_KV_PORT)
+for name in proxy proxy_prefix_hash proxy_kv_events; do
+    port=${PROXY_PORTS[$name]}
     for _ in $(seq 1 60); do
         curl -sf -m 2 "http://127.0.0.1:$port/health" >/dev/null 2>&1 && break
         kill -0 "${PIDS[$name]}" 2>/dev/null || die "pdproxy '$name' exited during start-up"
@@ -249,7 +260,7 @@ for name in proxy proxy_prefix_hash; do
     done
     curl -sf -m 2 "http://127.0.0.1:$port/health" >/dev/null 2>&1 || die "pdproxy '$name' not healthy within 30 s"
 done
-log "pdproxy: least_conn :$PROXY_PORT, prefix_hash :$PROXY_PH_PORT"
+log "pdproxy: least_conn :$PROXY_PORT, prefix_hash :$PROXY_PH_PORT, cache_aware + KV events :$PROXY_KV_PORT"
 
 # -- 5. the tests ----------------------------------------------------------------------------------
 export E2E_VLLM_CLUSTER="$WORK/cluster.json"
@@ -263,6 +274,7 @@ cluster = {
     "model_dir": "$MODEL_DIR",
     "proxy": "http://127.0.0.1:$PROXY_PORT",
     "proxy_prefix_hash": "http://127.0.0.1:$PROXY_PH_PORT",
+    "proxy_kv_events": "http://127.0.0.1:$PROXY_KV_PORT",
     "pgid_file": "$PGIDS",
     "prefill": [server("prefill1", "${SERVER_URL[prefill1]}", ${PIDS[prefill1]}),
                 server("prefill2", "${SERVER_URL[prefill2]}", ${PIDS[prefill2]})],

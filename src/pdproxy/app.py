@@ -10,7 +10,7 @@ import socket
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from pdproxy.admin import AdminApi
 from pdproxy.admission import AdmissionQueue
@@ -44,6 +44,14 @@ FLOW, METRICS, BOARD, MEMBERSHIP, ADMIN = "flow", "metrics", "board", "membershi
 LISTEN_BACKLOG = 2048
 
 
+class Service(Protocol):
+    """Something an App runs beside the requests: started with it, stopped before it closes."""
+
+    def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
 @dataclass(slots=True)
 class App:
     """Everything one pdproxy process runs: the orchestrator and what feeds it, and its routes.
@@ -62,6 +70,7 @@ class App:
     listening: list[tuple[str, int]] = field(default_factory=list)
     admin: AdminApi | None = None
     discovery: Discovery | None = None
+    services: list[Service] = field(default_factory=list)  # run beside the requests (pdproxy.routing's)
     _started: bool = field(default=False, repr=False)
 
     def on_server_event(self, reason: str, request: Request | None, status: int) -> None:
@@ -93,11 +102,15 @@ class App:
                 self.checker.start(self.membership.members())
             if self.discovery is not None:
                 self.discovery.start()
+            for service in self.services:
+                service.start()
 
     async def cleanup(self) -> None:
         """Stop discovery and the health checks, and close every upstream connection."""
         if self._started:
             self._started = False
+            for service in self.services:
+                await service.stop()
             if self.discovery is not None:
                 await self.discovery.stop()
             if self.checker is not None:
@@ -218,9 +231,14 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
     if settings.admin_port is None:
         admin.add_routes(router)
     server_limits = settings.server_limits()
-    return App(router, flow, metrics, board, membership, client, server_limits, checker, listening,
-               admin if settings.admin_port is not None else None,
-               build_discovery(settings, membership, metrics, caps))
+    app = App(router, flow, metrics, board, membership, client, server_limits, checker, listening,
+              admin if settings.admin_port is not None else None,
+              build_discovery(settings, membership, metrics, caps))
+    if settings.kv_events or settings.engine_metrics_interval:  # pdproxy.routing: the engines' own view
+        from pdproxy.routing.wiring import enable_routing
+
+        enable_routing(app, settings)
+    return app
 
 
 def _initial_members(settings: Settings, caps: dict[Role, int]) -> dict[Role, list[Upstream]]:

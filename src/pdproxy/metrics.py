@@ -37,6 +37,9 @@ UPSTREAM_OUTCOMES = ("ok", "rejected", "bad_status", "bad_response", "connect_er
 TIMEOUT_STAGES = ("prefill", "connect", "decode_first_byte", "stream_idle", "decode_total")
 DISCONNECT_STAGES = ("queue", "prefill", "decode")
 QUEUE_REJECTION_REASONS = ("full", "timeout")
+# What the HTTP server refuses or cuts itself (pdproxy.http.server's on_event reasons, client_closed aside).
+CLIENT_REFUSAL_REASONS = ("header_timeout", "body_timeout", "keepalive_timeout", "send_timeout", "too_large",
+                          "headers_too_large", "body_budget", "max_connections", "malformed")
 ADMIN_ACTIONS = ("add", "remove", "force_remove", "drain", "undrain", "update")
 DISCOVERY_ACTIONS = ("add", "remove", "drain", "undrain", "update")
 
@@ -227,7 +230,8 @@ class Metrics:
                                             ("source",), registry=registry)
 
         for labels, values in ((self.timeouts, TIMEOUT_STAGES), (self.client_disconnects, DISCONNECT_STAGES),
-                               (self.queue_rejections, QUEUE_REJECTION_REASONS), (self.admin_changes, ADMIN_ACTIONS)):
+                               (self.queue_rejections, QUEUE_REJECTION_REASONS), (self.admin_changes, ADMIN_ACTIONS),
+                               (self.client_refusals, CLIENT_REFUSAL_REASONS)):
             for value in values:
                 labels.labels(value)
         self._zeroed: set[tuple[str, str]] = set()  # upstreams whose counters exist

@@ -8,10 +8,13 @@ function of the prompt, so a decode engine can check it without shared state.
 Scripted faults (fail, hang, garbage, drop, die/stall mid-stream) let tests
 drive the proxy's failure paths deterministically.
 
+With ``kv_events`` on, the prefix-cache model publishes vLLM-format KV-cache events over ZMQ
+(``mock_kv_events``) and ``/kv_event_sources`` says where, as vLLM does.
+
 ``protocol`` picks the PD protocol it speaks (``vllm``, ``omni``, ``sglang``, ``mooncake``;
 see ``mock_pd.py`` for the two whose KV moves through P's bootstrap server).
 
-Standalone on purpose: it imports nothing from ``pdproxy`` but its own ``mock_pd``.
+Standalone on purpose: it imports nothing from ``pdproxy`` but its own ``mock_pd`` and ``mock_kv_events``.
 """
 
 from __future__ import annotations
@@ -25,12 +28,14 @@ import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
 from aiohttp import web
 
+if TYPE_CHECKING:
+    from pdproxy.mock_kv_events import KvEventPublisher
 from pdproxy.mock_pd import BOOTSTRAPPED, PROTOCOLS, BootstrapServer, KvBoard, fetch_kv, sglang_target
 
 __all__ = [
@@ -79,6 +84,11 @@ class MockConfig:
     # Prefill compute: this many ms per uncached prompt token, one prompt at a time (FIFO), before
     # ttft_ms. 0 (the default) adds no delay, so timing is ttft_ms alone.
     prefill_ms_per_token: float = 0.0
+    # KV-cache events (vLLM's --kv-events-config): published from the prefix-cache model over ZMQ.
+    kv_events: bool = False
+    kv_events_port: int = 0  # 0: a free port; give the old one to stand in for an engine restarted in place
+    kv_events_replay_port: int = 0  # the same, for the replay socket
+    kv_events_replay: bool = True  # False: no replay socket (a subscriber that misses a batch cannot catch up)
     protocol: str = "vllm"  # "vllm" | "omni" | "sglang" | "mooncake" | "nixl-push"
     bootstrap_port: int = 0  # sglang/mooncake/nixl-push P: its bootstrap server's port (0: the OS picks one)
     kv_timeout_ms: float = 2000.0  # how long P and D wait for each other (SGLang 300 s, Mooncake 480 s)
@@ -198,10 +208,11 @@ class PrefixCache:
     to its start, so eviction removes the ends of prompts first and what is held stays a prefix.
     """
 
-    __slots__ = ("_blocks",)
+    __slots__ = ("_blocks", "events")
 
     def __init__(self) -> None:
         self._blocks: OrderedDict[int, None] = OrderedDict()
+        self.events: KvEventPublisher | None = None  # told of every block stored, evicted or cleared
 
     def __len__(self) -> int:
         return len(self._blocks)
@@ -209,6 +220,8 @@ class PrefixCache:
     def lookup_and_insert(self, words: list[str], capacity: int) -> int:
         """Tokens of ``words`` already cached; then cache all its whole blocks (bounded by ``capacity``)."""
         if capacity <= 0:
+            if self._blocks and self.events is not None:
+                self.events.cleared()
             self._blocks.clear()
             return 0
         keys: list[int] = []
@@ -227,8 +240,13 @@ class PrefixCache:
                 blocks.move_to_end(key)
             else:
                 blocks[key] = None
-        for _ in range(len(blocks) - capacity):
-            blocks.popitem(last=False)
+        evicted = [blocks.popitem(last=False)[0] for _ in range(len(blocks) - capacity)]
+        if self.events is not None:
+            if hit < len(keys):  # what is held is a prefix: the new blocks are the rest, one chain
+                self.events.stored(keys[hit:], keys[hit - 1] if hit else None,
+                                   words[hit * BLOCK_SIZE:len(keys) * BLOCK_SIZE], BLOCK_SIZE)
+            if evicted:
+                self.events.removed(evicted)
         return min(hit * BLOCK_SIZE, max(len(words) - 1, 0))
 
 
@@ -314,6 +332,7 @@ class MockEngine:
         self.health_probes = 0
         self.prefix_cache = PrefixCache()
         self._compute_free_at = 0.0  # loop time when the prompt computed last is done (FIFO compute)
+        self._compute_starts: deque[float] = deque()  # loop times prompts queued for compute start at
         self.kv_board = KvBoard()  # sglang/mooncake P: rooms / transfer ids waiting for their D
         self.bootstrap: BootstrapServer | None = None  # started with the app when this P needs one
         self.bind_host = "127.0.0.1"  # where the bootstrap server listens (start_mock sets it)
@@ -345,11 +364,60 @@ class MockEngine:
         app.router.add_get("/health", self._handle_health)
         app.router.add_get("/v1/models", self._handle_models)
         app.router.add_get("/stats", self._handle_stats)
+        app.router.add_get("/kv_event_sources", self._handle_kv_event_sources)
+        app.router.add_get("/metrics", self._handle_metrics)
         app.router.add_get("/get_server_info", self._handle_server_info)
         app.on_startup.append(self._on_startup)
         app.on_shutdown.append(self._on_shutdown)
         app.on_cleanup.append(self._on_cleanup)
+        if self.config.kv_events:
+            app.on_startup.append(self._start_kv_events)
+            app.on_cleanup.append(self._stop_kv_events)
         return app
+
+    async def _start_kv_events(self, _app: web.Application) -> None:
+        from pdproxy.mock_kv_events import KvEventPublisher  # pyzmq only when events are on
+
+        self.prefix_cache.events = KvEventPublisher(port=self.config.kv_events_port,
+                                                    replay=self.config.kv_events_replay,
+                                                    replay_port=self.config.kv_events_replay_port)
+
+    async def _stop_kv_events(self, _app: web.Application) -> None:
+        publisher, self.prefix_cache.events = self.prefix_cache.events, None
+        if publisher is not None:
+            await publisher.close()
+
+    @property
+    def kv_events(self) -> KvEventPublisher | None:
+        """The KV-event publisher while the engine serves with ``kv_events`` on (for tests)."""
+        return self.prefix_cache.events
+
+    async def _handle_metrics(self, _request: web.Request) -> web.Response:
+        """vLLM's scheduler gauges: requests running and waiting (prompt compute not started), KV usage."""
+        now = asyncio.get_running_loop().time()
+        starts = self._compute_starts
+        while starts and starts[0] <= now:
+            starts.popleft()
+        waiting = min(len(starts), self.stats.in_flight)
+        usage = len(self.prefix_cache) / self.config.cache_blocks if self.config.cache_blocks else 0.0
+        labels = f'engine="0",model_name="{self.config.model}"'
+        text = (
+            "# HELP vllm:num_requests_running Number of requests in model execution batches.\n"
+            "# TYPE vllm:num_requests_running gauge\n"
+            f"vllm:num_requests_running{{{labels}}} {float(self.stats.in_flight - waiting)}\n"
+            "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n"
+            "# TYPE vllm:num_requests_waiting gauge\n"
+            f"vllm:num_requests_waiting{{{labels}}} {float(waiting)}\n"
+            "# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.\n"
+            "# TYPE vllm:kv_cache_usage_perc gauge\n"
+            f"vllm:kv_cache_usage_perc{{{labels}}} {usage}\n"
+        )
+        return web.Response(text=text, content_type="text/plain")
+
+    async def _handle_kv_event_sources(self, _request: web.Request) -> web.Response:
+        events = self.prefix_cache.events
+        return web.Response(body=orjson.dumps(events.sources() if events is not None else {}),
+                            content_type="application/json")
 
     async def _on_startup(self, _app: web.Application) -> None:
         cfg = self.config
@@ -734,8 +802,10 @@ class MockEngine:
         work_s = miss * cfg.prefill_ms_per_token / 1000.0
         if work_s <= 0:
             return t0
-        done = max(t0, self._compute_free_at) + work_s
+        start = max(t0, self._compute_free_at)
+        done = start + work_s
         self._compute_free_at = done
+        self._compute_starts.append(start)
         return done
 
     async def _apply_fault(self, request: web.Request, fault: _Fault) -> web.StreamResponse:

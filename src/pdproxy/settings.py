@@ -235,6 +235,33 @@ class Settings(BaseSettings):
         doc=('cache_aware and least_tokens: a local Hugging Face tokenizer.json to count prompt tokens exactly '
              'instead of estimating them from characters. Needs the optional extra: pip install '
              "'pdproxy[tokenizer]'. Nothing is downloaded."))
+    kv_events: bool = setting(
+        False, group=POLICIES,
+        description=("cache_aware: route on each prefill engine's KV-cache events (vLLM --kv-events-config), found "
+                     "at its GET /kv_event_sources unless --kv-event-sources names them; needs --tokenizer"),
+        doc=("cache_aware: route on each prefill engine's KV-cache events (vLLM's --kv-events-config, ZMQ) where "
+             'they are in sequence ("exact"); the approximate index decides for a server whose events are missing '
+             "or being replayed. Needs tokenizer (the request's token blocks are matched against the engine's) and "
+             "pip install 'pdproxy[kv-events]'."))
+    kv_event_sources: str = setting(
+        "", group=POLICIES, metavar='URL=PUB[|REPLAY],...', default_text="ask each server",
+        description=("cache_aware: where prefill servers publish KV events, e.g. "
+                     "http://p1:8100=tcp://p1:5557|tcp://p1:5558"),
+        doc=('kv_events: where each prefill server publishes, as URL=PUB[|REPLAY], comma-separated, e.g. '
+             '"http://p1:8100=tcp://p1:5557|tcp://p1:5558". Servers not listed are asked (GET /kv_event_sources).'))
+    chat_template: Path | None = setting(
+        None, group=POLICIES, metavar='PATH', default_text="the one in tokenizer_config.json beside --tokenizer",
+        description="kv events: the model's chat template, to render chats as the engine does",
+        doc=("kv_events: the model's chat template (a jinja2 file), to render chats as the engine does. Default: "
+             "the chat_template of the tokenizer_config.json beside tokenizer."))
+    engine_metrics_interval: float = setting(
+        0.0, group=POLICIES, ge=0,
+        description=("cache_aware, least_tokens: read each engine's running/waiting requests from its /metrics "
+                     "every this many seconds and count them in its load (0 is off)"),
+        doc=("cache_aware and least_tokens: read each engine's vllm:num_requests_running and "
+             'vllm:num_requests_waiting from its /metrics every this many seconds and count them in its load '
+             "(never less than pdproxy's own count), so replicas that do not see each other's requests do not all "
+             'pick one engine. A reading older than 3 intervals is ignored. Seconds, >= 0; 0 is off.'))
     # ---- KV handoff
     kv_adapter: str = setting(
         "vllm", group=HANDOFF,
@@ -623,6 +650,9 @@ class Settings(BaseSettings):
         for role, servers in (("prefill", self.prefill_servers), ("decode", self.decode_servers)):
             if len(servers) > self.max_upstreams:
                 raise ValueError(f"{len(servers)} {role} servers, more than max_upstreams ({self.max_upstreams})")
+        if self.kv_events and not self.tokenizer:
+            raise ValueError("kv_events needs tokenizer (--tokenizer): the request's token blocks are matched "
+                             "against the engine's")
         if self.workers > 1 and self.metrics_port is None:
             raise ValueError("workers > 1 needs metrics_port (--metrics-port): the supervisor serves the "
                              "workers' merged /metrics there")

@@ -20,7 +20,7 @@ import logging
 import re
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 
@@ -122,6 +122,23 @@ def _valid_host(host: str, address: str) -> str:
 _ids = itertools.count(1)
 
 
+class SharedLoad(Protocol):
+    """This upstream's load as every worker of the host sees it (see pdproxy.routing.load).
+
+    Set on an upstream when routing state is shared; `Lease` tells it of each lease it takes and
+    gives back, so the other workers see them."""
+
+    def in_flight(self) -> int: ...
+
+    def tokens(self) -> int: ...
+
+    def add_tokens(self, tokens: int) -> None: ...
+
+    def acquire(self) -> None: ...
+
+    def release(self) -> None: ...
+
+
 @dataclass(slots=True, eq=False)
 class Upstream:
     """One API server of a role. Mutable runtime state; identity is the object itself."""
@@ -136,6 +153,13 @@ class Upstream:
     last_error: str | None = None
     id: str = field(default_factory=lambda: f"u{next(_ids)}")
     source: str = CONFIGURED
+    shared: SharedLoad | None = field(default=None, repr=False)  # set by pdproxy.routing when workers share
+    kv_events: Callable[[], dict[str, object]] | None = field(default=None, repr=False)  # its KV-event view
+
+    @property
+    def load(self) -> int:
+        """Requests in flight on this server from every worker of the host (this process's alone unshared)."""
+        return self.in_flight if self.shared is None else self.shared.in_flight()
     # What the handoff learnt about this server (bootstrap port, engine id per DP rank), written only
     # by `handoff.discovery.MetadataRefresher`. `meta_error` set: the handoff cannot use this server,
     # so it is not routable whatever its health (the reason shows in describe()).
@@ -159,14 +183,15 @@ class Upstream:
             "served": self.served,
             "last_error": self.last_error,
             "source": self.source,
+            **({"kv_events": self.kv_events()} if self.kv_events is not None else {}),
             "meta": dict(self.meta),
             "meta_error": self.meta_error,
         }
 
     @property
     def full(self) -> bool:
-        """At its concurrency cap: every policy skips it until a lease comes back."""
-        return 0 < self.max_in_flight <= self.in_flight
+        """At its concurrency cap (counted over every worker): every policy skips it until a lease comes back."""
+        return 0 < self.max_in_flight <= self.load
 
 
 class Lease:
@@ -179,6 +204,8 @@ class Lease:
         self._on_release = on_release
         self._released = False
         upstream.in_flight += 1
+        if upstream.shared is not None:
+            upstream.shared.acquire()
 
     def release(self) -> None:
         """Give the slot back (and tell whoever waits for one); safe to call more than once."""
@@ -186,6 +213,8 @@ class Lease:
             self._released = True
             self.upstream.in_flight -= 1
             self.upstream.served += 1
+            if self.upstream.shared is not None:
+                self.upstream.shared.release()
             if self._on_release is not None:
                 self._on_release(self.upstream)
 

@@ -25,6 +25,11 @@ A worker serves the OpenAI routes, /v1/models and /health on the shared port. It
 admin API are on a private control listener (127.0.0.1, a free port) that needs a token only this
 supervisor knows. Every worker starts from the state file (given, or one in a private temporary
 directory), and only worker 0 writes it: a restarted worker starts from the current membership.
+
+Routing state is shared (pdproxy.routing): the supervisor creates one `SharedTable` (a file in
+/dev/shm) and passes its path; each worker writes its row and reads everyone's, so caps, loads and
+the prefix index are the host's. All workers get one PYTHONHASHSEED, so their prefix keys agree.
+The supervisor clears a dead worker's row: its leases died with it.
 """
 
 from __future__ import annotations
@@ -71,6 +76,8 @@ from pdproxy.http.response import Response
 from pdproxy.http.router import Router
 from pdproxy.membership import StateFileError
 from pdproxy.metrics import CONTENT_TYPE, SupervisorMetrics, merge_expositions
+from pdproxy.routing.share import share_routing
+from pdproxy.routing.table import SharedTable
 from pdproxy.settings import Settings
 
 log = logging.getLogger("pdproxy.workers")
@@ -175,6 +182,8 @@ class Supervisor:
         self.stopping = False
         self.port = settings.port
         self.state_file = settings.state_file
+        self.table: SharedTable | None = None
+        self.hash_seed = os.environ.get("PYTHONHASHSEED") or str(secrets.randbelow(2**32 - 1) + 1)
         self._session: aiohttp.ClientSession | None = None
 
     async def run(self, until: Callable[[], Awaitable[None]] = wait_for_signal) -> None:
@@ -188,6 +197,7 @@ class Supervisor:
             self.state_file = Path(temp_dir) / "upstreams.json"
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CONTROL_TIMEOUT))
         runners: list[Runner] = []
+        self.table = SharedTable.create(len(self.workers))
         try:
             await self._listen(runners)
             errors = await asyncio.gather(*(self._start(worker) for worker in self.workers))
@@ -212,6 +222,8 @@ class Supervisor:
                 await runner.cleanup()
             await self._session.close()
             reservation.close()
+            self.table.close()
+            self.table.unlink()
             if temp_dir:
                 shutil.rmtree(temp_dir, ignore_errors=True)
             log.info("pdproxy stopped")
@@ -247,14 +259,16 @@ class Supervisor:
             "port": self.port, "state_file": self.state_file,
             "admin_port": 0, "admin_token": SecretStr(self.token),  # admin off the main port, behind our token
         })
+        assert self.table is not None
         process = worker.process = await asyncio.create_subprocess_exec(
             *self.command, stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, start_new_session=True,  # a terminal's Ctrl-C reaches only us
+            env={**os.environ, "PYTHONHASHSEED": self.hash_seed},  # one string hash: prefix keys agree
         )
         if self.stopping:  # stopped while this process was being created: it was not signalled
             process.terminate()
         assert process.stdin is not None and process.stdout is not None
-        process.stdin.write(pickle.dumps((worker.index, settings, self.setup_logging)))
+        process.stdin.write(pickle.dumps((worker.index, settings, self.setup_logging, str(self.table.path))))
         with contextlib.suppress(ConnectionError):  # it died at once: its exit code tells
             await process.stdin.drain()
         try:
@@ -279,6 +293,8 @@ class Supervisor:
             assert process is not None
             code = await process.wait()
             worker.control_url = None
+            if self.table is not None:
+                self.table.clear_row(worker.index)  # its leases ended with it; nobody else writes that row
             if process.stdin is not None:
                 process.stdin.close()
             if self.stopping:
@@ -451,14 +467,15 @@ def _disagreement(what: str, answers: list[Answer]) -> Response:
 
 
 def worker_main() -> None:
-    """A worker process: (index, settings, setup_logging) come pickled on stdin from the supervisor."""
-    index, settings, setup_logging = pickle.load(sys.stdin.buffer)
+    """A worker process: (index, settings, setup_logging, table path) come pickled on stdin from the supervisor."""
+    index, settings, setup_logging, table_path = pickle.load(sys.stdin.buffer)
     setup_logging()
     for handler in logging.getLogger().handlers:  # text lines say which worker wrote them
         handler.addFilter(_WorkerName(index))
     try:
         app = build_app(settings, persist=index == 0)  # one writer of the state file
-    except (StateFileError, ValueError) as exc:
+        share_routing(app, SharedTable.attach(table_path), index)
+    except (StateFileError, ValueError, OSError) as exc:
         _report(f"error {exc}")
         sys.exit(2)
     run(_serve_worker(app, settings, index))

@@ -59,6 +59,8 @@ ZERO_HERE = {
     "Queue [A]": "the same gauge: nothing waits with queue_size=0",
     "Retries [B]": "no decode fails before its first byte here (flow retries)",
     "KV handoff missing [A]": "the mock engines always answer with kv_transfer_params",
+    "Pool panic [A]": ("panic needs under half of a pool healthy; here one of two prefill servers is ejected "
+                       "(tests/functional/test_panic.py provokes it)"),
 }
 SCRAPE_DEADLINE = 15.0  # seconds for Prometheus to start and scrape the proxy a first time
 ANSWER_DEADLINE = 10.0  # seconds for every query to have data after the events
@@ -201,6 +203,9 @@ async def provoke_every_event(cluster: Cluster, http: aiohttp.ClientSession, ups
         resp.close()
         await cluster.decode[0].wait_until(lambda stats: stats.aborted == 1)
     await cluster.flow.wait_idle()
+    # A request the server refuses itself: more headers than --max-headers.
+    async with http.get(cluster.url + "/health", headers={f"x-extra-{i}": "1" for i in range(200)}) as resp:
+        assert resp.status == 431
     await provoke_queue_full_and_timeout(cluster, http)
     status, _ = await admin(http, cluster, "PATCH", json={"weight": 2},
                             path=f"/{cluster.upstream(cluster.prefill_urls[1]).id}")

@@ -73,9 +73,11 @@ class OpenAIApi:
         flow = self.flow
         body: dict[str, Any] = {}
         problems = ["draining: pdproxy is shutting down"] if flow.draining else []
-        for pool in (flow.prefill_pool, flow.decode_pool):
-            routable = len(pool.routable())
+        for pool in (flow.prefill_pool, flow.decode_pool):  # readiness follows health, not panic routing
+            routable = len(pool.healthy())
             body[pool.role.value] = {"routable": routable, "total": len(pool.members)}
+            if pool.check_panic():
+                body[pool.role.value]["panic"] = True
             if not routable:
                 problems.append(f"no routable {pool.role.value} upstream")
         if request.query().get("verbose", "0") not in ("0", "false", ""):

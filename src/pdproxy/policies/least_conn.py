@@ -20,7 +20,7 @@ class LeastConn:
         best: list[Upstream] = []
         best_load = math.inf
         for upstream in candidates:
-            load = upstream.in_flight / upstream.weight
+            load = upstream.load / upstream.weight
             if load < best_load:
                 best_load = load
                 best = [upstream]

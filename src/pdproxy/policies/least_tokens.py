@@ -9,11 +9,15 @@ from __future__ import annotations
 import random
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from pdproxy.policies.base import RoutingRequest
 from pdproxy.policies.ledger import InFlightTokens
 from pdproxy.policies.tokens import TokenCounter
 from pdproxy.upstreams import Upstream
+
+if TYPE_CHECKING:
+    from pdproxy.routing.engine_load import EngineLoads
 
 WHOLE = sys.maxsize  # prompt_prefix(WHOLE): the whole prompt, for chat the whole rendered conversation
 
@@ -29,14 +33,26 @@ class LeastTokens:
         self._rng = rng
         self._counter = counter
         self._ledger = InFlightTokens()
+        self._engines: EngineLoads | None = None
+        self._mean_tokens = 0.0  # moving mean of a request's tokens: engine requests -> tokens
+
+    def use_engine_load(self, loads: EngineLoads) -> None:
+        """Count the engines' own running and waiting requests too (never less than our own)."""
+        self._engines = loads
 
     def choose(self, candidates: Sequence[Upstream], request: RoutingRequest) -> Upstream:
         tokens = self._counter.count(request.prompt_prefix(WHOLE))
         ledger = self._ledger
         best: list[Upstream] = []
         best_key = (float("inf"), float("inf"))
+        engines = self._engines
+        per_request = self._mean_tokens or tokens
         for upstream in candidates:
-            key = ((ledger.tokens(upstream) + tokens) / upstream.weight, upstream.in_flight / upstream.weight)
+            queued, requests = ledger.tokens(upstream), upstream.load
+            if engines is not None:
+                busy = engines.requests(upstream)
+                queued, requests = max(queued, busy * per_request), max(requests, busy)
+            key = ((queued + tokens) / upstream.weight, requests / upstream.weight)
             if key < best_key:
                 best_key = key
                 best = [upstream]
@@ -44,6 +60,7 @@ class LeastTokens:
                 best.append(upstream)
         chosen = best[0] if len(best) == 1 else self._rng.choice(best)
         ledger.add(chosen, tokens)
+        self._mean_tokens += (tokens - self._mean_tokens) / 32
         return chosen
 
     def in_flight_tokens(self, upstream: Upstream) -> int:

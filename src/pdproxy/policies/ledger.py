@@ -8,6 +8,9 @@ always right; the sizes assume requests on one server finish in the order they w
 which is how an engine's FCFS prefill scheduler runs them. When one finishes out of order the
 ledger briefly carries the wrong size, and the error disappears once the server's queue turns
 over (at the latest when it drains to zero). Memory is bounded by the leases out.
+
+When routing state is shared across workers (`upstream.shared`), the upstream's load cell keeps
+the same ledger in shared memory and this one defers to it: the totals are the host's.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ class InFlightTokens:
 
     def tokens(self, upstream: Upstream) -> int:
         """Tokens of the requests still in flight on `upstream`, as far as this ledger assigned them."""
+        if upstream.shared is not None:
+            return upstream.shared.tokens()
         entry = self._entries.get(upstream.id)
         if entry is None:
             return 0
@@ -48,6 +53,9 @@ class InFlightTokens:
 
     def add(self, upstream: Upstream, tokens: int) -> None:
         """Record a decision: `tokens` more are in flight on `upstream` once the flow leases it."""
+        if upstream.shared is not None:
+            upstream.shared.add_tokens(tokens)
+            return
         entry = self._entries.get(upstream.id)
         if entry is None:
             entry = self._entries[upstream.id] = _Entry(upstream)

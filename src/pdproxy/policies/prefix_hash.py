@@ -51,7 +51,7 @@ class PrefixHash:
             return candidates[0]
         self._ring(candidates)
         start = bisect.bisect(self._points, _hash64(request.prompt_prefix(self._prefix_chars)))
-        total = sum(u.in_flight for u in candidates) + 1
+        total = sum(u.load for u in candidates) + 1
         total_weight = sum(u.weight for u in candidates)
         seen: set[str] = set()
         owners = self._owners
@@ -61,8 +61,8 @@ class PrefixHash:
                 continue
             seen.add(upstream.url)
             capacity = math.ceil((1 + self._load_factor) * total * upstream.weight / total_weight)
-            if upstream.in_flight + 1 <= capacity:
+            if upstream.load + 1 <= capacity:
                 return upstream
             if len(seen) == len(candidates):
                 break
-        return min(candidates, key=lambda u: u.in_flight / u.weight)
+        return min(candidates, key=lambda u: u.load / u.weight)

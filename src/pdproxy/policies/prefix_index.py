@@ -14,9 +14,9 @@ prefixes, and the matched length is found by binary search.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 
-_MASK = (1 << 64) - 1
+_MASK = (1 << 63) - 1  # 63 bits: a key fits a signed 64-bit word of the shared decision feed
 _MIX = 0x100000001B3  # FNV-1a's 64-bit prime: spreads the chained value before the next block mixes in
 
 
@@ -50,11 +50,11 @@ class PrefixIndex:
         self._max_blocks = max_blocks
         self._clock = clock
         self._forget_after = forget_after
-        self._blocks: dict[str, OrderedDict[int, None]] = {}
-        self._seen: dict[str, float] = {}
+        self._blocks: dict[Hashable, OrderedDict[int, None]] = {}
+        self._seen: dict[Hashable, float] = {}
         self._last_sweep = clock()
 
-    def matched(self, server: str, keys: list[int]) -> int:
+    def matched(self, server: Hashable, keys: list[int]) -> int:
         """How many leading blocks of `keys` the server holds."""
         blocks = self._blocks.get(server)
         if not blocks or not keys or keys[0] not in blocks:
@@ -71,7 +71,7 @@ class PrefixIndex:
                 high = mid - 1
         return low
 
-    def insert(self, server: str, keys: list[int]) -> None:
+    def insert(self, server: Hashable, keys: list[int]) -> None:
         """The server now holds every block of `keys`; the oldest blocks beyond the bound are evicted."""
         blocks = self._blocks.get(server)
         if blocks is None:
@@ -86,7 +86,7 @@ class PrefixIndex:
         for _ in range(excess):
             blocks.popitem(last=False)
 
-    def seen(self, servers: Iterable[str]) -> None:
+    def seen(self, servers: Iterable[Hashable]) -> None:
         """Note the servers offered for a decision; forget those not offered for `forget_after` seconds."""
         now = self._clock()
         seen = self._seen
@@ -104,7 +104,7 @@ class PrefixIndex:
         for server in [s for s in self._blocks if s not in self._seen]:
             del self._blocks[server]
 
-    def size(self, server: str) -> int:
+    def size(self, server: Hashable) -> int:
         """Blocks held for `server` (for tests and introspection)."""
         blocks = self._blocks.get(server)
         return len(blocks) if blocks else 0

@@ -59,8 +59,19 @@ class TokenizerCounter:
         return len(self._tokenizer.encode(text, add_special_tokens=False).ids)
 
 
+class WordTokenCounter:
+    """One token per whitespace-separated word: the mock engine's tokenization (`--tokenizer words`)."""
+
+    __slots__ = ()
+
+    def count(self, text: str) -> int:
+        return len(text.split())
+
+
 def make_token_counter(tokenizer: str | None, chars_per_token: float) -> TokenCounter:
     """A tokenizer-backed counter when a file is given, else the character estimate."""
+    if tokenizer == "words":
+        return WordTokenCounter()
     if tokenizer:
         return TokenizerCounter.from_file(tokenizer)
     return CharTokenCounter(chars_per_token)
