@@ -47,6 +47,14 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, st
     return status, headers, body
 
 
+async def read_request(reader: asyncio.StreamReader) -> bytes:
+    """One request with a Content-Length body, as a raw upstream server reads it; its body."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    return await reader.readexactly(length)
+
+
 def host_port(url: str) -> tuple[str, int]:
     host, port = url.removeprefix("http://").rsplit(":", 1)
     return host, int(port)
@@ -68,10 +76,7 @@ class ClosesOnReuse:
         served = 0
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                              if line.lower().startswith(b"content-length:"))
-                body = orjson.loads(await reader.readexactly(length))
+                body = orjson.loads(await read_request(reader))
                 if served:
                     return  # closed, no answer: the stale keep-alive race
                 answer = orjson.dumps({"choices": [{"text": "x", "index": 0}], "kv_transfer_params": None,
@@ -161,10 +166,7 @@ class FloodingDecode:
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                          if line.lower().startswith(b"content-length:"))
-            await reader.readexactly(length)
+            await read_request(reader)
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
             sent = 0
             chunk = b"%x\r\n%s\r\n" % (len(self.event), self.event)
@@ -342,10 +344,7 @@ async def test_a_stream_cut_mid_event_gets_its_error_event_on_a_boundary(cluster
     half-written one."""
 
     async def half_then_die(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                      if line.lower().startswith(b"content-length:"))
-        await reader.readexactly(length)
+        await read_request(reader)
         whole, half = b'data: {"choices": [{"text": "a"}]}\n\n', b'data: {"choices": [{"te'
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
                      + b"%x\r\n%s\r\n" % (len(whole), whole))
