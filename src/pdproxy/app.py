@@ -22,7 +22,7 @@ from pdproxy.http.api import OpenAIApi
 from pdproxy.http.limits import ServerLimits
 from pdproxy.http.request import Request
 from pdproxy.http.response import Response
-from pdproxy.http.router import Router
+from pdproxy.http.router import Handler, Router
 from pdproxy.http.server import Server
 from pdproxy.http.server import start_server as start_http_server
 from pdproxy.http.validate import LoopGuard
@@ -278,7 +278,7 @@ def metrics_router(metrics: Metrics) -> Router:
     return router
 
 
-def metrics_handler(metrics: Metrics):
+def metrics_handler(metrics: Metrics) -> Handler:
     async def handler(request: Request) -> Response:
         return Response(body=metrics.render(), content_type=CONTENT_TYPE)
 

@@ -211,7 +211,6 @@ class HttpConnection(asyncio.Protocol):
         self._closed = False
         self._ignore_input = False  # no request after this point is parsed (refused, or Connection: close)
         self._lingering = False
-        self._eof = False  # the client sent its FIN
         self._reading_paused = False
         self._writing_paused = False
         # the request being read
@@ -289,7 +288,6 @@ class HttpConnection(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         if self._lingering:
             return False
-        self._eof = True
         # A client's FIN while its request is served means it is gone, as nginx, Envoy and uvicorn read it:
         # TCP cannot tell a half-close from a close, and answering "half-closed" clients would keep every
         # vanished client's prefill and decode running until their timeouts. connection_lost cancels the handler.
@@ -541,9 +539,6 @@ class HttpConnection(asyncio.Protocol):
                 return
             self._start(item)
             return
-        if self._eof:
-            self._close()
-            return
         if self._reading_paused and not self._ignore_input:
             self._reading_paused = False
             self._transport.resume_reading()  # type: ignore[union-attr]
@@ -619,8 +614,7 @@ class HttpConnection(asyncio.Protocol):
             self._after_response(request, stream)
 
     def _closing(self, request: Request) -> bool:
-        return (not request.keep_alive or self._server.draining or (self._eof and not self._queue)
-                or (self._ignore_input and not self._queue))
+        return (not request.keep_alive or self._server.draining or (self._ignore_input and not self._queue))
 
     def _write_response(self, request: Request, response: Response) -> None:
         body = response.body
