@@ -77,6 +77,17 @@ async def _held(kv: KvEventsView, upstream: Upstream, body: dict[str, Any], want
         await asyncio.sleep(0.1)  # the engine publishes from its own thread: nothing here to wait on
 
 
+async def _engine_block_size(kv: KvEventsView, upstream: Upstream) -> int:
+    """The block size the engine's own events state (15 s at most): until the first BlockStored arrives the view
+    only has a default, and the expected count must use the engine's size, not that guess."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 15
+    while (size := kv.caches[upstream.url].block_size) is None:
+        assert loop.time() < deadline, kv.caches[upstream.url].describe()
+        await asyncio.sleep(0.1)  # the engine publishes from its own thread: nothing here to wait on
+    return size
+
+
 @pytest.mark.parametrize("kind", ["completion", "chat"])
 async def test_pdproxys_blocks_are_the_ones_the_engine_stored(
         vllm_cluster: Cluster, view: tuple[KvEventsView, list[Upstream]], kind: str) -> None:
@@ -94,7 +105,7 @@ async def test_pdproxys_blocks_are_the_ones_the_engine_stored(
     assert blocks is not None and len(blocks.tokens) > 300
     assert kv.matched_tokens(target, blocks) == 0  # a fresh document: no engine holds it
     await _post(target.url, path, body)
-    size = kv.block_size(target)
+    size = await _engine_block_size(kv, target)
     whole = len(blocks.tokens) // size * size
     assert whole >= size
     # Every whole block of the prompt pdproxy tokenized is a block the engine said it stored, in order:
