@@ -29,11 +29,14 @@ from pdproxy.http.validate import LoopGuard
 from pdproxy.livez import LIVEZ_PATH, livez_handler
 from pdproxy.membership import Hooks, Membership, read_state_file
 from pdproxy.metrics import CONTENT_TYPE, Metrics
+from pdproxy.model_discovery import discovering_probe
 from pdproxy.outlier import ConsecutiveFailureDetector, NoOutlierDetection, OutlierDetector
 from pdproxy.policies import PolicyOptions, make_balancer
+from pdproxy.proxy.model_list import ModelList
 from pdproxy.proxy.orchestrator import FlowLimits, FlowTimeouts, Orchestrator
 from pdproxy.proxy.passthrough import Passthrough
 from pdproxy.proxy.record import RequestRecord
+from pdproxy.served_models import ModelTable
 from pdproxy.settings import Settings
 from pdproxy.upstreams import Role, State, Upstream, UpstreamPool
 
@@ -170,6 +173,7 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
                                           keepalive_timeout=settings.upstream_keepalive_timeout),
                             on_stale_retry=on_stale_retry)
     limits = FlowLimits(settings.prefill_retries, settings.flow_retries, settings.max_concurrency)
+    model_table = ModelTable(pools, panic_threshold=settings.healthy_panic_threshold)
     flow = Orchestrator(
         prefill_pool=pools[Role.PREFILL],
         decode_pool=pools[Role.DECODE],
@@ -188,9 +192,15 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
         metrics=metrics,
         access_log_format=settings.access_log_format if settings.access_log else "off",
         on_release=on_release,
+        models=model_table,
     )
+    api_key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
+    probe = discovering_probe(http_probe(lambda: client, settings.health_path, settings.health_timeout),
+                              lambda: client, timeout=settings.health_timeout,
+                              headers=f"Authorization: Bearer {api_key}\r\n".encode() if api_key else b"",
+                              changed=lambda upstream: model_table.rebuild())
     checker = ActiveHealthChecker(
-        board, http_probe(lambda: client, settings.health_path, settings.health_timeout),
+        board, probe,
         interval=settings.health_interval, rise=settings.health_rise, fall=settings.health_fall,
         ejection_over=outlier.ejection_over, rng=rng,
     ) if health_on else None
@@ -202,6 +212,7 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
         cut_streams=flow.cut_streams,
         forget=forget,
         changed=lambda action: metrics.admin_changes.labels(action).inc(),
+        regroup=model_table.rebuild,
     )
     if checker is not None:
         membership.hooks.watch, membership.hooks.unwatch = checker.watch, checker.unwatch
@@ -218,10 +229,13 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
     metrics.queue_waiting.set_function(lambda: admission.waiting)
 
     router = Router()
-    api_key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
-    models = Passthrough(pool=pools[Role.DECODE], policy=flow.decode_policy, client=client,
-                         timeout=settings.decode_first_byte_timeout, max_answer_bytes=limits.max_answer_bytes,
-                         on_release=on_release)
+
+    def models_passthrough(pool: UpstreamPool) -> Passthrough:
+        return Passthrough(pool=pool, policy=flow.decode_policy, client=client,
+                           timeout=settings.decode_first_byte_timeout, max_answer_bytes=limits.max_answer_bytes,
+                           on_release=on_release)
+
+    models = ModelList(model_table, models_passthrough(pools[Role.DECODE]), models_passthrough)
     OpenAIApi(flow, models, upstream_api_key=api_key, loop_guard=LoopGuard.create()).add_routes(router)
     router.add("GET", LIVEZ_PATH, livez_handler(lambda: flow.draining))  # liveness: never asks an engine
     if settings.metrics_port is None:
@@ -249,10 +263,12 @@ def _initial_members(settings: Settings, caps: dict[Role, int]) -> dict[Role, li
         log.info("restoring %d upstreams from the state file %s", len(saved), settings.state_file)
         for spec in saved:
             state = State.DRAINING if spec.drained else State.UNKNOWN
-            members[spec.role].append(Upstream(spec.role, spec.url, spec.weight, spec.max_in_flight, state=state))
+            members[spec.role].append(Upstream(spec.role, spec.url, spec.weight, spec.max_in_flight, state=state,
+                                               models=spec.models, models_fixed=bool(spec.models)))
         return members
     for role, specs in ((Role.PREFILL, settings.prefill_servers), (Role.DECODE, settings.decode_servers)):
-        members[role] = [Upstream(role, spec.url, spec.weight, caps[role]) for spec in specs]
+        members[role] = [Upstream(role, spec.url, spec.weight, caps[role], models=spec.models,
+                                  models_fixed=bool(spec.models)) for spec in specs]
     return members
 
 

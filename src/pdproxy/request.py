@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
+
+if TYPE_CHECKING:
+    from pdproxy.served_models import ModelPools
 
 
 @dataclass(slots=True)
@@ -17,6 +20,7 @@ class ProxyRequest:
     stream: bool
     request_id: str
     headers: bytes  # header lines sent to both legs (X-Request-Id, Authorization, trace context), built once
+    pools: ModelPools | None = None  # the pools serving its model, set once by the orchestrator before admission
 
     def prompt_prefix(self, limit: int) -> str:
         """The first `limit` characters of the prompt; for chat, of the whole rendered conversation."""

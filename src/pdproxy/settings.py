@@ -25,7 +25,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from pdproxy.http.limits import ServerLimits
-from pdproxy.upstreams import MAX_WEIGHT, normalize_url
+from pdproxy.upstreams import MAX_WEIGHT, check_model_name, normalize_url
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -92,26 +92,47 @@ class ConfigError(Exception):
 
 
 class UpstreamSpec(BaseModel):
-    """One configured server: `host:port`, `http(s)://host:port`, optionally `=weight` (e.g. `h:8100=2`)."""
+    """One configured server: `host:port` or `http(s)://host:port`, optionally `@model` (the model it
+    serves; read from its /v1/models when not given) and `=weight`, e.g. `h:8100@llama-8b=2`."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     url: str
     weight: int = Field(1, ge=1, le=MAX_WEIGHT)
+    model: str | None = None
 
     @field_validator("url")
     @classmethod
     def _normalize(cls, value: str) -> str:
         return normalize_url(value)
 
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value: str | None) -> str | None:
+        return None if value is None else check_model_name(value)
+
     @classmethod
     def parse(cls, text: str) -> UpstreamSpec:
         address, sep, weight = text.strip().rpartition("=")
-        if not sep:
-            return cls(url=text)
-        if not (weight.isascii() and weight.isdigit()):
+        if sep and not (weight.isascii() and weight.isdigit()):
             raise ValueError(f"upstream {text!r}: weight after '=' must be a whole number")
-        return cls(url=address, weight=int(weight))
+        if not sep:
+            address = text.strip()
+        head, at, model = address.partition("@")  # normalize_url refuses user@host: '@' is free to mean this
+        if at:
+            try:
+                normalize_url(head)
+            except ValueError:  # `user:pw@host:port`: left whole, so its own error names the real problem
+                at = ""
+            else:
+                address = head
+        if at and not model:
+            raise ValueError(f"upstream {text!r}: give a model name after '@'")
+        return cls(url=address, weight=int(weight) if sep else 1, model=model if at else None)
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return (self.model,) if self.model else ()
 
 
 def _split_servers(value: Any) -> Any:
@@ -141,11 +162,14 @@ class Settings(BaseSettings):
     prefill_servers: Servers = setting(
         (), group=UPSTREAMS, aliases=('--prefill-servers-list',), metavar='LIST',
         example=["http://10.0.0.11:8100", {"url": "http://10.0.0.12:8100", "weight": 2}],
-        description='prefill servers, comma separated: host:port or http(s)://host:port, optional =WEIGHT (h:8100=2)',
+        description=('prefill servers, comma separated: host:port or http(s)://host:port, optional @MODEL and '
+                     '=WEIGHT (h:8100@llama=2)'),
         doc=('Prefill (P) API servers. Each entry is `host:port`, `http://host:port` or `https://host:port` (no '
-             'path), optionally followed by `=WEIGHT` (a whole number 1-1000, default 1), or a mapping {url, '
-             'weight}. A server listed twice is an error. A weight-2 server takes twice the share of a weight-1 '
-             'server under every policy.'))
+             'path), optionally followed by `@MODEL` (the model name it serves; when not given, read from its '
+             '/v1/models by the health probe) and `=WEIGHT` (a whole number 1-1000, default 1), or a mapping '
+             '{url, weight, model}. A server listed twice is an error. A weight-2 server takes twice the share of '
+             'a weight-1 server under every policy. Servers of several models make one proxy for all of them: '
+             'each request goes to the servers of its `model` (README: Several models).'))
     decode_servers: Servers = setting(
         (), group=UPSTREAMS, aliases=('--decode-servers-list',), metavar='LIST',
         example=["10.0.0.21:8200"],

@@ -80,6 +80,8 @@ class OpenAIApi:
                 body[pool.role.value]["panic"] = True
             if not routable:
                 problems.append(f"no routable {pool.role.value} upstream")
+        if flow.models.single is None:  # several models: each one's own counts
+            body["models"] = flow.models.describe()
         if request.query().get("verbose", "0") not in ("0", "false", ""):
             body["upstreams"] = [u.describe() for pool in (flow.prefill_pool, flow.decode_pool) for u in pool.members]
             body["in_flight"] = flow.in_flight

@@ -44,6 +44,7 @@ from pdproxy.proxy.prefill import PrefillLeg
 from pdproxy.proxy.record import CLIENT_CLOSED, LOG_FORMATS, RequestRecord, access_log, reported_usage
 from pdproxy.proxy.relay import SSE_EVENT_END, Relay
 from pdproxy.request import ProxyRequest
+from pdproxy.served_models import ModelPools, ModelTable
 from pdproxy.upstreams import Lease, Role, State, Upstream, UpstreamPool
 
 RETRY_AFTER_SECONDS = 1
@@ -93,10 +94,13 @@ class Orchestrator:
         metrics: Metrics,
         access_log_format: str = "text",
         on_release: Callable[[Upstream], None] | None = None,
+        models: ModelTable | None = None,
     ) -> None:
         self.prefill_pool = prefill_pool
         self.decode_pool = decode_pool
         self.decode_policy = decode_policy
+        # Which pools serve a request's model (one model: the two pools above, looked up not at all).
+        self.models = models or ModelTable({Role.PREFILL: prefill_pool, Role.DECODE: decode_pool})
         self.handoff = handoff
         self.client = client
         self.timeouts = timeouts
@@ -146,6 +150,8 @@ class Orchestrator:
         self.in_flight += 1
         self._idle.clear()
         try:
+            single = self.models.single
+            preq.pools = single if single is not None else self.models.resolve(preq.body.get("model"))
             decode_lease = await self._admit(preq)
             try:
                 response = await self._run(request, preq, record, decode_lease)
@@ -208,12 +214,13 @@ class Orchestrator:
     def _try_admit(self, preq: ProxyRequest) -> Lease | None:
         """Grant a slot and lease a decode server, None when all are busy; 503 when none can serve."""
         # An available upstream is a routable one: the routable() scans run only when none is available.
-        decode = self.decode_pool.available()
-        if not decode and not self.decode_pool.routable():  # before P computes KV that no D could take
-            raise Unavailable("no routable decode upstream", side="decode")
-        prefill = self.prefill_pool.available()
-        if not prefill and not self.prefill_pool.routable():
-            raise Unavailable("no routable prefill upstream", side="prefill")
+        pools = _pools(preq)
+        decode = pools.decode.available()
+        if not decode and not pools.decode.routable():  # before P computes KV that no D could take
+            raise Unavailable(f"no routable decode upstream{_for_model(pools)}", side="decode")
+        prefill = pools.prefill.available()
+        if not prefill and not pools.prefill.routable():
+            raise Unavailable(f"no routable prefill upstream{_for_model(pools)}", side="prefill")
         if self.limits.max_concurrency and self.admitted >= self.limits.max_concurrency:
             return None
         if not decode or not prefill:
@@ -235,7 +242,8 @@ class Orchestrator:
         last_error: UpstreamError | None = None
         for attempt in range(1 + self.limits.flow_retries):
             if attempt:
-                candidates = self.decode_pool.available(failed_decoders) or self.decode_pool.available()
+                pool = _pools(preq).decode
+                candidates = pool.available(failed_decoders) or pool.available()
                 if not candidates:
                     break
                 decode_lease = Lease(self.decode_policy.choose(candidates, preq), self._on_release)
@@ -266,9 +274,10 @@ class Orchestrator:
 
     def _recheck(self, lease: Lease, preq: ProxyRequest) -> Lease:
         """The D leased at admission, or another when it stopped being routable while P worked."""
-        if self.decode_pool.may_route(lease.upstream):  # healthy, or the pool is in panic
+        pool = _pools(preq).decode
+        if pool.may_route(lease.upstream):  # healthy, or the pool is in panic
             return lease
-        candidates = self.decode_pool.available()
+        candidates = pool.available()
         if not candidates:
             return lease  # nothing better: the decode fails or succeeds on its own
         fresh = Lease(self.decode_policy.choose(candidates, preq), self._on_release)
@@ -294,7 +303,7 @@ class Orchestrator:
             return response
         except UpstreamKvLost as exc:  # P's fault: counted against P, and D's call gets its own outcome
             outcome, reason = "kv_lost", exc.message
-            prefill = self.prefill_pool.find(exc.blamed)
+            prefill = _pools(preq).prefill.find(exc.blamed)
             if prefill is not None:
                 self.report(prefill, "kv_lost", exc.message)
             raise
@@ -434,3 +443,13 @@ class Orchestrator:
         elif outcome in FAILURE_OUTCOMES or (outcome == "kv_lost" and upstream.role is Role.PREFILL):
             upstream.last_error = reason or outcome
             self.outlier.report(upstream, upstream.last_error)
+
+
+def _pools(preq: ProxyRequest) -> ModelPools:
+    """The pools `handle` resolved for this request's model (always set before admission)."""
+    assert preq.pools is not None, "handle() resolves a request's pools before anything routes it"
+    return preq.pools
+
+
+def _for_model(pools: ModelPools) -> str:
+    return "" if pools.model is None else f" for model `{pools.model}`"

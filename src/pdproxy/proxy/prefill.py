@@ -43,9 +43,10 @@ class PrefillLeg:
         tried: list[Upstream] = []
         last_error: UpstreamError | None = None
         started = time.perf_counter()
+        pool = self.pool if preq.pools is None else preq.pools.prefill  # the pool serving its model
         for attempt in range(1 + self.retries):
             remaining = self.deadline - (time.perf_counter() - started)
-            candidates = self.pool.available(tried)
+            candidates = pool.available(tried)
             if not candidates or remaining <= 0:
                 break
             upstream = self.policy.choose(candidates, preq)
