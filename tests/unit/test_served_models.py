@@ -147,3 +147,33 @@ def test_a_config_mapping_takes_a_model() -> None:
 ])
 def test_served_names_from_a_v1_models_answer(body: bytes, names: tuple[str, ...] | None) -> None:
     assert served_names(body) == names
+
+
+def test_prefix_hash_keeps_a_ring_per_model_taking_turns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two models' candidate sets in turn: each choice is the one a policy of that model alone makes, and no
+    ring is rebuilt per request (one hash per request: its prompt's)."""
+    from pdproxy.policies import prefix_hash
+    from pdproxy.request import ProxyRequest
+
+    a = [up(i, Role.PREFILL, "a") for i in range(1, 4)]
+    b = [up(i, Role.PREFILL, "b") for i in range(4, 7)]
+    shared = prefix_hash.PrefixHash(64, 40, 0.25)
+    alone = {"a": prefix_hash.PrefixHash(64, 40, 0.25), "b": prefix_hash.PrefixHash(64, 40, 0.25)}
+    requests = [ProxyRequest("/v1/completions", {"prompt": f"prompt {i}"}, False, str(i), b"") for i in range(20)]
+    for request in requests[:2]:  # every ring built
+        shared.choose(a, request), shared.choose(b, request), alone["a"].choose(a, request)
+        alone["b"].choose(b, request)
+    calls = 0
+    real = prefix_hash._hash64
+
+    def counted(text: str) -> int:
+        nonlocal calls
+        calls += 1
+        return real(text)
+
+    monkeypatch.setattr(prefix_hash, "_hash64", counted)
+    for request in requests:
+        for name, candidates in (("a", a), ("b", b)):
+            before = calls
+            assert shared.choose(candidates, request) is alone[name].choose(candidates, request)
+            assert calls - before == 2  # the request's key, once per policy asked: no ring rebuilt
