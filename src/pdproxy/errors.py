@@ -146,6 +146,11 @@ class Unavailable(ProxyError):
             self.headers["Retry-After"] = str(retry_after)
 
 
+class CapsTaken(Unavailable):
+    """Every candidate's cap was taken by other workers in the same instant (`--workers`): a slot
+    frees soon, so admission waits for one (bounded by the queue timeout) instead of refusing."""
+
+
 class LoopDetected(ProxyError):
     """The request came back to this proxy (its own Via token): answered at once, so a
     misconfigured upstream fails fast instead of multiplying one request into thousands."""
