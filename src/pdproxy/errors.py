@@ -14,6 +14,7 @@
     │   ├── ExpectationFailed       417     (an Expect other than 100-continue)
     │   └── HeadersTooLarge         431
     ├── Unavailable                 503     internal  no     service_unavailable   (no routable upstream)
+    │   └── CapsTaken               503     (--workers: other workers took the last slots; admission waits)
     ├── LoopDetected                508     internal  no     loop_detected  (the request carries this proxy's
     │                                                        own Via token: an upstream points back at it)
     ├── UpstreamError               502     prefill/  yes    upstream_error
