@@ -10,7 +10,12 @@ from typing import Any
 import aiohttp
 import pytest
 
+from pdproxy.app import build_app, start_server
 from pdproxy.mock import MockConfig, start_mock
+from pdproxy.routing.load import WorkerRow
+from pdproxy.routing.share import share_routing
+from pdproxy.routing.table import SharedTable, server_key
+from pdproxy.settings import Settings
 from tests.functional.test_workers import Proxy, engines, proxies, start_proxy  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT balancing is Linux's")
@@ -59,3 +64,44 @@ async def test_caps_hold_across_four_workers_and_admission_waits_instead_of_refu
     assert max(peaks["prefill"]) == CAP and max(peaks["decode"]) == CAP, peaks
     assert statuses == [200] * REQUESTS
     assert prefill[0].stats.prefills == REQUESTS
+
+
+async def test_a_cap_another_worker_holds_is_waited_for_until_it_frees_or_the_queue_times_out(
+    tmp_path: Path,
+) -> None:
+    """In one process: this app is worker 0 of a shared table; worker 1 is a row that holds the only slot."""
+    prefill_engine, prefill_runner, prefill_url = await start_mock(MockConfig(role="prefill"))
+    _, decode_runner, decode_url = await start_mock(MockConfig(role="decode"))
+    table = SharedTable.create(2, columns=8, feed_slots=256, directory=str(tmp_path))
+    other = WorkerRow(table, 1)
+    held = other.cell(server_key("prefill", prefill_url))
+    held.acquire()  # worker 1's lease: the cap of 1 is full for the whole host
+    app = build_app(Settings(prefill_servers=prefill_url, decode_servers=decode_url, health_interval=0,
+                             access_log=False, prefill_max_in_flight=1, queue_timeout=0.5))
+    share_routing(app, table, 0)
+    runner, url = await start_server(app, "127.0.0.1", 0)
+    try:
+        async with aiohttp.ClientSession() as http:
+            body = {"model": "mock", "prompt": "hello", "max_tokens": 2}
+            async with http.post(url + "/v1/completions", json=body) as resp:  # never freed: the queue's bound
+                assert resp.status == 503
+                assert "no slot within 0.5s" in (await resp.json())["error"]["message"]
+            waiting = asyncio.ensure_future(http.post(url + "/v1/completions", json=body))
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 2
+            while app.flow.admission.waiting != 1:  # queued in this worker: nothing here to await on
+                assert loop.time() < deadline, "the request never queued"
+                await asyncio.sleep(0.005)
+            assert prefill_engine.stats.prefills == 0
+            held.release()  # in worker 1: this worker learns of it from the table, not from a callback
+            resp = await asyncio.wait_for(waiting, 2)
+            assert resp.status == 200, await resp.text()
+            resp.release()
+        assert prefill_engine.stats.prefills == 1
+    finally:
+        await runner.cleanup()
+        for engine_runner in (prefill_runner, decode_runner):
+            await engine_runner.cleanup()
+        del held, other
+        table.close()
+        table.unlink()
