@@ -13,6 +13,7 @@ from aiohttp import web
 from pdproxy.mock import MockConfig, MockEngine, start_mock
 from pdproxy.upstreams import State
 from tests.conftest import Cluster, ClusterFactory, sse_events
+from tests.functional.test_admin import cli
 from tests.functional.test_resilience import FAST_HEALTH
 
 Engines = dict[str, tuple[MockEngine, str]]
@@ -260,3 +261,17 @@ async def _admin(http: aiohttp.ClientSession, cluster: Cluster, method: str, pay
                  path: str = "") -> tuple[int, Any]:
     async with http.request(method, cluster.url + "/admin/upstreams" + path, json=payload) as resp:
         return resp.status, await resp.json(content_type=None)
+
+
+async def test_cli_adds_an_upstream_with_its_model_and_lists_models(cluster_factory: ClusterFactory,
+                                                                    engines: MockEngines) -> None:
+    cluster, _ = await two_models(cluster_factory, engines, health_interval=0)
+    _, url = await engines("gamma", "decode")
+    code, out = await cli(cluster, "add", "decode", url, "--model", "gamma")
+    assert code == 0 and out.startswith(f"added decode {url}"), out
+    assert cluster.upstream(url).models == ("gamma",)
+    code, out = await cli(cluster, "list")
+    header, *rows = out.strip().splitlines()
+    column = header.index("MODELS")
+    assert code == 0 and sorted(row[column:].split()[0] for row in rows) == ["alpha", "alpha", "beta", "beta",
+                                                                             "gamma"]
