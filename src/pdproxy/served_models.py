@@ -25,9 +25,10 @@ from pdproxy.upstreams import Role, Upstream, UpstreamPool
 
 log = logging.getLogger("pdproxy.models")
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True, frozen=True, eq=False)
 class ModelPools:
-    """The prefill and decode pools that serve one model (`model` None: the role pools of a one-model proxy)."""
+    """The prefill and decode pools that serve one model (`model` None: the role pools of a one-model proxy).
+    Compared and hashed by identity: each one is also its requests' line in the admission queue."""
 
     prefill: UpstreamPool
     decode: UpstreamPool

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,8 +26,8 @@ class MockEngines:
     def __init__(self) -> None:
         self.runners: dict[str, web.AppRunner] = {}
 
-    async def __call__(self, model: str, role: str) -> tuple[MockEngine, str]:
-        engine, runner, url = await start_mock(MockConfig(role=role, model=model))
+    async def __call__(self, model: str, role: str, **config: Any) -> tuple[MockEngine, str]:
+        engine, runner, url = await start_mock(MockConfig(role=role, model=model, **config))
         self.runners[url] = runner
         return engine, url
 
@@ -275,3 +276,24 @@ async def test_cli_adds_an_upstream_with_its_model_and_lists_models(cluster_fact
     column = header.index("MODELS")
     assert code == 0 and sorted(row[column:].split()[0] for row in rows) == ["alpha", "alpha", "beta", "beta",
                                                                              "gamma"]
+
+
+async def test_a_model_at_its_cap_holds_back_only_its_own_queued_requests(
+        cluster_factory: ClusterFactory, engines: MockEngines, http: aiohttp.ClientSession) -> None:
+    cluster, started = await two_models(cluster_factory, engines, health_interval=0, decode_max_in_flight=1)
+    alpha_decode = started["alpha-decode"][0]
+    alpha_decode.config.itl_ms = 20  # 40 tokens: the first alpha stream holds alpha's only decode slot a while
+    held = asyncio.ensure_future(complete(http, cluster, body("alpha", stream=True, max_tokens=40)))
+    await alpha_decode.wait_for_requests(1)
+    queued = asyncio.ensure_future(complete(http, cluster, body("alpha")))
+    for _ in range(400):  # the queue wakes no one when it grows: look every 5 ms, for 2 s at most
+        if cluster.flow.admission.waiting == 1:
+            break
+        await asyncio.sleep(0.005)
+    assert cluster.flow.admission.waiting == 1, "the second alpha request never queued"
+    status, answer = await asyncio.wait_for(complete(http, cluster, body("beta")), 2)
+    assert status == 200 and answer["model"] == "beta"  # not queued behind alpha's line
+    assert not held.done() and not queued.done()
+    (held_status, events), (queued_status, _) = await asyncio.wait_for(asyncio.gather(held, queued), 5)
+    assert (held_status, events[-1], queued_status) == (200, b"[DONE]", 200)
+    await cluster.assert_no_leaks()

@@ -204,7 +204,7 @@ class Orchestrator:
             raise Unavailable("pdproxy is shutting down; retry on another instance",
                               retry_after=RETRY_AFTER_SECONDS)
         try:
-            return await self.admission.admit(lambda: self._try_admit(preq))
+            return await self.admission.admit(lambda: self._try_admit(preq), preq.pools)  # a line per model
         except QueueFull:
             self.metrics.queue_rejections.labels("full").inc()
             raise Unavailable("pdproxy is at capacity and its queue is full", retry_after=RETRY_AFTER_SECONDS) from None
