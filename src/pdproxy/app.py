@@ -32,7 +32,7 @@ from pdproxy.metrics import CONTENT_TYPE, Metrics
 from pdproxy.outlier import ConsecutiveFailureDetector, NoOutlierDetection, OutlierDetector
 from pdproxy.policies import PolicyOptions, make_balancer
 from pdproxy.proxy.orchestrator import FlowLimits, FlowTimeouts, Orchestrator
-from pdproxy.proxy.passthrough import Passthrough
+from pdproxy.proxy.passthrough import Passthrough, PassTimeouts
 from pdproxy.proxy.record import RequestRecord
 from pdproxy.settings import Settings
 from pdproxy.upstreams import Role, State, Upstream, UpstreamPool
@@ -219,10 +219,13 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
 
     router = Router()
     api_key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
-    models = Passthrough(pool=pools[Role.DECODE], policy=flow.decode_policy, client=client,
-                         timeout=settings.decode_first_byte_timeout, max_answer_bytes=limits.max_answer_bytes,
-                         on_release=on_release)
-    OpenAIApi(flow, models, upstream_api_key=api_key, loop_guard=LoopGuard.create()).add_routes(router)
+    passthrough = Passthrough(
+        flow=flow, policies={Role.PREFILL: flow.prefill.policy, Role.DECODE: flow.decode_policy}, client=client,
+        timeouts=PassTimeouts(settings.decode_first_byte_timeout, settings.stream_idle_timeout,
+                              settings.decode_timeout),
+        retries=settings.prefill_retries, max_answer_bytes=limits.max_answer_bytes, on_release=on_release)
+    OpenAIApi(flow, passthrough, upstream_api_key=api_key, loop_guard=LoopGuard.create(),
+              route_pools={route: Role(pool) for route, pool in settings.route_pools.items()}).add_routes(router)
     router.add("GET", LIVEZ_PATH, livez_handler(lambda: flow.draining))  # liveness: never asks an engine
     if settings.metrics_port is None:
         router.add("GET", "/metrics", metrics_handler(metrics))

@@ -122,10 +122,11 @@ class MockRoutes:
             "/v1/embeddings": self._embeddings, "/pooling": self._pooling, "/v1/score": self._score,
             "/score": self._score, "/v1/rerank": self._rerank, "/rerank": self._rerank, "/v2/rerank": self._rerank,
             "/tokenize": self._tokenize, "/detokenize": self._detokenize, "/v1/responses": self._responses,
-            "/v1/responses/{response_id}/cancel": self._cancel_response, "/v1/messages": self._messages,
+            "/v1/messages": self._messages,
         }
         for path, handler in post.items():
             app.router.add_post(path, self._wrap(handler))
+        app.router.add_post("/v1/responses/{response_id}/cancel", self._wrap(self._cancel_response, body=False))
         app.router.add_get("/v1/responses/{response_id}", self._wrap(self._get_response, body=False))
 
     def _wrap(self, handler: Handler, *, body: bool = True) -> Callable[[web.Request], Any]:

@@ -25,6 +25,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from pdproxy.http.limits import ServerLimits
+from pdproxy.http.routes import PASSTHROUGH_PATHS
 from pdproxy.upstreams import MAX_WEIGHT, normalize_url
 
 if sys.version_info >= (3, 11):
@@ -470,6 +471,13 @@ class Settings(BaseSettings):
         description="send 'Authorization: Bearer KEY' upstream instead of the client's header",
         doc=('When set, every upstream call carries "Authorization: Bearer <this key>" instead of the client\'s own'
              ' Authorization header.'))
+    route_pools: Annotated[dict[str, Literal["prefill", "decode"]], NoDecode] = setting(
+        {}, group=REQUESTS, metavar='ROUTE=POOL,...', default_text="every route to the decode pool",
+        example={"/v1/embeddings": "prefill", "/tokenize": "prefill"},
+        description="send pass-through routes to the prefill or decode pool, e.g. '/v1/embeddings=prefill'",
+        doc=('Which pool serves each pass-through route (README: Routes): prefill or decode (the default), as '
+             '"ROUTE=POOL" pairs separated by commas, or a mapping in a config file. /v1/responses also decides '
+             'where its GET and cancel by id go. An unknown route stops the proxy at start-up.'))
     # ---- logging
     log_level: Literal["debug", "info", "warning", "error", "critical"] = setting(
         "info", group=LOGGING,
@@ -614,6 +622,21 @@ class Settings(BaseSettings):
                 raise ValueError(f"not a JSON object: {exc}") from None
         if isinstance(value, dict):
             return {normalize_url(str(url)): meta for url, meta in value.items()}
+        return value
+
+    @field_validator("route_pools", mode="before")
+    @classmethod
+    def _parse_route_pools(cls, value: Any) -> Any:
+        if isinstance(value, str):  # the CLI and env give ROUTE=POOL pairs
+            pairs = [item.strip().partition("=") for item in value.split(",") if item.strip()]
+            if any(not sep for _, sep, _ in pairs):
+                raise ValueError("want ROUTE=POOL pairs separated by commas, e.g. /v1/embeddings=prefill")
+            value = {route.strip(): pool.strip() for route, _, pool in pairs}
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - PASSTHROUGH_PATHS)
+            if unknown:
+                raise ValueError(f"unknown route(s) {', '.join(unknown)}; pass-through routes: "
+                                 f"{', '.join(sorted(PASSTHROUGH_PATHS))}")
         return value
 
     @field_validator("health_path")

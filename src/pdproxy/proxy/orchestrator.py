@@ -143,8 +143,7 @@ class Orchestrator:
         """Serve one request; errors before the first byte become OpenAI error responses.
         None: the answer was streamed through `request`."""
         record = RequestRecord(preq.request_id, preq.endpoint, time.perf_counter(), request.remote or "-")
-        self.in_flight += 1
-        self._idle.clear()
+        self.enter()
         try:
             decode_lease = await self._admit(preq)
             try:
@@ -165,10 +164,18 @@ class Orchestrator:
             self.metrics.client_disconnects.labels(record.stage).inc()
             raise
         finally:
-            self.in_flight -= 1
-            if not self.in_flight:
-                self._idle.set()
+            self.leave()
             self.account(record)
+
+    def enter(self) -> None:
+        """A request entered a handler (PD or pass-through): drain waits for it until `leave()`."""
+        self.in_flight += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if not self.in_flight:
+            self._idle.set()
 
     def refuse(self, request: Request, endpoint: str, request_id: str, error: ProxyError) -> Response:
         """Answer a request refused before the flow (invalid, too large), with the same accounting."""
