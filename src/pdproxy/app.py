@@ -19,6 +19,7 @@ from pdproxy.discovery import Discovery, build_discovery
 from pdproxy.handoff import make_handoff
 from pdproxy.health import ActiveHealthChecker, StateBoard, http_probe
 from pdproxy.http.api import OpenAIApi
+from pdproxy.http.auth import ClientKeys
 from pdproxy.http.limits import ServerLimits
 from pdproxy.http.request import Request
 from pdproxy.http.response import Response
@@ -224,8 +225,11 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
         timeouts=PassTimeouts(settings.decode_first_byte_timeout, settings.stream_idle_timeout,
                               settings.decode_timeout),
         retries=settings.prefill_retries, max_answer_bytes=limits.max_answer_bytes, on_release=on_release)
+    keys = settings.client_keys()
+    client_keys = ClientKeys(keys, default_max_in_flight=settings.api_key_max_in_flight) if keys else None
     OpenAIApi(flow, passthrough, upstream_api_key=api_key, loop_guard=LoopGuard.create(),
-              route_pools={route: Role(pool) for route, pool in settings.route_pools.items()}).add_routes(router)
+              route_pools={route: Role(pool) for route, pool in settings.route_pools.items()},
+              client_keys=client_keys).add_routes(router)
     router.add("GET", LIVEZ_PATH, livez_handler(lambda: flow.draining))  # liveness: never asks an engine
     if settings.metrics_port is None:
         router.add("GET", "/metrics", metrics_handler(metrics))

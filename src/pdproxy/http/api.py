@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from pdproxy.errors import InvalidRequest, LoopDetected, ProxyError, Unavailable
+from pdproxy.http.auth import PUBLIC_PATHS, ClientKeys
 from pdproxy.http.request import Request
 from pdproxy.http.response import Response, json_response
 from pdproxy.http.router import Handler, Router
@@ -32,24 +33,39 @@ class OpenAIApi:
 
     def __init__(self, flow: Orchestrator, passthrough: Passthrough, *, upstream_api_key: str | None,
                  loop_guard: LoopGuard, route_pools: Mapping[str, Role] | None = None,
-                 homes: ResponseHomes | None = None) -> None:
+                 homes: ResponseHomes | None = None, client_keys: ClientKeys | None = None) -> None:
+        """`client_keys`: every route but `/health` needs one of them; the client's Authorization is then the
+        proxy's to check, never forwarded (upstreams get `upstream_api_key` or nothing)."""
         self.flow = flow
         self.passthrough = passthrough
         self.loop_guard = loop_guard
         self.route_pools = dict(route_pools or {})
         self.homes = homes if homes is not None else ResponseHomes()
+        self.client_keys = client_keys
         self._upstream_authorization = f"Bearer {upstream_api_key}" if upstream_api_key else None
+        self._forward_authorization = client_keys is None
 
     def add_routes(self, router: Router) -> None:
-        router.add("POST", COMPLETIONS, self.completions)
-        router.add("POST", CHAT_COMPLETIONS, self.chat_completions)
-        router.add("POST", GENERATE, self.generate)
+        def add(method: str, path: str, handler: Handler) -> None:
+            if self.client_keys is not None and path not in PUBLIC_PATHS:
+                handler = self.client_keys.guard(handler, self._refuser(path))
+            router.add(method, path, handler)
+
+        add("POST", COMPLETIONS, self.completions)
+        add("POST", CHAT_COMPLETIONS, self.chat_completions)
+        add("POST", GENERATE, self.generate)
         for method, path in PASSTHROUGH_ROUTES:
-            router.add(method, path, self._pass_route(Route(path, self.route_pools.get(path, Role.DECODE))))
+            add(method, path, self._pass_route(Route(path, self.route_pools.get(path, Role.DECODE))))
         role = self.route_pools.get(RESPONSES, Role.DECODE)
-        router.add("GET", RESPONSE_BY_ID, self._by_response_id(Route(RESPONSE_BY_ID, role)))
-        router.add("POST", RESPONSE_CANCEL, self._by_response_id(Route(RESPONSE_CANCEL, role)))
-        router.add("GET", "/health", self.health)
+        add("GET", RESPONSE_BY_ID, self._by_response_id(Route(RESPONSE_BY_ID, role)))
+        add("POST", RESPONSE_CANCEL, self._by_response_id(Route(RESPONSE_CANCEL, role)))
+        add("GET", "/health", self.health)
+
+    def _refuser(self, endpoint: str) -> Callable[[Request, ProxyError], Response]:
+        def refuse(request: Request, error: ProxyError) -> Response:
+            return self.flow.refuse(request, endpoint, _request_id(request), error)
+
+        return refuse
 
     async def completions(self, request: Request) -> Response | None:
         return await self._proxy(request, COMPLETIONS, _check_prompt)
@@ -152,7 +168,8 @@ class OpenAIApi:
         lines = [f"X-Request-Id: {request_id}\r\nVia: {self.loop_guard.via_header(request.headers.get('via'))}\r\n"]
         if json:
             lines.append("Content-Type: application/json\r\n")
-        authorization = self._upstream_authorization or request.headers.get("authorization")
+        authorization = self._upstream_authorization or (
+            request.headers.get("authorization") if self._forward_authorization else None)
         if authorization:
             lines.append(f"Authorization: {authorization}\r\n")
         for name in _FORWARDED_TRACE_HEADERS:
