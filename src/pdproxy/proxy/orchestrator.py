@@ -43,6 +43,7 @@ from pdproxy.proxy.outcomes import FAILURE_OUTCOMES, outcome_of
 from pdproxy.proxy.prefill import PrefillLeg
 from pdproxy.proxy.record import CLIENT_CLOSED, LOG_FORMATS, RequestRecord, access_log, reported_usage
 from pdproxy.proxy.relay import SSE_EVENT_END, Relay
+from pdproxy.proxy.usage import make_relay, prefill_cached_tokens, rewrite_cached_tokens, usage_in_stream
 from pdproxy.request import ProxyRequest
 from pdproxy.upstreams import Lease, Role, State, Upstream, UpstreamPool
 
@@ -254,6 +255,10 @@ class Orchestrator:
                 try:
                     decode_lease = self._recheck(decode_lease, preq)
                     call, has_handle = plan.decode(answer)
+                    cached = prefill_cached_tokens(answer)
+                    if cached:
+                        self.metrics.prefill_cached_tokens.inc(cached)
+                    record.prefill_cached_tokens = cached if has_handle else None  # D's own count is true
                     del answer  # freed before the stream: only D's call is needed now
                     if not has_handle:
                         self.metrics.kv_handoff_missing.inc()
@@ -324,9 +329,12 @@ class Orchestrator:
         content_type = resp.headers.get("content-type", "application/json")
         check_status(resp.status, content_type, resp.body, side="decode", upstream=upstream.url)
         record.ttft_s = time.perf_counter() - record.start
-        record.bytes_out = len(resp.body)
-        self._count_usage(resp.body)
-        return Response(status=resp.status, body=resp.body, content_type=content_type,
+        body = resp.body
+        if record.prefill_cached_tokens is not None:  # P's cache, not D's transfer
+            body = rewrite_cached_tokens(body, b"%d" % record.prefill_cached_tokens)[0]
+        record.bytes_out = len(body)
+        self._count_usage(body)
+        return Response(status=resp.status, body=body, content_type=content_type,
                         headers=(("X-Request-Id", preq.request_id),))
 
     async def _open(self, preq: ProxyRequest, call: UpstreamCall, upstream: Upstream) -> Stream:
@@ -384,7 +392,8 @@ class Orchestrator:
             end = loop.time() - (time.perf_counter() - sent) + total if total else None
             self._streams += 1
             gaps = self.metrics.inter_token if self._streams % INTER_CHUNK_SAMPLE_EVERY == 0 else None
-            relay = Relay(loop, stream, out, end=end, gaps=gaps)
+            cached = record.prefill_cached_tokens if usage_in_stream(preq.body) else None
+            relay = make_relay(loop, stream, out, end=end, gaps=gaps, cached=cached)
             open_streams = self._open_streams.setdefault(upstream.id, set())
             open_streams.add(relay)
             # From here on the client has bytes: failures end the stream with an SSE error event.

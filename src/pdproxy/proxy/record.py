@@ -32,6 +32,7 @@ class RequestRecord:
     bytes_out: int = 0
     error: str = ""
     stage: str = "queue"
+    prefill_cached_tokens: int | None = None  # P's prefix-cache hit, when D got P's KV (usage reports it)
 
     def as_text(self, total_s: float) -> str:
         return (
