@@ -36,6 +36,7 @@ from pdproxy.proxy.orchestrator import FlowLimits, FlowTimeouts, Orchestrator
 from pdproxy.proxy.passthrough import Passthrough, PassTimeouts
 from pdproxy.proxy.record import RequestRecord
 from pdproxy.settings import Settings
+from pdproxy.tracing import Tracing, TracingService, build_tracing
 from pdproxy.upstreams import Role, State, Upstream, UpstreamPool
 
 log = logging.getLogger("pdproxy")
@@ -119,12 +120,14 @@ class App:
             await self.client.close()
 
 
-def build_app(settings: Settings, *, rng: random.Random | None = None, persist: bool = True) -> App:
+def build_app(settings: Settings, *, rng: random.Random | None = None, persist: bool = True,
+              tracing: Tracing | None = None) -> App:
     """Wire pools, policies, health, membership, the orchestrator and the routes.
 
     `persist=False` restores from `settings.state_file` but never writes it: with several worker
     processes only worker 0 writes, so the file has one writer.
     ValueError names a wrong policy or adapter; StateFileError a state file that cannot be restored.
+    `tracing` replaces the one `otel_endpoint` builds (tests: the SDK's in-memory exporter).
     """
     rng = rng or random.Random()
     caps = {Role.PREFILL: settings.prefill_max_in_flight, Role.DECODE: settings.decode_max_in_flight}
@@ -189,6 +192,7 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
         metrics=metrics,
         access_log_format=settings.access_log_format if settings.access_log else "off",
         on_release=on_release,
+        tracing=tracing or build_tracing(settings.otel_endpoint, settings.otel_service_name),
     )
     checker = ActiveHealthChecker(
         board, http_probe(lambda: client, settings.health_path, settings.health_timeout),
@@ -241,6 +245,8 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
     app = App(router, flow, metrics, board, membership, client, server_limits, checker, listening,
               admin if settings.admin_port is not None else None,
               build_discovery(settings, membership, metrics, caps))
+    if flow.tracing.enabled:
+        app.services.append(TracingService(flow.tracing))  # flushes the spans still buffered at exit
     if settings.kv_events or settings.engine_metrics_interval:  # pdproxy.routing: the engines' own view
         from pdproxy.routing.wiring import enable_routing
 

@@ -520,6 +520,17 @@ class Settings(BaseSettings):
         description='serve /metrics on this port (same --host) instead of the main port',
         doc=('Serve /metrics on this port (on the same host address) instead of the main port, e.g. to keep it off'
              ' the public listener.'))
+    otel_endpoint: str | None = setting(
+        None, group=METRICS, metavar='URL', default_text='none', example="http://otel-collector:4318/v1/traces",
+        description="export OpenTelemetry traces by OTLP/HTTP to this URL (needs the otel extra)",
+        doc=('OpenTelemetry tracing (pip install "pdproxy[otel]"): one span per request with child spans for the '
+             'queue, each prefill attempt, the decode first byte and the stream, exported in batches by OTLP over '
+             'HTTP to this URL; each leg carries its span\'s W3C traceparent. Unset (the default): no tracing, '
+             'and opentelemetry is not imported.'))
+    otel_service_name: str = setting(
+        "pdproxy", group=METRICS,
+        description="service.name of the exported spans",
+        doc='The service.name resource attribute of the spans (otel_endpoint).')
     # ---- admin API and runtime membership
     admin_token: SecretStr | None = setting(
         None, group=ADMIN, metavar='TOKEN',

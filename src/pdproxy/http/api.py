@@ -44,6 +44,8 @@ class OpenAIApi:
         self.client_keys = client_keys
         self._upstream_authorization = f"Bearer {upstream_api_key}" if upstream_api_key else None
         self._forward_authorization = client_keys is None
+        # With tracing on, each leg carries its own span's traceparent instead of the client's.
+        self._forwarded_trace_headers = () if flow.tracing.enabled else _FORWARDED_TRACE_HEADERS
 
     def add_routes(self, router: Router) -> None:
         def add(method: str, path: str, handler: Handler) -> None:
@@ -172,7 +174,7 @@ class OpenAIApi:
             request.headers.get("authorization") if self._forward_authorization else None)
         if authorization:
             lines.append(f"Authorization: {authorization}\r\n")
-        for name in _FORWARDED_TRACE_HEADERS:
+        for name in self._forwarded_trace_headers:
             value = request.headers.get(name)
             if value:
                 lines.append(f"{name}: {value}\r\n")

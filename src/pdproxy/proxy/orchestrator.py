@@ -45,6 +45,7 @@ from pdproxy.proxy.record import CLIENT_CLOSED, LOG_FORMATS, RequestRecord, acce
 from pdproxy.proxy.relay import SSE_EVENT_END, Relay
 from pdproxy.proxy.usage import make_relay, prefill_cached_tokens, rewrite_cached_tokens, usage_in_stream
 from pdproxy.request import ProxyRequest
+from pdproxy.tracing import DECODE_FIRST_BYTE_SPAN, NO_TRACE, NO_TRACING, QUEUE_SPAN, Tracing, trace_decode
 from pdproxy.upstreams import Lease, Role, State, Upstream, UpstreamPool
 
 RETRY_AFTER_SECONDS = 1
@@ -94,6 +95,7 @@ class Orchestrator:
         metrics: Metrics,
         access_log_format: str = "text",
         on_release: Callable[[Upstream], None] | None = None,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         self.prefill_pool = prefill_pool
         self.decode_pool = decode_pool
@@ -105,6 +107,7 @@ class Orchestrator:
         self.admission = admission
         self.outlier = outlier
         self.metrics = metrics
+        self.tracing = tracing
         self._log_format = LOG_FORMATS[access_log_format]
         self._on_release = on_release or (lambda upstream: admission.wake())
         self.prefill = PrefillLeg(
@@ -144,9 +147,18 @@ class Orchestrator:
         """Serve one request; errors before the first byte become OpenAI error responses.
         None: the answer was streamed through `request`."""
         record = RequestRecord(preq.request_id, preq.endpoint, time.perf_counter(), request.remote or "-")
+        if self.tracing.enabled:
+            record.trace = self.tracing.start(preq.request_id, preq.endpoint, request.headers.get("traceparent"),
+                                              request.headers.get("tracestate"))
         self.enter()
         try:
-            decode_lease = await self._admit(preq)
+            queue = record.trace.child(QUEUE_SPAN)
+            try:
+                decode_lease = await self._admit(preq)
+            except BaseException as exc:
+                queue.end(getattr(exc, "message", None) or type(exc).__name__)
+                raise
+            queue.end()
             try:
                 response = await self._run(request, preq, record, decode_lease)
             finally:
@@ -166,6 +178,7 @@ class Orchestrator:
             raise
         finally:
             self.leave()
+            record.trace.end(record.status, record.error or None)
             self.account(record)
 
     def enter(self) -> None:
@@ -296,6 +309,8 @@ class Orchestrator:
             self.metrics.handoff_gap.observe(sent - record.start - record.prefill_s)
         reason: str | None = None
         outcome = "cancelled"  # unless the call ends otherwise: the client went away
+        leg = record.trace.child(DECODE_FIRST_BYTE_SPAN, **{"pdproxy.upstream": upstream.url})
+        call.headers += leg.headers()  # D's spans hang under this leg's (nothing when tracing is off)
         try:
             if preq.stream:
                 response = await self._decode_stream(request, preq, call, record, upstream, sent)
@@ -315,6 +330,8 @@ class Orchestrator:
             raise
         finally:
             self.report(upstream, outcome, reason)
+            if record.trace is not NO_TRACE:
+                trace_decode(record, leg, preq.stream, outcome, reason)
 
     async def _decode_whole(
         self, preq: ProxyRequest, call: UpstreamCall, record: RequestRecord, upstream: Upstream

@@ -29,6 +29,7 @@ from pdproxy.proxy.orchestrator import RETRY_AFTER_SECONDS, Orchestrator
 from pdproxy.proxy.outcomes import outcome_of
 from pdproxy.proxy.record import CLIENT_CLOSED, RequestRecord
 from pdproxy.proxy.relay import SSE_EVENT_END, Relay
+from pdproxy.tracing import UPSTREAM_SPAN
 from pdproxy.upstreams import Lease, Role, Upstream, UpstreamPool
 
 EVENT_STREAM = "text/event-stream"
@@ -92,6 +93,9 @@ class Passthrough:
         `next_on_404`: a 404 from one of them moves on to the next (an id asked around the pool)."""
         flow = self.flow
         record = RequestRecord(request_id, route.label, time.perf_counter(), request.remote or "-", stage="upstream")
+        if flow.tracing.enabled:
+            record.trace = flow.tracing.start(request_id, route.label, request.headers.get("traceparent"),
+                                              request.headers.get("tracestate"))
         flow.enter()
         try:
             if flow.draining:
@@ -110,6 +114,7 @@ class Passthrough:
             raise
         finally:
             flow.leave()
+            record.trace.end(record.status, record.error or None)
             flow.account(record)
 
     async def _forward(self, request: Request, route: Route, path: str, headers: bytes, record: RequestRecord,
@@ -137,8 +142,10 @@ class Passthrough:
                 record.retries += 1
             lease = Lease(upstream, self._on_release)
             outcome, reason = "cancelled", None  # unless the call ends otherwise: the client went away
+            span = record.trace.child(UPSTREAM_SPAN, **{"pdproxy.upstream": upstream.url, "pdproxy.attempt": attempt})
             try:
-                stream = await self._open(upstream, request.method, path, headers, request.body, side)
+                stream = await self._open(upstream, request.method, path, headers + span.headers(), request.body,
+                                          side)
                 status = stream.status
                 last = attempt == attempts - 1
                 if status >= 500 and not last:  # the server's own fault, before any byte went out: next one
@@ -173,6 +180,8 @@ class Passthrough:
             finally:
                 self.flow.report(upstream, outcome, reason)  # before the release, which may remove the upstream
                 lease.release()
+                span.set("pdproxy.outcome", outcome)
+                span.end(reason)
         if last_error is not None:
             raise last_error
         raise Unavailable(f"no routable {side} upstream", side=side)
