@@ -137,6 +137,7 @@ async def test_a_timeout_is_not_retried(cluster_factory: ClusterFactory, http: a
         assert resp.status == 504
         assert (await resp.json())["error"]["type"]
     assert sum(len(e.requests) for e in cluster.decode) == 1  # the request may be running: never sent twice
+    assert cluster.metric("pdproxy_timeouts_total", stage="decode_first_byte") == 1
 
 
 async def test_a_4xx_is_relayed_unchanged_and_not_retried(cluster_factory: ClusterFactory,

@@ -20,7 +20,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pdproxy.client import CallError, Stream, UpstreamClient
-from pdproxy.errors import ProxyError, Unavailable, UpstreamBadStatus, UpstreamError, UpstreamStreamBroken
+from pdproxy.errors import (
+    ProxyError,
+    Unavailable,
+    UpstreamBadStatus,
+    UpstreamError,
+    UpstreamStreamBroken,
+    UpstreamTimeout,
+)
 from pdproxy.http.request import Request
 from pdproxy.http.response import Response
 from pdproxy.policies import Balancer
@@ -107,6 +114,8 @@ class Passthrough:
             return response
         except ProxyError as exc:
             record.status, record.error = exc.status, exc.message
+            if isinstance(exc, UpstreamTimeout):
+                flow.metrics.timeouts.labels(exc.stage).inc()
             return exc.response(request_id)
         except asyncio.CancelledError:
             record.status, record.error = CLIENT_CLOSED, "client disconnected"
