@@ -358,7 +358,7 @@ class MockEngine:
         self._session: aiohttp.ClientSession | None = None  # D's KV fetches from P's bootstrap server
         self._kv_timers: dict[str, asyncio.TimerHandle] = {}  # P: when published KV is given up
         self.routes = MockRoutes(model=lambda: self.config.model, tokens=lambda: self.config.tokens,
-                                 max_model_len=MAX_MODEL_LEN, before=self._before_route)
+                                 max_model_len=MAX_MODEL_LEN, before=self._before_route, gate=self._gate)
 
     @property
     def bootstrap_port(self) -> int | None:

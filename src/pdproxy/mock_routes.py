@@ -110,7 +110,9 @@ class MockRoutes:
     to send instead, or None)."""
 
     def __init__(self, *, model: Callable[[], str], tokens: Callable[[], int], max_model_len: int,
-                 before: Callable[[web.Request, Any], Any]) -> None:
+                 before: Callable[[web.Request, Any], Any], gate: asyncio.Event | None = None) -> None:
+        """`gate`: while cleared, streams pause after their first token (the engine's hold())."""
+        self._gate = gate
         self._model = model
         self._tokens = tokens
         self._max_model_len = max_model_len
@@ -352,6 +354,8 @@ class MockRoutes:
                                               "stop_sequence": None, "usage": {**usage, "output_tokens": 0}})
         await event("content_block_start", index=0, content_block={"type": "text", "text": ""})
         for i in range(n):
+            if i and self._gate is not None and not self._gate.is_set():
+                await self._gate.wait()
             await event("content_block_delta", index=0, delta={"type": "text_delta", "text": f" tok{i}"})
         await event("content_block_stop", index=0)
         await event("message_delta", delta={"stop_reason": "max_tokens", "stop_sequence": None},

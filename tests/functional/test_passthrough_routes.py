@@ -187,6 +187,22 @@ async def test_messages_stream_is_relayed_event_by_event(cluster: Cluster, http:
     await cluster.assert_no_leaks()
 
 
+async def test_an_operator_s_cut_ends_a_pass_through_stream(cluster: Cluster, http: aiohttp.ClientSession) -> None:
+    engine = cluster.decode[0]
+    engine.hold()  # the stream pauses after its first token
+    body = {"model": "mock", "max_tokens": 3, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    try:
+        async with http.post(cluster.url + "/v1/messages", json=body) as resp:
+            first = await resp.content.readuntil(b"event: content_block_delta")
+            assert b"message_start" in first
+            assert cluster.flow.cut_streams(cluster.upstream(cluster.decode_urls[0]), "removed by the operator") == 1
+            rest = await resp.read()
+    finally:
+        engine.release()
+    assert orjson.loads(sse_events(rest)[-1])["error"]["message"] == "decode stream broke: removed by the operator"
+    await cluster.assert_no_leaks()
+
+
 async def test_responses_stream_then_get_by_id(cluster: Cluster, http: aiohttp.ClientSession) -> None:
     body = {"model": "mock", "input": "hi", "max_output_tokens": 2, "stream": True}
     async with http.post(cluster.url + "/v1/responses", json=body) as resp:

@@ -139,6 +139,11 @@ class Orchestrator:
             relay.fire(reason)
         return len(relays)
 
+    def streams_of(self, upstream: Upstream) -> set[Relay]:
+        """The streams relayed from `upstream`, for a pass-through relay to join while it runs (and leave in
+        `finally`): `cut_streams` ends them with the PD ones."""
+        return self._open_streams.setdefault(upstream.id, set())
+
     def start_drain(self) -> None:
         """Refuse new requests from now on; those in flight go on."""
         self.draining = True

@@ -237,10 +237,13 @@ class Passthrough:
         loop = asyncio.get_running_loop()
         total = self.timeouts.total
         relay = Relay(loop, stream, out, end=loop.time() + total if total else None, gaps=None)
+        open_streams = self.flow.streams_of(upstream)  # an operator's forced removal cuts it
+        open_streams.add(relay)
         # From here on the client has bytes: a failure ends the stream with an SSE error event.
         try:
             relay.begin(stream.first)
             ended = await relay.done
+            open_streams.discard(relay)
             record.bytes_out = relay.bytes
             if ended is not None:
                 if isinstance(ended, CallError):
@@ -256,4 +259,5 @@ class Passthrough:
             out.end()
             return None
         finally:
+            open_streams.discard(relay)
             relay.close()
