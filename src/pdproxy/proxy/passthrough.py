@@ -170,6 +170,7 @@ class Passthrough:
                 if 200 <= status < 300 and on_answer is not None:
                     on_answer(upstream, stream.first)
                 if stream.headers.get("content-type", "").startswith(EVENT_STREAM) and 200 <= status < 300:
+                    request.body = b""  # no attempt follows a stream: the body is not held while it runs
                     outcome = "ok"
                     broken = await self._relay(request, stream, record, upstream, side)
                     if broken is not None:
