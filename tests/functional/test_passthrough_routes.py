@@ -203,17 +203,22 @@ async def test_an_operator_s_cut_ends_a_pass_through_stream(cluster: Cluster, ht
     await cluster.assert_no_leaks()
 
 
-async def test_responses_stream_then_get_by_id(cluster: Cluster, http: aiohttp.ClientSession) -> None:
+async def test_responses_stream_then_get_by_id(cluster_factory: ClusterFactory,
+                                               http: aiohttp.ClientSession) -> None:
+    cluster = await cluster_factory(n_decode=2, decode_policy="round_robin")
     body = {"model": "mock", "input": "hi", "max_output_tokens": 2, "stream": True}
-    async with http.post(cluster.url + "/v1/responses", json=body) as resp:
-        assert resp.status == 200
-        raw = await resp.read()
-    kinds = typed_events(raw)
-    assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
-    completed = orjson.loads(sse_events(raw)[-1])["response"]
-    async with http.get(cluster.url + f"/v1/responses/{completed['id']}") as resp:
-        assert resp.status == 200
-        assert (await resp.json())["output"] == completed["output"]
+    for _ in range(2):  # one made on each engine
+        async with http.post(cluster.url + "/v1/responses", json=body) as resp:
+            assert resp.status == 200
+            raw = await resp.read()
+        kinds = typed_events(raw)
+        assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+        completed = orjson.loads(sse_events(raw)[-1])["response"]
+        async with http.get(cluster.url + f"/v1/responses/{completed['id']}") as resp:
+            assert resp.status == 200
+            assert (await resp.json())["output"] == completed["output"]
+    gets = [r for e in cluster.decode for r in e.requests if r.path.startswith("/v1/responses/")]
+    assert len(gets) == 2  # the id was learned from the stream's first event: straight to its home
     await cluster.assert_no_leaks()
 
 
