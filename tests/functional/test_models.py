@@ -297,3 +297,17 @@ async def test_a_model_at_its_cap_holds_back_only_its_own_queued_requests(
     (held_status, events), (queued_status, _) = await asyncio.wait_for(asyncio.gather(held, queued), 5)
     assert (held_status, events[-1], queued_status) == (200, b"[DONE]", 200)
     await cluster.assert_no_leaks()
+
+
+async def test_pass_through_routes_go_to_their_models_servers(cluster_factory: ClusterFactory,
+                                                               engines: MockEngines,
+                                                               http: aiohttp.ClientSession) -> None:
+    cluster, _ = await two_models(cluster_factory, engines, health_interval=0)
+    for model in ("alpha", "beta") * 4:  # one pool of both models would answer the other model now and then
+        async with http.post(cluster.url + "/v1/embeddings", json={"model": model, "input": "hi there"}) as resp:
+            assert resp.status == 200 and (await resp.json())["model"] == model
+    async with http.post(cluster.url + "/v1/embeddings", json={"model": "gamma", "input": "hi"}) as resp:
+        assert resp.status == 404 and (await resp.json())["error"]["type"] == "NotFoundError"
+    async with http.post(cluster.url + "/v1/embeddings", json={"input": "hi"}) as resp:
+        assert resp.status == 400 and (await resp.json())["error"]["param"] == "model"
+    await cluster.assert_no_leaks()
