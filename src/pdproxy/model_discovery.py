@@ -21,9 +21,8 @@ MODELS_MAX_BYTES = 1024 * 1024  # vLLM lists its base model names and LoRA adapt
 MAX_MODELS_PER_UPSTREAM = 256
 
 
-def served_names(body: bytes) -> tuple[str, ...] | None:
-    """The `data[].id` of a `/v1/models` answer, in its order (vLLM: base names, then LoRA adapters); None when
-    it is not one."""
+def model_entries(body: bytes) -> list[dict[str, object]] | None:
+    """The entries with a string `id` of a `/v1/models` answer, in its order; None when it is not one."""
     try:
         answer = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -31,14 +30,21 @@ def served_names(body: bytes) -> tuple[str, ...] | None:
     data = answer.get("data") if isinstance(answer, dict) else None
     if not isinstance(data, list):
         return None
+    return [entry for entry in data if isinstance(entry, dict) and isinstance(entry.get("id"), str)]
+
+
+def served_names(body: bytes) -> tuple[str, ...] | None:
+    """The `data[].id` of a `/v1/models` answer, in its order (vLLM: base names, then LoRA adapters); None when
+    it is not one."""
+    entries = model_entries(body)
+    if entries is None:
+        return None
     names: dict[str, None] = {}
-    for entry in data[:MAX_MODELS_PER_UPSTREAM]:
-        name = entry.get("id") if isinstance(entry, dict) else None
-        if isinstance(name, str):
-            try:
-                names[check_model_name(name)] = None
-            except ValueError:
-                continue
+    for entry in entries[:MAX_MODELS_PER_UPSTREAM]:
+        try:
+            names[check_model_name(str(entry["id"]))] = None
+        except ValueError:
+            continue
     return tuple(names) or None
 
 

@@ -17,6 +17,7 @@ import orjson
 from pdproxy.client import CallError, UpstreamClient
 from pdproxy.errors import Unavailable
 from pdproxy.http.response import Response
+from pdproxy.model_discovery import model_entries
 from pdproxy.proxy.calls import check_status, translate
 from pdproxy.served_models import ModelTable
 from pdproxy.upstreams import Lease, Upstream, UpstreamPool
@@ -46,7 +47,7 @@ class ModelList:
         entries: dict[str, dict[str, object]] = {}
         first_failure: Response | BaseException | None = None
         for answer in answers:
-            data = _entries(answer.body) if isinstance(answer, Response) and answer.status == 200 else None
+            data = model_entries(answer.body) if isinstance(answer, Response) and answer.status == 200 else None
             if data is None:
                 first_failure = first_failure or answer
                 continue
@@ -78,15 +79,4 @@ class ModelList:
         if resp.status >= 300 and not 400 <= resp.status < 500:
             check_status(resp.status, content_type, resp.body, side=side, upstream=upstream.url)
         return Response(status=resp.status, body=resp.body, content_type=content_type)
-
-
-def _entries(body: bytes) -> list[dict[str, object]] | None:
-    try:
-        answer = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    data = answer.get("data") if isinstance(answer, dict) else None
-    if not isinstance(data, list):
-        return None
-    return [entry for entry in data if isinstance(entry, dict) and isinstance(entry.get("id"), str)]
 
