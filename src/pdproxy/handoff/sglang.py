@@ -64,7 +64,8 @@ class SglangPlan:
         self._registry = registry
 
     def decode(self, prefill_answer: dict[str, Any] | None) -> tuple[UpstreamCall, bool]:
-        return self.prefill, True  # the room is D's handle
+        # The room is D's handle. A call of its own (the same bytes): D's leg drops its body once answered.
+        return UpstreamCall(self.prefill.path, self.prefill.body, self.prefill.headers), True
 
     def close(self) -> None:
         self._registry.release(self.rooms)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from pdproxy.admission import AdmissionQueue, QueueFull, QueueTimeout
@@ -39,7 +39,8 @@ from pdproxy.metrics import Metrics
 from pdproxy.outlier import OutlierDetector
 from pdproxy.policies import Balancer
 from pdproxy.proxy.calls import check_status, translate
-from pdproxy.proxy.outcomes import FAILURE_OUTCOMES, outcome_of
+from pdproxy.proxy.concurrent import ConcurrentFlow
+from pdproxy.proxy.outcomes import FAILURE_OUTCOMES, Report, outcome_of
 from pdproxy.proxy.prefill import PrefillLeg
 from pdproxy.proxy.record import CLIENT_CLOSED, LOG_FORMATS, RequestRecord, access_log, reported_usage
 from pdproxy.proxy.relay import SSE_EVENT_END, Relay
@@ -106,6 +107,8 @@ class Orchestrator:
         self.metrics = metrics
         self._log_format = LOG_FORMATS[access_log_format]
         self._on_release = on_release or (lambda upstream: admission.wake())
+        self.on_release = self._on_release
+        self.prefill_policy = prefill_policy
         self.prefill = PrefillLeg(
             pool=prefill_pool, policy=prefill_policy, client=client, handoff=handoff, timeout=timeouts.prefill,
             deadline=timeouts.prefill_deadline, retries=limits.prefill_retries,
@@ -122,6 +125,8 @@ class Orchestrator:
         self._idle.set()
         first_byte = timeouts.decode_first_byte
         self._first_byte_timeout = min(first_byte, timeouts.decode_total) if timeouts.decode_total else first_byte
+        # The flow is chosen once: a sequential plan runs `_run` with nothing added per request.
+        self._flow = ConcurrentFlow(self).run if handoff.concurrent else self._run
 
     async def wait_idle(self) -> None:
         """Return once no request is in flight (all leases released)."""
@@ -148,7 +153,7 @@ class Orchestrator:
         try:
             decode_lease = await self._admit(preq)
             try:
-                response = await self._run(request, preq, record, decode_lease)
+                response = await self._flow(request, preq, record, decode_lease)
             finally:
                 self.admitted -= 1
                 self.admission.wake()
@@ -275,8 +280,15 @@ class Orchestrator:
         lease.release()
         return fresh
 
+    def run_decode(self, request: Request, preq: ProxyRequest, call: UpstreamCall, record: RequestRecord,
+                   upstream: Upstream, *, report: Report) -> Awaitable[Response | None]:
+        """The decode leg, its outcome told to `report` instead of reported (a concurrent plan decides whose
+        fault a failure was once both legs are known)."""
+        return self._decode(request, preq, call, record, upstream, report)
+
     async def _decode(
-        self, request: Request, preq: ProxyRequest, call: UpstreamCall, record: RequestRecord, upstream: Upstream
+        self, request: Request, preq: ProxyRequest, call: UpstreamCall, record: RequestRecord, upstream: Upstream,
+        report: Report | None = None,
     ) -> Response | None:
         record.decode_upstream = upstream.url
         sent = time.perf_counter()
@@ -302,7 +314,7 @@ class Orchestrator:
             outcome, reason = outcome_of(exc), exc.message
             raise
         finally:
-            self.report(upstream, outcome, reason)
+            (report or self.report)(upstream, outcome, reason)
 
     async def _decode_whole(
         self, preq: ProxyRequest, call: UpstreamCall, record: RequestRecord, upstream: Upstream
