@@ -32,6 +32,7 @@ from pdproxy.membership import Hooks, Membership, read_state_file
 from pdproxy.metrics import CONTENT_TYPE, Metrics
 from pdproxy.outlier import ConsecutiveFailureDetector, NoOutlierDetection, OutlierDetector
 from pdproxy.policies import PolicyOptions, make_balancer
+from pdproxy.policies.tokens import make_token_counter
 from pdproxy.proxy.orchestrator import FlowLimits, FlowTimeouts, Orchestrator
 from pdproxy.proxy.passthrough import Passthrough
 from pdproxy.proxy.record import RequestRecord
@@ -190,6 +191,9 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
         metrics=metrics,
         access_log_format=settings.access_log_format if settings.access_log else "off",
         on_release=on_release,
+        pd_min_prompt_tokens=settings.pd_min_prompt_tokens,
+        token_counter=make_token_counter(str(settings.tokenizer) if settings.tokenizer else None,
+                                         settings.chars_per_token) if settings.pd_min_prompt_tokens else None,
     )
     refresher = MetadataRefresher(handoff, client_fetch_json(client, settings.health_timeout),
                                   on_change=lambda upstream: (board.notify(), admission.wake()))

@@ -432,3 +432,21 @@ async def test_a_p_without_metadata_gets_no_traffic(pd: Factory, http: aiohttp.C
         assert resp.status == 503
         [listed] = [u for u in (await resp.json())["upstreams"] if u["role"] == "prefill"]
     assert listed["meta_error"] == upstream.meta_error
+
+
+# ---------------------------------------------------------------- --pd-min-prompt-tokens
+
+
+@pytest.mark.parametrize("adapter", ["mooncake", "nixl-push"])
+async def test_a_short_prompt_goes_to_d_alone_without_params(pd: Factory, http: aiohttp.ClientSession,
+                                                             adapter: str) -> None:
+    """D alone gets a plain request: vLLM's consumer then computes the prompt itself."""
+    cluster = await pd(adapter, n_prefill=1, pd_min_prompt_tokens=1000)
+    body = {**request_body("/v1/completions", True), **FORGED}
+    status, raw = await read_all(http, cluster.url + "/v1/completions", body)
+    assert status == 200 and sse_events(raw)[-1] == b"[DONE]"
+    assert cluster.prefill[0].requests == []
+    [d_req] = cluster.decode[0].requests
+    assert d_req.body == request_body("/v1/completions", True)
+    assert cluster.decode[0].stats.decodes_without_handle == 1
+    assert cluster.metric("pdproxy_pd_skipped_total", reason="short_prompt") == 1

@@ -78,6 +78,7 @@ class SglangHandoff:
     concurrent: ClassVar[bool] = True
     cancel_decode_on_prefill_failure: ClassVar[bool] = True  # D would wait for the room's KV for 300 s
     meta_roles: ClassVar[frozenset[Role]] = frozenset({Role.PREFILL})
+    decode_serves_alone: ClassVar[bool] = False  # a decode-mode server needs a bootstrap room
 
     def __init__(
         self, rooms: RoomRegistry | None = None, overrides: dict[str, dict[str, Any]] | None = None

@@ -84,7 +84,7 @@ class ConcurrentFlow:
         limits, timeouts = orch.limits, orch.timeouts
         tried: list[Upstream] = []
         failed_decoders: list[Upstream] = []
-        prefill_failures = decode_failures = 0
+        prefill_failures = 0
         last_error: UpstreamError | None = None
         started = time.perf_counter()
         try:
@@ -108,17 +108,13 @@ class ConcurrentFlow:
                     record.retries += 1
                     orch.metrics.prefill_retries.inc()
                 except UpstreamError as exc:
-                    if exc.side != "decode" or not exc.retryable or decode_failures >= limits.flow_retries:
+                    if exc.side != "decode" or not exc.retryable or len(failed_decoders) >= limits.flow_retries:
                         raise
                     failed_decoders.append(decode_lease.upstream)
-                    others = orch.decode_pool.available(failed_decoders) or orch.decode_pool.available()
-                    if not others:
+                    fresh = orch.another_decoder(decode_lease, failed_decoders, preq, record)
+                    if fresh is None:
                         raise
-                    decode_failures += 1
-                    decode_lease.release()
-                    decode_lease = Lease(orch.decode_policy.choose(others, preq), orch.on_release)
-                    record.retries += 1
-                    orch.metrics.flow_retries.inc()
+                    decode_lease = fresh
                     tried, last_error, started = [], None, time.perf_counter()  # a whole new flow
         finally:
             decode_lease.release()

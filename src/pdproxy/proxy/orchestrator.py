@@ -38,8 +38,10 @@ from pdproxy.http.response import Response
 from pdproxy.metrics import Metrics
 from pdproxy.outlier import OutlierDetector
 from pdproxy.policies import Balancer
+from pdproxy.policies.tokens import CharTokenCounter, TokenCounter
 from pdproxy.proxy.calls import check_status, translate
 from pdproxy.proxy.concurrent import ConcurrentFlow
+from pdproxy.proxy.direct import Flow, SkipPd
 from pdproxy.proxy.outcomes import FAILURE_OUTCOMES, Report, outcome_of
 from pdproxy.proxy.prefill import PrefillLeg
 from pdproxy.proxy.record import CLIENT_CLOSED, LOG_FORMATS, RequestRecord, access_log, reported_usage
@@ -94,6 +96,8 @@ class Orchestrator:
         metrics: Metrics,
         access_log_format: str = "text",
         on_release: Callable[[Upstream], None] | None = None,
+        pd_min_prompt_tokens: int = 0,
+        token_counter: TokenCounter | None = None,
     ) -> None:
         self.prefill_pool = prefill_pool
         self.decode_pool = decode_pool
@@ -126,7 +130,13 @@ class Orchestrator:
         first_byte = timeouts.decode_first_byte
         self._first_byte_timeout = min(first_byte, timeouts.decode_total) if timeouts.decode_total else first_byte
         # The flow is chosen once: a sequential plan runs `_run` with nothing added per request.
-        self._flow = ConcurrentFlow(self).run if handoff.concurrent else self._run
+        self._flow: Flow = ConcurrentFlow(self).run if handoff.concurrent else self._run
+        if pd_min_prompt_tokens:  # off by default: then no estimate is made at all
+            if not handoff.decode_serves_alone:
+                raise ValueError(f"--pd-min-prompt-tokens needs decode servers that serve a request alone; "
+                                 f"{handoff.name}'s do not (its decode servers only take disaggregated requests)")
+            self._flow = SkipPd(self, self._flow, threshold=pd_min_prompt_tokens,
+                                counter=token_counter or CharTokenCounter(4.0)).run
 
     async def wait_idle(self) -> None:
         """Return once no request is in flight (all leases released)."""
@@ -268,6 +278,19 @@ class Orchestrator:
                 decode_lease.release()
         assert last_error is not None
         raise last_error
+
+    def another_decoder(self, lease: Lease, failed: list[Upstream], preq: ProxyRequest,
+                        record: RequestRecord) -> Lease | None:
+        """After `lease`'s D failed before its first byte: a lease on a D not in `failed` (any routable one when
+        all failed: a fresh attempt may fix what failed), counted as a flow retry, `lease` released; None when
+        no D is available (`lease` is then kept)."""
+        candidates = self.decode_pool.available(failed) or self.decode_pool.available()
+        if not candidates:
+            return None
+        lease.release()
+        record.retries += 1
+        self.metrics.flow_retries.inc()
+        return Lease(self.decode_policy.choose(candidates, preq), self._on_release)
 
     def _recheck(self, lease: Lease, preq: ProxyRequest) -> Lease:
         """The D leased at admission, or another when it stopped being routable while P worked."""
