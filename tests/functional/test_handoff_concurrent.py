@@ -450,3 +450,52 @@ async def test_a_short_prompt_goes_to_d_alone_without_params(pd: Factory, http: 
     assert d_req.body == request_body("/v1/completions", True)
     assert cluster.decode[0].stats.decodes_without_handle == 1
     assert cluster.metric("pdproxy_pd_skipped_total", reason="short_prompt") == 1
+
+
+# ---------------------------------------------------------------- blame when both legs fail
+
+
+async def test_d_failing_because_its_p_failed_is_blamed_on_p(cluster_factory: Any, http: aiohttp.ClientSession,
+                                                             serve_app: Callable[[web.Application],
+                                                                                 Awaitable[str]]) -> None:
+    """D answers 503 first, its P fails a moment later (within the grace): D could not get P's KV, so P
+    is blamed, D's call counts as kv_lost, and the request fails over to the next P."""
+    d_failed = asyncio.Event()
+    calls = {"p1": 0, "d": 0}
+    answer = {"id": "x", "object": "text_completion", "choices": [{"index": 0, "text": " ok",
+                                                                   "finish_reason": "length"}]}
+
+    async def p1(request: web.Request) -> web.Response:
+        calls["p1"] += 1
+        await request.read()
+        await asyncio.wait_for(d_failed.wait(), 2)
+        return web.json_response({"error": {"message": "bootstrap failed"}}, status=500)
+
+    async def p2(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response(answer)
+
+    async def d(request: web.Request) -> web.Response:
+        calls["d"] += 1
+        await request.read()
+        if calls["d"] == 1:
+            d_failed.set()
+            return web.json_response({"error": {"message": "KV transfer failed"}}, status=503)
+        return web.json_response(answer)
+
+    urls = []
+    for handler in (p1, p2, d):
+        app = web.Application()
+        app.router.add_post("/v1/completions", handler)
+        urls.append(await serve_app(app))
+    cluster = await cluster_factory(0, 0, extra_prefill=tuple(urls[:2]), extra_decode=(urls[2],), kv_adapter="sglang",
+                                    handoff_meta={u: {"bootstrap_port": 9} for u in urls[:2]}, health_interval=0,
+                                    prefill_policy="round_robin")
+    await cluster.wait_for(lambda: all(u.routable for u in cluster.flow.prefill_pool.members), 3)
+    status, raw = await read_all(http, cluster.url + "/v1/completions", request_body("/v1/completions", False))
+    assert status == 200, raw
+    assert calls == {"p1": 1, "d": 2}
+    assert outcomes(cluster, urls[0], "prefill") == {"bad_status": 1}
+    assert outcomes(cluster, urls[2], "decode") == {"kv_lost": 1, "ok": 1}
+    assert cluster.upstream(urls[2]).last_error is None
+    assert cluster.metric("pdproxy_prefill_retries_total") == 1 and cluster.metric("pdproxy_flow_retries_total") == 0
