@@ -499,3 +499,21 @@ async def test_d_failing_because_its_p_failed_is_blamed_on_p(cluster_factory: An
     assert outcomes(cluster, urls[2], "decode") == {"kv_lost": 1, "ok": 1}
     assert cluster.upstream(urls[2]).last_error is None
     assert cluster.metric("pdproxy_prefill_retries_total") == 1 and cluster.metric("pdproxy_flow_retries_total") == 0
+
+
+async def test_without_health_checks_an_admin_added_p_is_routable_once_its_metadata_is_in(
+    pd: Factory, http: aiohttp.ClientSession
+) -> None:
+    cluster = await pd("sglang", n_prefill=1, health_interval=0, admin_token="t", prefill_policy="round_robin")
+    extra, runner, url = await start_mock(MockConfig(role="prefill", protocol="sglang"))
+    cluster.engine_runners[id(extra)] = runner
+    async with http.post(cluster.url + "/admin/upstreams", json={"role": "prefill", "url": url},
+                         headers={"Authorization": "Bearer t"}) as resp:
+        assert resp.status in (200, 201), await resp.text()
+    added = cluster.upstream(url)
+    await cluster.wait_for(lambda: added.routable, 3)
+    assert added.meta == {"bootstrap_port": extra.bootstrap_port}
+    for _ in range(2):  # round robin: one request on each P
+        status, _ = await read_all(http, cluster.url + "/v1/completions", request_body("/v1/completions", False))
+        assert status == 200
+    assert len(extra.requests) == 1 and len(cluster.prefill[0].requests) == 1
