@@ -23,7 +23,7 @@ from pdproxy.handoff.sglang import SglangHandoff
 from pdproxy.handoff.vllm_nixl import PREFILL_REQUEST
 from pdproxy.mock import MockConfig, MockEngine, start_mock
 from pdproxy.settings import Settings
-from tests.conftest import Cluster, closed_port_url, sse_events
+from tests.conftest import Cluster, check_and_stop, closed_port_url, sse_events
 
 ADAPTERS = ("sglang", "mooncake", "nixl-push")
 FORGED = {"kv_transfer_params": {"do_remote_prefill": True, "remote_engine_id": "evil"},
@@ -78,13 +78,7 @@ async def pd() -> AsyncIterator[Factory]:
         return cluster
 
     yield make
-    try:
-        for cluster in clusters:
-            await cluster.assert_no_leaks()
-    finally:
-        for cluster in clusters:
-            for runner in [*cluster.runners, *cluster.engine_runners.values()]:
-                await runner.cleanup()
+    await check_and_stop(clusters)
 
 
 def request_body(endpoint: str, stream: bool, **extra: Any) -> dict[str, Any]:

@@ -108,10 +108,7 @@ class ConcurrentFlow:
                     record.retries += 1
                     orch.metrics.prefill_retries.inc()
                 except UpstreamError as exc:
-                    if exc.side != "decode" or not exc.retryable or len(failed_decoders) >= limits.flow_retries:
-                        raise
-                    failed_decoders.append(decode_lease.upstream)
-                    fresh = orch.another_decoder(decode_lease, failed_decoders, preq, record)
+                    fresh = orch.another_decoder(exc, decode_lease, failed_decoders, preq, record)
                     if fresh is None:
                         raise
                     decode_lease = fresh

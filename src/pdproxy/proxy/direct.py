@@ -66,10 +66,7 @@ class SkipPd:
                     return await orch.run_decode(request, preq, UpstreamCall(preq.endpoint, body), record,
                                                  decode_lease.upstream, report=orch.report)
                 except UpstreamError as exc:
-                    if exc.side != "decode" or not exc.retryable or len(failed) >= orch.limits.flow_retries:
-                        raise
-                    failed.append(decode_lease.upstream)
-                    fresh = orch.another_decoder(decode_lease, failed, preq, record)
+                    fresh = orch.another_decoder(exc, decode_lease, failed, preq, record)
                     if fresh is None:
                         raise
                     decode_lease = fresh

@@ -279,11 +279,14 @@ class Orchestrator:
         assert last_error is not None
         raise last_error
 
-    def another_decoder(self, lease: Lease, failed: list[Upstream], preq: ProxyRequest,
+    def another_decoder(self, error: UpstreamError, lease: Lease, failed: list[Upstream], preq: ProxyRequest,
                         record: RequestRecord) -> Lease | None:
-        """After `lease`'s D failed before its first byte: a lease on a D not in `failed` (any routable one when
-        all failed: a fresh attempt may fix what failed), counted as a flow retry, `lease` released; None when
-        no D is available (`lease` is then kept)."""
+        """After `lease`'s D failed before its first byte with `error`: a lease on a D not in `failed` (any routable
+        one when all failed: a fresh attempt may fix what failed), counted as a flow retry, `lease` released; None
+        when `error` is not a retryable decode failure, `flow_retries` are spent or no D is available."""
+        if error.side != "decode" or not error.retryable or len(failed) >= self.limits.flow_retries:
+            return None
+        failed.append(lease.upstream)
         candidates = self.decode_pool.available(failed) or self.decode_pool.available()
         if not candidates:
             return None
