@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pdproxy.client import CallError
 from pdproxy.errors import Unavailable, UpstreamError, UpstreamRejected
@@ -160,13 +160,12 @@ class ConcurrentFlow:
         finally:
             for leg in (p_leg, d_leg):
                 leg.cancel()  # a no-op on a leg that ended
-            # Shielded from a second cancel only by its brevity: both legs end at their next wake-up.
-            await asyncio.wait((p_leg, d_leg))
-            self._apply(held, orch)
-            for leg in (p_leg, d_leg):
-                if not leg.cancelled():
-                    leg.exception()  # retrieved: a leg's error is the attempt's to report, never the loop's
-            plan.close()
+                leg.add_done_callback(_retrieve)  # a leg's error is the attempt's to report, never the loop's
+            try:
+                await asyncio.wait((p_leg, d_leg))  # both end at their next wake-up: leases back, outcomes told
+            finally:  # even when the handler is cancelled again meanwhile: the rooms are freed all the same
+                self._apply(held, orch)
+                plan.close()
 
     @staticmethod
     def _apply(held: HeldReport, orch: Orchestrator) -> None:
@@ -207,7 +206,12 @@ class ConcurrentFlow:
             lease.release()
 
 
-def _failure(leg: asyncio.Task[object]) -> BaseException | None:
+def _retrieve(leg: asyncio.Task[Any]) -> None:
+    if not leg.cancelled():
+        leg.exception()
+
+
+def _failure(leg: asyncio.Task[Any]) -> BaseException | None:
     """A finished leg's error (None when it succeeded; a cancelled leg is no one's failure)."""
     if leg.cancelled():
         return None
