@@ -77,9 +77,11 @@ class ConcurrentFlow:
         self._orch = orchestrator
         self.blame_grace = blame_grace
 
-    async def run(self, request: Request, preq: ProxyRequest, record: RequestRecord,
-                  decode_lease: Lease) -> Response | None:
-        """Serve `preq` on the admitted D (`decode_lease`, released here whatever happens)."""
+    async def run(self, request: Request, preq: ProxyRequest, record: RequestRecord, decode_lease: Lease,
+                  chosen: Upstream | None = None) -> Response | None:
+        """Serve `preq` on the admitted D (`decode_lease`, released here whatever happens); `chosen` is the P
+        admission chose for the first try (leased before the next await, so a cap's slot stays this request's);
+        failovers choose again."""
         orch = self._orch
         limits, timeouts = orch.limits, orch.timeouts
         tried: list[Upstream] = []
@@ -90,12 +92,15 @@ class ConcurrentFlow:
         try:
             while True:
                 remaining = timeouts.prefill_deadline - (time.perf_counter() - started)
-                candidates = orch.prefill_pool.available(tried)
-                if not candidates or remaining <= 0:
-                    if last_error is not None:
-                        raise last_error
-                    raise Unavailable("no prefill upstream available", side="prefill")
-                prefill = orch.prefill_policy.choose(candidates, preq)
+                if chosen is not None:
+                    prefill, chosen = chosen, None
+                else:
+                    candidates = orch.prefill_pool.available(tried)
+                    if not candidates or remaining <= 0:
+                        if last_error is not None:
+                            raise last_error
+                        raise Unavailable("no prefill upstream available", side="prefill")
+                    prefill = orch.prefill.policy.choose(candidates, preq)
                 tried.append(prefill)
                 try:
                     return await self._attempt(request, preq, record, prefill, decode_lease.upstream,
@@ -126,7 +131,8 @@ class ConcurrentFlow:
         record.prefill_s = None
         record.stage = "prefill"
         held = HeldReport()
-        p_leg = loop.create_task(self._prefill(preq, plan.prefill, prefill, record, prefill_timeout))
+        p_lease = Lease(prefill, orch.on_release)  # now, before any await: P's slot is this request's
+        p_leg = loop.create_task(self._prefill(preq, plan.prefill, p_lease, record, prefill_timeout))
         call, _ = plan.decode(None)
         d_leg = loop.create_task(orch.run_decode(request, preq, call, record, decode, report=held))
         try:
@@ -164,6 +170,7 @@ class ConcurrentFlow:
             try:
                 await asyncio.wait((p_leg, d_leg))  # both end at their next wake-up: leases back, outcomes told
             finally:  # even when the handler is cancelled again meanwhile: the rooms are freed all the same
+                p_lease.release()  # P's leg gave it back already, unless it was cancelled before it started
                 self._apply(held, orch)
                 plan.close()
 
@@ -174,11 +181,11 @@ class ConcurrentFlow:
             upstream, held.upstream = held.upstream, None
             orch.report(upstream, held.outcome, held.reason)
 
-    async def _prefill(self, preq: ProxyRequest, call: UpstreamCall, upstream: Upstream, record: RequestRecord,
+    async def _prefill(self, preq: ProxyRequest, call: UpstreamCall, lease: Lease, record: RequestRecord,
                        timeout: float) -> None:
         """P's leg: its answer read and dropped; its outcome reported, its lease given back, whatever happens."""
         orch = self._orch
-        lease = Lease(upstream, orch.on_release)
+        upstream = lease.upstream
         outcome, reason = "cancelled", None  # unless the call ends otherwise: the attempt ended it
         started = time.perf_counter()
         try:

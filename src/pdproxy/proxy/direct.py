@@ -31,7 +31,8 @@ if TYPE_CHECKING:
     from pdproxy.proxy.orchestrator import Orchestrator
 
 WHOLE = sys.maxsize  # prompt_prefix(WHOLE): the whole prompt
-Flow = Callable[[Request, ProxyRequest, RequestRecord, Lease], Awaitable["Response | None"]]
+#: (request, parsed request, record, the D leased at admission, the P chosen with it) -> the answer.
+Flow = Callable[[Request, ProxyRequest, RequestRecord, Lease, Upstream], Awaitable["Response | None"]]
 
 
 class SkipPd:
@@ -49,11 +50,12 @@ class SkipPd:
         """Why `preq` should skip P on the D chosen for it (the metric label), or None to disaggregate."""
         return skip_pd(self._counter.count(preq.prompt_prefix(WHOLE)), preq.uncached_tokens, self.threshold)
 
-    async def run(self, request: Request, preq: ProxyRequest, record: RequestRecord,
-                  decode_lease: Lease) -> Response | None:
+    async def run(self, request: Request, preq: ProxyRequest, record: RequestRecord, decode_lease: Lease,
+                  prefill: Upstream) -> Response | None:
         why = self.reason(preq)
         if why is None:
-            return await self._pd(request, preq, record, decode_lease)
+            return await self._pd(request, preq, record, decode_lease, prefill)
+        # `prefill` goes unused: never leased, a cap reservation its choice made is withdrawn on its own.
         orch = self._orch
         orch.metrics.pd_skipped.labels(why).inc()
         body = orjson.dumps(without_handoff_fields(preq.body))
