@@ -38,7 +38,8 @@ from pdproxy.http.response import Response
 from pdproxy.metrics import Metrics
 from pdproxy.outlier import OutlierDetector
 from pdproxy.policies import Balancer
-from pdproxy.proxy.calls import check_status, translate
+from pdproxy.proxy.calls import check_status, reruns_flow, translate
+from pdproxy.proxy.hedge import HedgeBudget
 from pdproxy.proxy.outcomes import FAILURE_OUTCOMES, outcome_of
 from pdproxy.proxy.prefill import PrefillLeg
 from pdproxy.proxy.record import CLIENT_CLOSED, LOG_FORMATS, RequestRecord, access_log, reported_usage
@@ -62,6 +63,7 @@ class FlowTimeouts:
     decode_first_byte: float
     stream_idle: float
     decode_total: float = 0.0
+    decode_response: float = 600.0  # a non-streamed decode's whole answer
 
 
 @dataclass(slots=True, frozen=True)
@@ -93,6 +95,7 @@ class Orchestrator:
         metrics: Metrics,
         access_log_format: str = "text",
         on_release: Callable[[Upstream], None] | None = None,
+        hedging: HedgeBudget | None = None,
     ) -> None:
         self.prefill_pool = prefill_pool
         self.decode_pool = decode_pool
@@ -110,7 +113,7 @@ class Orchestrator:
             pool=prefill_pool, policy=prefill_policy, client=client, handoff=handoff, timeout=timeouts.prefill,
             deadline=timeouts.prefill_deadline, retries=limits.prefill_retries,
             max_answer_bytes=limits.max_answer_bytes, metrics=metrics, report=self.report,
-            on_release=self._on_release)
+            on_release=self._on_release, hedging=hedging)
         self._streams = 0
         self._open_streams: dict[str, set[Relay]] = {}  # upstream id -> its relayed streams
         self.draining = False
@@ -120,8 +123,9 @@ class Orchestrator:
         self.admitted = 0  # requests holding a concurrency slot
         self._idle = asyncio.Event()
         self._idle.set()
-        first_byte = timeouts.decode_first_byte
-        self._first_byte_timeout = min(first_byte, timeouts.decode_total) if timeouts.decode_total else first_byte
+        first_byte, whole, total = timeouts.decode_first_byte, timeouts.decode_response, timeouts.decode_total
+        self._first_byte_timeout = min(first_byte, total) if total else first_byte
+        self._response_timeout = min(whole, total) if total else whole
 
     async def wait_idle(self) -> None:
         """Return once no request is in flight (all leases released)."""
@@ -255,7 +259,7 @@ class Orchestrator:
                 finally:
                     plan.close()
             except UpstreamError as exc:
-                if exc.side != "decode" or not exc.retryable:
+                if exc.side != "decode" or not reruns_flow(exc):
                     raise
                 last_error = exc
                 failed_decoders.append(decode_lease.upstream)
@@ -308,12 +312,13 @@ class Orchestrator:
         self, preq: ProxyRequest, call: UpstreamCall, record: RequestRecord, upstream: Upstream
     ) -> Response:
         """A non-streamed answer (or an error status), byte for byte."""
-        timeout = self._first_byte_timeout
+        timeout = self._response_timeout
         try:
             resp = await self.client.fetch(upstream.url, "POST", call.path, headers=preq.headers + call.headers,
                                            body=call.body, timeout=timeout, max_bytes=self.limits.max_answer_bytes)
         except CallError as exc:
-            raise translate(exc, side="decode", upstream=upstream.url, stage="decode", timeout=timeout) from None
+            raise translate(exc, side="decode", upstream=upstream.url, stage="decode_response",
+                            timeout=timeout) from None
         content_type = resp.headers.get("content-type", "application/json")
         check_status(resp.status, content_type, resp.body, side="decode", upstream=upstream.url)
         record.ttft_s = time.perf_counter() - record.start
