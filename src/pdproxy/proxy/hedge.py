@@ -7,7 +7,7 @@ tokens), never below `floor`. The per-token time is an EWMA over the server's su
 server with no observation yet borrows the pool-wide EWMA, and with none at all the floor applies.
 
 The budget is Envoy's retry budget applied to hedges: at most `budget` x (prefills in flight) hedges
-run at once, and never fewer than `min_hedges` may, so a proxy at a low rate can still hedge.
+run at once (rounded down), and never fewer than `min_hedges` may, so a proxy at a low rate can still hedge.
 Everything here is arithmetic on the request path: no task, no timer (the leg owns the one timer).
 """
 
@@ -63,7 +63,7 @@ class HedgeBudget:
 
     def allows(self) -> bool:
         """Whether one more hedge fits the budget now."""
-        return self.active < max(self.min_hedges, self.budget * self.prefills)
+        return self.active < max(self.min_hedges, int(self.budget * self.prefills))
 
     def per_token(self, upstream: str) -> float | None:
         """The learned seconds per token of `upstream` (None: nothing observed), for tests and operators."""

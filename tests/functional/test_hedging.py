@@ -1,0 +1,190 @@
+"""Hedged prefill against real mock engines: a P that stops answering costs its requests a hedge delay,
+not a prefill timeout, and is never blamed for the attempts the hedge cancelled."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+
+from pdproxy.upstreams import State
+from tests.conftest import Cluster, ClusterFactory
+
+BODY = {"model": "mock", "prompt": "hello there", "max_tokens": 4, "stream": True}
+FAST_HEDGE = {"prefill_hedge_floor": 0.05, "prefill_timeout": 1.5, "prefill_policy": "round_robin"}
+
+
+async def send(http: aiohttp.ClientSession, cluster: Cluster, body: dict[str, Any] = BODY) -> tuple[int, bytes]:
+    async with http.post(cluster.url + "/v1/completions", json=body) as resp:
+        return resp.status, await resp.read()
+
+
+async def first_prefill_hangs(cluster: Cluster, request: asyncio.Task[Any]) -> tuple[int, int]:
+    """Both P stop answering; return (the P that got the first attempt, the other one)."""
+    hung = await cluster.wait_any_prefill(1)
+    return hung, 1 - hung
+
+
+async def until(check: Callable[[], bool], timeout: float = 1.0) -> None:
+    """Yield to the loop until `check()` holds (proxy counters have no event to wait on), within `timeout`."""
+    async def poll() -> None:
+        while not check():
+            await asyncio.sleep(0.005)
+
+    await asyncio.wait_for(poll(), timeout)
+
+
+def hedges(cluster: Cluster, result: str) -> float:
+    return cluster.metric("pdproxy_prefill_hedges_total", result=result)
+
+
+def outcome(cluster: Cluster, index: int, name: str) -> float:
+    return cluster.metric("pdproxy_upstream_requests_total", role="prefill", upstream=cluster.prefill_urls[index],
+                          outcome=name)
+
+
+async def test_hung_prefill_is_hedged_and_the_hedge_wins(cluster_factory: ClusterFactory,
+                                                         http: aiohttp.ClientSession) -> None:
+    cluster = await cluster_factory(**FAST_HEDGE)
+    for engine in cluster.prefill:
+        engine.stop_answering()
+    started = time.perf_counter()
+    request = asyncio.create_task(send(http, cluster))
+    hung, other = await first_prefill_hangs(cluster, request)
+    cluster.prefill[other].resume_answering()
+    status, payload = await asyncio.wait_for(request, 2)
+    assert status == 200 and payload.endswith(b"data: [DONE]\n\n"), payload
+    assert time.perf_counter() - started < 1.0  # well under the 1.5 s prefill timeout
+    assert hedges(cluster, "won") == 1
+    assert outcome(cluster, hung, "hedged") == 1  # cancelled by the hedge: reported, never held against it
+    assert outcome(cluster, hung, "timeout") == 0
+    assert cluster.upstream(cluster.prefill_urls[hung]).last_error is None
+    assert cluster.upstream(cluster.prefill_urls[hung]).state is not State.EJECTED
+    assert outcome(cluster, other, "ok") == 1
+    assert cluster.metric("pdproxy_prefill_retries_total") == 0  # a hedge is not a retry
+    assert cluster.decode[0].stats.decodes_with_valid_handle == 1  # D got the winner's handle
+    await cluster.prefill[hung].wait_until(lambda _: not cluster.prefill[hung]._tasks)  # its handler was cancelled
+    cluster.prefill[hung].resume_answering()
+
+
+async def test_first_attempt_answering_first_cancels_the_hedge(cluster_factory: ClusterFactory,
+                                                               http: aiohttp.ClientSession) -> None:
+    cluster = await cluster_factory(**FAST_HEDGE)
+    for engine in cluster.prefill:
+        engine.stop_answering()
+    request = asyncio.create_task(send(http, cluster))
+    first, other = await first_prefill_hangs(cluster, request)
+    await cluster.prefill[other].wait_for_requests(1)  # the hedge is out
+    cluster.prefill[first].resume_answering()
+    status, _ = await asyncio.wait_for(request, 2)
+    assert status == 200
+    assert hedges(cluster, "lost") == 1 and hedges(cluster, "won") == 0
+    assert outcome(cluster, first, "ok") == 1
+    assert outcome(cluster, other, "hedged") == 1
+    assert cluster.upstream(cluster.prefill_urls[other]).last_error is None
+    cluster.prefill[other].resume_answering()
+
+
+async def test_no_hedge_when_prefills_answer_in_time(cluster_factory: ClusterFactory,
+                                                     http: aiohttp.ClientSession) -> None:
+    cluster = await cluster_factory(prefill_hedge_floor=0.5, prefill_policy="round_robin")
+    for _ in range(6):
+        status, _ = await send(http, cluster)
+        assert status == 200
+    assert sum(hedges(cluster, result) for result in ("won", "lost", "failed", "cancelled", "over_budget",
+                                                      "no_upstream")) == 0
+    learned = [cluster.flow.prefill.hedging.per_token(url) for url in cluster.prefill_urls]
+    assert all(value is not None and value > 0 for value in learned), learned
+    assert sum(len(e.requests) for e in cluster.prefill) == 6  # one prefill per request
+
+
+async def test_hedge_delay_follows_the_learned_per_token_time(cluster_factory: ClusterFactory,
+                                                              http: aiohttp.ClientSession) -> None:
+    """A P observed at ~30 ms for this prompt is hedged after multiple x 30 ms, not after the 1 s floor's
+    worth of a timeout: the deadline comes from what this prompt should take on this server."""
+    from pdproxy.mock import MockConfig
+
+    cluster = await cluster_factory(n_prefill=2, prefill_config=MockConfig(role="prefill", ttft_ms=30),
+                                    prefill_hedge_floor=0.01, prefill_hedge_multiple=4, prefill_timeout=1.5,
+                                    prefill_policy="round_robin")
+    for _ in range(4):  # both P observed
+        assert (await send(http, cluster))[0] == 200
+    for engine in cluster.prefill:
+        engine.stop_answering()
+    request = asyncio.create_task(send(http, cluster))
+    hung, other = await first_prefill_hangs(cluster, request)
+    started = time.perf_counter()
+    cluster.prefill[other].resume_answering()
+    status, _ = await asyncio.wait_for(request, 2)
+    assert status == 200
+    assert time.perf_counter() - started < 0.6  # ~4 x 30 ms, then the hedge's own ~30 ms
+    assert hedges(cluster, "won") == 1
+    cluster.prefill[hung].resume_answering()
+
+
+async def test_over_budget_the_attempt_waits_for_its_own_timeout_and_is_blamed(
+    cluster_factory: ClusterFactory, http: aiohttp.ClientSession
+) -> None:
+    cluster = await cluster_factory(prefill_hedge_budget=0.1, prefill_hedge_min=0, prefill_hedge_floor=0.05,
+                                    prefill_timeout=0.3, prefill_policy="round_robin", eject_after=0)
+    for engine in cluster.prefill:
+        engine.stop_answering()
+    request = asyncio.create_task(send(http, cluster))
+    hung, other = await first_prefill_hangs(cluster, request)
+    cluster.prefill[other].resume_answering()
+    status, _ = await asyncio.wait_for(request, 2)
+    assert status == 200  # failed over after the timeout
+    assert hedges(cluster, "over_budget") == 1 and hedges(cluster, "won") == 0
+    assert outcome(cluster, hung, "timeout") == 1  # its own attempt timed out: its silence is its fault
+    assert cluster.metric("pdproxy_prefill_retries_total") == 1
+    cluster.prefill[hung].resume_answering()
+
+
+async def test_hedge_failing_leaves_the_first_attempt_running(cluster_factory: ClusterFactory,
+                                                              http: aiohttp.ClientSession) -> None:
+    cluster = await cluster_factory(**FAST_HEDGE, eject_after=0)
+    for engine in cluster.prefill:
+        engine.stop_answering()
+    request = asyncio.create_task(send(http, cluster))
+    first, other = await first_prefill_hangs(cluster, request)
+    cluster.prefill[other].fail_next(500)
+    cluster.prefill[other].resume_answering()
+    await until(lambda: hedges(cluster, "failed") == 1)
+    assert not request.done()
+    cluster.prefill[first].resume_answering()  # the first attempt answers after all
+    status, _ = await asyncio.wait_for(request, 2)
+    assert status == 200
+    assert outcome(cluster, first, "ok") == 1
+    assert outcome(cluster, other, "bad_status") == 1
+
+
+async def test_client_leaving_cancels_both_attempts(cluster_factory: ClusterFactory) -> None:
+    cluster = await cluster_factory(**FAST_HEDGE)
+    for engine in cluster.prefill:
+        engine.stop_answering()
+    async with aiohttp.ClientSession() as http:
+        request = asyncio.create_task(send(http, cluster))
+        first, other = await first_prefill_hangs(cluster, request)
+        await cluster.prefill[other].wait_for_requests(1)  # the hedge is out
+        request.cancel()
+    await asyncio.wait_for(cluster.flow.wait_idle(), 2)
+    assert hedges(cluster, "cancelled") == 1
+    for index in (first, other):
+        assert outcome(cluster, index, "cancelled") == 1
+        assert cluster.upstream(cluster.prefill_urls[index]).last_error is None
+    for engine in cluster.prefill:
+        engine.resume_answering()
+
+
+async def test_hedge_with_no_other_prefill_server(cluster_factory: ClusterFactory,
+                                                  http: aiohttp.ClientSession) -> None:
+    cluster = await cluster_factory(n_prefill=1, prefill_hedge_floor=0.05, prefill_timeout=1.5, eject_after=0)
+    cluster.prefill[0].stop_answering()
+    request = asyncio.create_task(send(http, cluster))
+    await until(lambda: hedges(cluster, "no_upstream") == 1)
+    cluster.prefill[0].resume_answering()
+    status, _ = await asyncio.wait_for(request, 2)
+    assert status == 200
