@@ -31,7 +31,7 @@ async def first_prefill_hangs(cluster: Cluster, request: asyncio.Task[Any]) -> t
 async def until(check: Callable[[], bool], timeout: float = 1.0) -> None:
     """Yield to the loop until `check()` holds (proxy counters have no event to wait on), within `timeout`."""
     async def poll() -> None:
-        while not check():
+        while not check():  # noqa: ASYNC110
             await asyncio.sleep(0.005)
 
     await asyncio.wait_for(poll(), timeout)
