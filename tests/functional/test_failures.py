@@ -322,9 +322,10 @@ async def test_no_routable_upstream_fails_fast_with_503(cluster_factory: Cluster
         upstream.state = State.HEALTHY
     for upstream in cluster.flow.prefill_pool.members:
         upstream.state = State.UNHEALTHY
-    status, payload = await post(http, cluster)
-    assert status == 503
-    assert_openai_error(payload, 503, "no routable prefill upstream")
+    async with http.post(cluster.url + "/v1/completions", json=PROMPT) as resp:
+        assert resp.status == 503
+        assert resp.headers.get("Retry-After") == "1"
+        assert_openai_error(await resp.json(), 503, "no routable prefill upstream")
 
 
 async def test_a_lost_kv_is_blamed_on_the_prefill_server_not_the_decode_server(

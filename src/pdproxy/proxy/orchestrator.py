@@ -214,10 +214,10 @@ class Orchestrator:
         # An available upstream is a routable one: the routable() scans run only when none is available.
         decode = self.decode_pool.available()
         if not decode and not self.decode_pool.routable():  # before P computes KV that no D could take
-            raise Unavailable("no routable decode upstream", side="decode")
+            raise Unavailable("no routable decode upstream", side="decode", retry_after=RETRY_AFTER_SECONDS)
         prefill = self.prefill_pool.available()
         if not prefill and not self.prefill_pool.routable():
-            raise Unavailable("no routable prefill upstream", side="prefill")
+            raise Unavailable("no routable prefill upstream", side="prefill", retry_after=RETRY_AFTER_SECONDS)
         if self.limits.max_concurrency and self.admitted >= self.limits.max_concurrency:
             return None
         if not decode or not prefill:
