@@ -188,3 +188,29 @@ async def test_hedge_with_no_other_prefill_server(cluster_factory: ClusterFactor
     cluster.prefill[0].resume_answering()
     status, _ = await asyncio.wait_for(request, 2)
     assert status == 200
+
+
+async def test_a_hedge_over_budget_is_sent_once_the_budget_frees(cluster_factory: ClusterFactory,
+                                                                 http: aiohttp.ClientSession) -> None:
+    cluster = await cluster_factory(n_prefill=3, prefill_hedge_min=1, prefill_hedge_budget=0.1,
+                                    prefill_hedge_floor=0.05, prefill_timeout=1.5, prefill_policy="round_robin")
+    hedging = cluster.flow.prefill.hedging
+    for engine in cluster.prefill:
+        engine.stop_answering()
+    first = asyncio.create_task(send(http, cluster))
+    await until(lambda: hedging.active == 1)  # the first request's hedge is out (and hangs too)
+    before = [len(e.requests) for e in cluster.prefill]
+    started = time.perf_counter()
+    second = asyncio.create_task(send(http, cluster))
+    await until(lambda: hedges(cluster, "over_budget") == 1)  # its hedge is due: the one slot is taken
+    held = max(range(3), key=lambda i: len(cluster.prefill[i].requests) - before[i])  # the second's own P
+    for index, engine in enumerate(cluster.prefill):
+        if index != held:
+            engine.resume_answering()
+    assert (await asyncio.wait_for(first, 2))[0] == 200
+    assert (await asyncio.wait_for(second, 2))[0] == 200
+    assert time.perf_counter() - started < 1.0  # hedged once the slot freed, not after its 1.5 s timeout
+    assert outcome(cluster, held, "hedged") == 1
+    assert outcome(cluster, held, "timeout") == 0
+    assert hedges(cluster, "over_budget") == 1
+    cluster.prefill[held].resume_answering()

@@ -53,7 +53,9 @@ class _Attempts:
     connect_only: bool = True  # every failure so far was a failed connect (503, not 502, when all fail)
     main: asyncio.Task[Any] | None = None  # the request's task, which the hedge interrupts when it wins
     hedge: asyncio.Task[None] | None = None
-    hedge_due: bool = False  # the one hedge of this request was due (sent or not): no other timer
+    timer: asyncio.TimerHandle | None = None  # the hedge timer of the attempt running in the request's task
+    hedge_due: bool = False  # the one hedge of this request was due (sent, or no other P): no other timer
+    deferred: bool = False  # the hedge was due while the budget was used up (counted once as over_budget)
     decided: bool = False  # an attempt answered: the others are losers, cancelled and reported `hedged`
     won: tuple[Upstream, Plan, dict[str, Any]] | BaseException | None = None  # the hedge's answer or error
     waiting_on_hedge: bool = False  # the request's task awaits the hedge itself: do not interrupt it
@@ -111,7 +113,7 @@ class PrefillLeg:
             if upstream is None:
                 break
             record.prefill_upstream = upstream.url
-            timer = self._arm(attempts, upstream, timeout)
+            self._arm(attempts, upstream, timeout)
             try:
                 answer = await self._attempt(attempts, upstream, timeout)
             except UpstreamError:
@@ -133,8 +135,9 @@ class PrefillLeg:
                     raise
                 return self._take(attempts)  # the hedge answered first and interrupted this attempt
             finally:
-                if timer is not None:
-                    timer.cancel()
+                if attempts.timer is not None:
+                    attempts.timer.cancel()
+                    attempts.timer = None
             if attempts.hedge is not None:
                 attempts.decided = True  # this attempt answered first: the hedge is the loser
             record.prefill_s = time.perf_counter() - record.start
@@ -190,28 +193,35 @@ class PrefillLeg:
 
     # -- hedging ---------------------------------------------------------------------------------
 
-    def _arm(self, attempts: _Attempts, upstream: Upstream, timeout: float) -> asyncio.TimerHandle | None:
-        """The one timer of this attempt's hedge, if it may be hedged and would be before its own timeout."""
+    def _arm(self, attempts: _Attempts, upstream: Upstream, timeout: float) -> None:
+        """Set the one timer of this attempt's hedge, if it may be hedged and would be before its own timeout."""
         if not self._hedges_on or attempts.hedge_due:
-            return None
+            return
         delay = self.hedging.delay(upstream.url, attempts.tokens)
         if delay is None or delay >= timeout:
-            return None
+            return
         if attempts.main is None:
             attempts.main = asyncio.current_task()
-        return asyncio.get_running_loop().call_later(delay, self._fire, attempts)
+        attempts.timer = asyncio.get_running_loop().call_later(delay, self._fire, attempts)
 
     def _fire(self, attempts: _Attempts) -> None:
-        """The hedge delay passed with no answer: start the hedge task, if the budget and the pool allow."""
-        attempts.hedge_due = True
+        """The hedge delay passed with no answer: start the hedge task, if the pool and the budget allow.
+        Over budget, look again a floor later (the attempt still runs; its own timeout bounds the wait)."""
+        attempts.timer = None
         if attempts.decided or attempts.count >= 1 + self.retries:
+            attempts.hedge_due = True
             return
         if not self.pool.available(attempts.tried):
+            attempts.hedge_due = True
             self.metrics.prefill_hedges.labels("no_upstream").inc()
             return
         if not self.hedging.allows():
-            self.metrics.prefill_hedges.labels("over_budget").inc()
+            if not attempts.deferred:
+                attempts.deferred = True
+                self.metrics.prefill_hedges.labels("over_budget").inc()
+            attempts.timer = asyncio.get_running_loop().call_later(self.hedging.floor, self._fire, attempts)
             return
+        attempts.hedge_due = True
         self.hedging.active += 1
         attempts.hedge = asyncio.get_running_loop().create_task(self._hedge(attempts))
 
