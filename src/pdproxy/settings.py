@@ -294,9 +294,11 @@ class Settings(BaseSettings):
     flow_retries: int = setting(
         1, group=FAILOVER, ge=0, le=8,
         description='whole PD flows re-run when a decode fails before its first byte',
-        doc=('When a decode fails before its first byte reached the client, the whole PD flow runs again on '
-             'another decode server (fresh prefill, fresh KV handle: the old blocks may already be freed). After '
-             'the first byte, a failure ends the stream with an SSE error event instead. Unit: retries, 0-8.'))
+        doc=('When a decode fails before its first byte reached the client (a connect error, a 5xx or a KV-load '
+             'error event; never a timeout after the decode server accepted the request), the whole PD flow runs '
+             'again on another decode server (fresh prefill, fresh KV handle: the old blocks may already be '
+             'freed). After the first byte, a failure ends the stream with an SSE error event instead. Unit: '
+             'retries, 0-8.'))
     prefill_hedge_budget: float = setting(
         0.1, group=FAILOVER, ge=0, le=1,
         description='share of in-flight prefills that may be hedged at once; 0 turns hedging off',

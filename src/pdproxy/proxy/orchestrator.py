@@ -7,9 +7,10 @@ Invariants:
   prefill answer and the decode request: P holds the KV blocks only for a short lease. If that D
   stopped being routable while P worked, another is leased (the NIXL pull handle names no D);
 - streamed bytes are relayed as read (`relay`), never parsed, re-serialised or logged per chunk;
-- nothing reaches the client before D's first byte, so until then a failed decode is retried by
-  running the whole flow again (fresh prefill, fresh handle: the old KV may be freed); after it, a
-  failure ends the stream with an SSE error event and is never retried;
+- nothing reaches the client before D's first byte, so until then a failed decode (connect error, 5xx,
+  KV-load error: `reruns_flow`; never a timeout after D accepted it) is retried by running the whole
+  flow again (fresh prefill, fresh handle: the old KV may be freed); after it, a failure ends the
+  stream with an SSE error event and is never retried;
 - every lease is released in `finally`, whatever ends the request (error, timeout, client gone: the
   server cancels the handler, the cancellation closes the upstream socket, and vLLM aborts).
 """
