@@ -513,6 +513,11 @@ class MockEngine:
     def answering(self) -> bool:
         return self._answering.is_set()
 
+    @property
+    def handlers_running(self) -> int:
+        """Generation handlers running now, held and hung ones included (in_flight counts only generating)."""
+        return len(self._tasks)
+
     def clear_faults(self) -> None:
         """Forget every scripted fault not yet consumed."""
         self._faults.clear()
@@ -621,6 +626,7 @@ class MockEngine:
         finally:
             if task is not None:
                 self._tasks.discard(task)
+                self._notify()  # a waiter may wait for this handler to end (held, hung or aborted)
 
     async def _generation(self, request: web.Request, chat: bool) -> web.StreamResponse:
         loop = asyncio.get_running_loop()

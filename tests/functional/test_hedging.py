@@ -66,7 +66,8 @@ async def test_hung_prefill_is_hedged_and_the_hedge_wins(cluster_factory: Cluste
     assert outcome(cluster, other, "ok") == 1
     assert cluster.metric("pdproxy_prefill_retries_total") == 0  # a hedge is not a retry
     assert cluster.decode[0].stats.decodes_with_valid_handle == 1  # D got the winner's handle
-    await cluster.prefill[hung].wait_until(lambda _: not cluster.prefill[hung]._tasks)  # its handler was cancelled
+    hung_engine = cluster.prefill[hung]
+    await hung_engine.wait_until(lambda _: hung_engine.handlers_running == 0)  # its handler was cancelled
     cluster.prefill[hung].resume_answering()
 
 
