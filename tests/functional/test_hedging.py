@@ -215,3 +215,18 @@ async def test_a_hedge_over_budget_is_sent_once_the_budget_frees(cluster_factory
     assert outcome(cluster, held, "timeout") == 0
     assert hedges(cluster, "over_budget") == 1
     cluster.prefill[held].resume_answering()
+
+
+async def test_budget_zero_turns_hedging_off(cluster_factory: ClusterFactory, http: aiohttp.ClientSession) -> None:
+    cluster = await cluster_factory(prefill_hedge_budget=0, prefill_hedge_floor=0.01, prefill_timeout=0.3,
+                                    prefill_policy="round_robin", eject_after=0)
+    for engine in cluster.prefill:
+        engine.stop_answering()
+    request = asyncio.create_task(send(http, cluster))
+    hung, other = await first_prefill_hangs(cluster, request)
+    cluster.prefill[other].resume_answering()
+    status, _ = await asyncio.wait_for(request, 2)
+    assert status == 200  # after the hung attempt's own 0.3 s timeout
+    assert outcome(cluster, hung, "timeout") == 1
+    assert sum(hedges(cluster, result) for result in ("won", "lost", "failed", "over_budget", "no_upstream")) == 0
+    cluster.prefill[hung].resume_answering()
