@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 
 from pdproxy.client import CallError, UpstreamClient
-from pdproxy.errors import Unavailable, UpstreamBadResponse, UpstreamError, UpstreamRejected
+from pdproxy.errors import CapsTaken, Unavailable, UpstreamBadResponse, UpstreamError, UpstreamRejected
 from pdproxy.handoff import Handoff, Plan
 from pdproxy.metrics import Metrics
 from pdproxy.policies import Balancer
@@ -47,6 +47,7 @@ class _Attempts:
     decode: Upstream
     tokens: float  # the prompt's estimated tokens; 0 when hedging is off
     started: float
+    chosen: Upstream | None = None  # the P admission chose for the first attempt
     tried: list[Upstream] = field(default_factory=list)
     count: int = 0  # attempts started, hedges included
     last_error: UpstreamError | None = None
@@ -92,11 +93,15 @@ class PrefillLeg:
         self._report = report
         self._on_release = on_release
 
-    async def run(self, preq: ProxyRequest, record: RequestRecord, decode: Upstream) -> Answer:
+    async def run(self, preq: ProxyRequest, record: RequestRecord, decode: Upstream,
+                  chosen: Upstream | None = None) -> Answer:
         """The plan that succeeded and P's parsed answer; the last upstream error when every try failed
-        (503 + Retry-After instead when every try failed to connect)."""
+        (503 + Retry-After instead when every try failed to connect).
+
+        `chosen`: the P admission chose for the first try (leased before the next await, so its slot
+        under a cap is this request's); failovers and hedges choose again."""
         attempts = _Attempts(preq, record, decode, estimated_tokens(preq) if self._hedges_on else 0.0,
-                             time.perf_counter())
+                             time.perf_counter(), chosen)
         hedging = self.hedging
         hedging.prefills += 1
         try:
@@ -154,6 +159,10 @@ class PrefillLeg:
     def _next(self, attempts: _Attempts) -> tuple[Upstream | None, float]:
         """The next P to try and the time its attempt may take; None when none is left or time is up."""
         remaining = self.deadline - (time.perf_counter() - attempts.started)
+        chosen = attempts.chosen
+        if chosen is not None:
+            attempts.chosen = None
+            return chosen, min(self.timeout, remaining)
         candidates = self.pool.available(attempts.tried)
         if not candidates or remaining <= 0:
             return None, 0.0
@@ -231,7 +240,10 @@ class PrefillLeg:
         result = "failed"
         try:
             while not attempts.decided and attempts.count < 1 + self.retries:
-                upstream, timeout = self._next(attempts)
+                try:
+                    upstream, timeout = self._next(attempts)
+                except CapsTaken:  # --workers: other workers hold every other P's last slot; no hedge
+                    upstream = None
                 if upstream is None:
                     break
                 try:
