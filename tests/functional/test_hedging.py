@@ -22,10 +22,21 @@ async def send(http: aiohttp.ClientSession, cluster: Cluster, body: dict[str, An
         return resp.status, await resp.read()
 
 
-async def first_prefill_hangs(cluster: Cluster, request: asyncio.Task[Any]) -> tuple[int, int]:
-    """Both P stop answering; return (the P that got the first attempt, the other one)."""
+async def hang_both_and_send(http: aiohttp.ClientSession, cluster: Cluster) -> tuple[asyncio.Task[Any], int, int]:
+    """Both P stop answering and one request goes out: (its task, the P of its first attempt, the other P)."""
+    for engine in cluster.prefill:
+        engine.stop_answering()
+    request = asyncio.create_task(send(http, cluster))
     hung = await cluster.wait_any_prefill(1)
-    return hung, 1 - hung
+    return request, hung, 1 - hung
+
+
+async def only_the_first_p_hangs(http: aiohttp.ClientSession, cluster: Cluster) -> tuple[int, int]:
+    """The P of the request's first attempt stays hung, the other answers: (the answer's status, the hung P)."""
+    request, hung, other = await hang_both_and_send(http, cluster)
+    cluster.prefill[other].resume_answering()
+    status, _ = await asyncio.wait_for(request, 2)
+    return status, hung
 
 
 async def until(check: Callable[[], bool], timeout: float = 1.0) -> None:
@@ -49,11 +60,8 @@ def outcome(cluster: Cluster, index: int, name: str) -> float:
 async def test_hung_prefill_is_hedged_and_the_hedge_wins(cluster_factory: ClusterFactory,
                                                          http: aiohttp.ClientSession) -> None:
     cluster = await cluster_factory(**FAST_HEDGE)
-    for engine in cluster.prefill:
-        engine.stop_answering()
     started = time.perf_counter()
-    request = asyncio.create_task(send(http, cluster))
-    hung, other = await first_prefill_hangs(cluster, request)
+    request, hung, other = await hang_both_and_send(http, cluster)
     cluster.prefill[other].resume_answering()
     status, payload = await asyncio.wait_for(request, 2)
     assert status == 200 and payload.endswith(b"data: [DONE]\n\n"), payload
@@ -74,10 +82,7 @@ async def test_hung_prefill_is_hedged_and_the_hedge_wins(cluster_factory: Cluste
 async def test_first_attempt_answering_first_cancels_the_hedge(cluster_factory: ClusterFactory,
                                                                http: aiohttp.ClientSession) -> None:
     cluster = await cluster_factory(**FAST_HEDGE)
-    for engine in cluster.prefill:
-        engine.stop_answering()
-    request = asyncio.create_task(send(http, cluster))
-    first, other = await first_prefill_hangs(cluster, request)
+    request, first, other = await hang_both_and_send(http, cluster)
     await cluster.prefill[other].wait_for_requests(1)  # the hedge is out
     cluster.prefill[first].resume_answering()
     status, _ = await asyncio.wait_for(request, 2)
@@ -113,10 +118,7 @@ async def test_hedge_delay_follows_the_learned_per_token_time(cluster_factory: C
                                     prefill_policy="round_robin")
     for _ in range(4):  # both P observed
         assert (await send(http, cluster))[0] == 200
-    for engine in cluster.prefill:
-        engine.stop_answering()
-    request = asyncio.create_task(send(http, cluster))
-    hung, other = await first_prefill_hangs(cluster, request)
+    request, hung, other = await hang_both_and_send(http, cluster)
     started = time.perf_counter()
     cluster.prefill[other].resume_answering()
     status, _ = await asyncio.wait_for(request, 2)
@@ -131,12 +133,7 @@ async def test_over_budget_the_attempt_waits_for_its_own_timeout_and_is_blamed(
 ) -> None:
     cluster = await cluster_factory(prefill_hedge_budget=0.1, prefill_hedge_min=0, prefill_hedge_floor=0.05,
                                     prefill_timeout=0.3, prefill_policy="round_robin", eject_after=0)
-    for engine in cluster.prefill:
-        engine.stop_answering()
-    request = asyncio.create_task(send(http, cluster))
-    hung, other = await first_prefill_hangs(cluster, request)
-    cluster.prefill[other].resume_answering()
-    status, _ = await asyncio.wait_for(request, 2)
+    status, hung = await only_the_first_p_hangs(http, cluster)
     assert status == 200  # failed over after the timeout
     assert hedges(cluster, "over_budget") == 1 and hedges(cluster, "won") == 0
     assert outcome(cluster, hung, "timeout") == 1  # its own attempt timed out: its silence is its fault
@@ -147,10 +144,7 @@ async def test_over_budget_the_attempt_waits_for_its_own_timeout_and_is_blamed(
 async def test_hedge_failing_leaves_the_first_attempt_running(cluster_factory: ClusterFactory,
                                                               http: aiohttp.ClientSession) -> None:
     cluster = await cluster_factory(**FAST_HEDGE, eject_after=0)
-    for engine in cluster.prefill:
-        engine.stop_answering()
-    request = asyncio.create_task(send(http, cluster))
-    first, other = await first_prefill_hangs(cluster, request)
+    request, first, other = await hang_both_and_send(http, cluster)
     cluster.prefill[other].fail_next(500)
     cluster.prefill[other].resume_answering()
     await until(lambda: hedges(cluster, "failed") == 1)
@@ -164,11 +158,8 @@ async def test_hedge_failing_leaves_the_first_attempt_running(cluster_factory: C
 
 async def test_client_leaving_cancels_both_attempts(cluster_factory: ClusterFactory) -> None:
     cluster = await cluster_factory(**FAST_HEDGE)
-    for engine in cluster.prefill:
-        engine.stop_answering()
     async with aiohttp.ClientSession() as http:
-        request = asyncio.create_task(send(http, cluster))
-        first, other = await first_prefill_hangs(cluster, request)
+        request, first, other = await hang_both_and_send(http, cluster)
         await cluster.prefill[other].wait_for_requests(1)  # the hedge is out
         request.cancel()
     await asyncio.wait_for(cluster.flow.wait_idle(), 2)
@@ -220,12 +211,7 @@ async def test_a_hedge_over_budget_is_sent_once_the_budget_frees(cluster_factory
 async def test_budget_zero_turns_hedging_off(cluster_factory: ClusterFactory, http: aiohttp.ClientSession) -> None:
     cluster = await cluster_factory(prefill_hedge_budget=0, prefill_hedge_floor=0.01, prefill_timeout=0.3,
                                     prefill_policy="round_robin", eject_after=0)
-    for engine in cluster.prefill:
-        engine.stop_answering()
-    request = asyncio.create_task(send(http, cluster))
-    hung, other = await first_prefill_hangs(cluster, request)
-    cluster.prefill[other].resume_answering()
-    status, _ = await asyncio.wait_for(request, 2)
+    status, hung = await only_the_first_p_hangs(http, cluster)
     assert status == 200  # after the hung attempt's own 0.3 s timeout
     assert outcome(cluster, hung, "timeout") == 1
     assert sum(hedges(cluster, result) for result in ("won", "lost", "failed", "over_budget", "no_upstream")) == 0
