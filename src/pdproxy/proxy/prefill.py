@@ -30,6 +30,7 @@ from pdproxy.proxy.hedge import HedgeBudget, estimated_tokens
 from pdproxy.proxy.outcomes import Report, outcome_of
 from pdproxy.proxy.record import RequestRecord
 from pdproxy.request import ProxyRequest
+from pdproxy.tracing import PREFILL_SPAN
 from pdproxy.upstreams import Lease, Upstream, UpstreamPool
 
 RETRY_AFTER_SECONDS = 1  # every P refused the connection: the health checks will know within seconds
@@ -171,15 +172,19 @@ class PrefillLeg:
     async def _attempt(self, attempts: _Attempts, upstream: Upstream, timeout: float, *, hedge: bool = False) -> Answer:
         """One call to `upstream`, its outcome reported and its lease released whatever ends it."""
         attempts.tried.append(upstream)
-        if attempts.count and not hedge:
-            attempts.record.retries += 1
+        record = attempts.record
+        attempt = attempts.count
+        if attempt and not hedge:
+            record.retries += 1
             self.metrics.prefill_retries.inc()
         attempts.count += 1
         plan = self.handoff.plan(attempts.preq, upstream, attempts.decode)
         lease = Lease(upstream, self._on_release)
         outcome, reason = "cancelled", None  # unless the call ends otherwise: the client went away
+        span = record.trace.child(PREFILL_SPAN, **{"pdproxy.upstream": upstream.url, "pdproxy.attempt": attempt,
+                                                   "pdproxy.hedge": hedge})
         try:
-            answer = await self._call(upstream, plan, attempts.preq, timeout, attempts.tokens)
+            answer = await self._call(upstream, plan, attempts.preq, timeout, attempts.tokens, span.headers())
             outcome = "ok"
         except UpstreamError as exc:
             plan.close()
@@ -198,6 +203,8 @@ class PrefillLeg:
         finally:
             self._report(upstream, outcome, reason)  # before the release, which may remove the upstream
             lease.release()
+            span.set("pdproxy.outcome", outcome)
+            span.end(reason)
         return plan, answer
 
     # -- hedging ---------------------------------------------------------------------------------
@@ -300,12 +307,13 @@ class PrefillLeg:
     # -- one call ----------------------------------------------------------------------------------
 
     async def _call(self, upstream: Upstream, plan: Plan, preq: ProxyRequest, timeout: float,
-                    tokens: float) -> dict[str, Any]:
+                    tokens: float, trace_headers: bytes = b"") -> dict[str, Any]:
         call = plan.prefill
         started = time.perf_counter()
         try:
-            resp = await self.client.fetch(upstream.url, "POST", call.path, headers=preq.headers + call.headers,
-                                           body=call.body, timeout=timeout, max_bytes=self.max_answer_bytes)
+            resp = await self.client.fetch(upstream.url, "POST", call.path,
+                                           headers=preq.headers + call.headers + trace_headers, body=call.body,
+                                           timeout=timeout, max_bytes=self.max_answer_bytes)
         except CallError as exc:
             raise translate(exc, side="prefill", upstream=upstream.url, stage="prefill", timeout=timeout) from None
         elapsed = time.perf_counter() - started
