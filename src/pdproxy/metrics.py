@@ -39,6 +39,7 @@ TIMEOUT_STAGES = ("prefill", "connect", "decode_first_byte", "decode_response", 
 # client left; over_budget / no_upstream: due but not sent (the budget was used up / no other P could take it).
 HEDGE_RESULTS = ("won", "lost", "failed", "cancelled", "over_budget", "no_upstream")
 DISCONNECT_STAGES = ("queue", "prefill", "decode")
+PD_SKIP_REASONS = ("short_prompt", "cached_prompt")  # handoff.skip.SkipReason
 QUEUE_REJECTION_REASONS = ("full", "timeout")
 # What the HTTP server refuses or cuts itself (pdproxy.http.server's on_event reasons, client_closed aside).
 CLIENT_REFUSAL_REASONS = ("header_timeout", "body_timeout", "keepalive_timeout", "send_timeout", "too_large",
@@ -227,6 +228,10 @@ class Metrics:
         self.kv_handoff_missing = LoopCounter("pdproxy_kv_handoff_missing",
                                               "Prefill answers without kv_transfer_params (D recomputes).",
                                               registry=registry)
+        self.pd_skipped = LoopCounter("pdproxy_pd_skipped",
+                                      "Requests sent to a decode server alone, without prefill, because "
+                                      "disaggregation would not pay (--pd-min-prompt-tokens), by reason.",
+                                      ("reason",), registry=registry)
         self.discovery_updates = LoopCounter("pdproxy_discovery_updates",
                                              "Complete upstream lists read from the discovery source.", ("source",),
                                              registry=registry)
@@ -242,7 +247,8 @@ class Metrics:
 
         for labels, values in ((self.timeouts, TIMEOUT_STAGES), (self.client_disconnects, DISCONNECT_STAGES),
                                (self.queue_rejections, QUEUE_REJECTION_REASONS), (self.admin_changes, ADMIN_ACTIONS),
-                               (self.client_refusals, CLIENT_REFUSAL_REASONS), (self.prefill_hedges, HEDGE_RESULTS)):
+                               (self.client_refusals, CLIENT_REFUSAL_REASONS), (self.pd_skipped, PD_SKIP_REASONS),
+                               (self.prefill_hedges, HEDGE_RESULTS)):
             for value in values:
                 labels.labels(value)
         self._zeroed: set[tuple[str, str]] = set()  # upstreams whose counters exist

@@ -61,6 +61,8 @@ ZERO_HERE = {
     "Retries [C]": ("no prefill outlasts its hedge delay here (the 1 s floor is past the 0.5 s prefill timeout); "
                     "tests/functional/test_hedging.py provokes every result"),
     "KV handoff missing [A]": "the mock engines always answer with kv_transfer_params",
+    "PD skipped by reason [A]": ("--pd-min-prompt-tokens is off here (tests/functional/test_skip_pd.py counts "
+                                 "skips)"),
     "Pool panic [A]": ("panic needs under half of a pool healthy; here one of two prefill servers is ejected "
                        "(tests/functional/test_panic.py provokes it)"),
 }
