@@ -222,7 +222,9 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
     models = Passthrough(pool=pools[Role.DECODE], policy=flow.decode_policy, client=client,
                          timeout=settings.decode_first_byte_timeout, max_answer_bytes=limits.max_answer_bytes,
                          on_release=on_release)
-    OpenAIApi(flow, models, upstream_api_key=api_key, loop_guard=LoopGuard.create()).add_routes(router)
+    admin_token = settings.admin_token.get_secret_value() if settings.admin_token else None
+    OpenAIApi(flow, models, upstream_api_key=api_key, loop_guard=LoopGuard.create(),
+              admin_token=admin_token).add_routes(router)
     router.add("GET", LIVEZ_PATH, livez_handler(lambda: flow.draining))  # liveness: never asks an engine
     if settings.metrics_port is None:
         router.add("GET", "/metrics", metrics_handler(metrics))

@@ -6,7 +6,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from pdproxy.errors import InvalidRequest, LoopDetected, ProxyError
+from pdproxy.admin import authorize_request
+from pdproxy.errors import Forbidden, InvalidRequest, LoopDetected, ProxyError, Unauthorized
 from pdproxy.http.request import Request
 from pdproxy.http.response import Response, json_response
 from pdproxy.http.router import Router
@@ -24,8 +25,11 @@ class OpenAIApi:
     """`/v1/completions`, `/v1/chat/completions`, `/v1/models` and `/health`."""
 
     def __init__(self, flow: Orchestrator, models: Passthrough, *, upstream_api_key: str | None,
-                 loop_guard: LoopGuard) -> None:
+                 loop_guard: LoopGuard, admin_token: str | None = None) -> None:
+        """`admin_token`: `/health?verbose=1` (the topology) is behind the admin API's rule: this bearer token
+        when set, else loopback clients through no other proxy."""
         self.flow = flow
+        self._admin_token = admin_token.encode() if admin_token else None
         self.models_route = models
         self.loop_guard = loop_guard
         self._upstream_authorization = f"Bearer {upstream_api_key}" if upstream_api_key else None
@@ -69,7 +73,13 @@ class OpenAIApi:
 
     async def health(self, request: Request) -> Response:
         """200 when at least one P and one D are routable and the proxy is not draining, else 503 with
-        the reason. `?verbose=1` lists every upstream."""
+        the reason. `?verbose=1` lists every upstream, for admin callers only (401/403 otherwise)."""
+        verbose = request.query().get("verbose", "0") not in ("0", "false", "")
+        if verbose:
+            try:
+                authorize_request(request, self._admin_token)
+            except (Unauthorized, Forbidden) as exc:
+                return exc.response()
         flow = self.flow
         body: dict[str, Any] = {}
         problems = ["draining: pdproxy is shutting down"] if flow.draining else []
@@ -80,7 +90,7 @@ class OpenAIApi:
                 body[pool.role.value]["panic"] = True
             if not routable:
                 problems.append(f"no routable {pool.role.value} upstream")
-        if request.query().get("verbose", "0") not in ("0", "false", ""):
+        if verbose:
             body["upstreams"] = [u.describe() for pool in (flow.prefill_pool, flow.decode_pool) for u in pool.members]
             body["in_flight"] = flow.in_flight
             body["queued"] = flow.admission.waiting
