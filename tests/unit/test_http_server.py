@@ -366,6 +366,41 @@ def test_a_half_closed_client_is_a_gone_client(run: Callable[..., Any]) -> None:
     run(scenario())
 
 
+def test_answer_half_closed_answers_then_closes(run: Callable[..., Any]) -> None:
+    """answer_half_closed: a FIN after a complete request is a half-close: the running handler is not cancelled,
+    its answer says Connection: close, then the server closes. The proxy-level tests are in
+    tests/functional/test_half_close.py."""
+    async def scenario() -> None:
+        async with serve(answer_half_closed=True) as (server, probe):
+            reader, writer = await connect(server)
+            writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+            await asyncio.wait_for(probe.started.wait(), 1)
+            writer.write_eof()
+            await asyncio.sleep(0.05)  # the FIN reaches the server while /slow runs (not a correctness wait)
+            assert not probe.cancelled.is_set()
+            probe.release.set()
+            reply = await read_reply(reader)
+            assert reply.json() == {"slow": True} and reply.headers["connection"] == "close"
+            assert await closed_by_server(reader) == b""
+            assert [e for e in probe.events if e[0] == "client_closed"] == []
+            writer.close()
+
+    run(scenario())
+
+
+def test_answer_half_closed_still_closes_on_a_fin_inside_a_body(run: Callable[..., Any]) -> None:
+    async def scenario() -> None:
+        async with serve(answer_half_closed=True) as (server, probe):
+            reader, writer = await connect(server)
+            writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nhalf")
+            writer.write_eof()  # the request can never complete: nothing to answer
+            assert await closed_by_server(reader) == b""
+            assert await probe.wait_event("client_closed") == ("client_closed", "/echo", 499)
+            writer.close()
+
+    run(scenario())
+
+
 def test_client_disconnect_cancels_the_handler(run: Callable[..., Any]) -> None:
     async def scenario() -> None:
         async with serve() as (server, probe):
