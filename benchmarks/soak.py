@@ -191,14 +191,20 @@ def measure(pid: int) -> dict[str, int]:
     return {"rss_kib": processes.rss_kib([pid]), "fds": fds[0][1] if fds else -1}
 
 
-def fault_plan(prefill: list[Engine], decode: list[Engine], period: float
+def fault_plan(prefill: list[Engine], decode: list[Engine], period: float, background: set[asyncio.Task[None]]
                ) -> list[tuple[str, Callable[[], Awaitable[None]]]]:
-    """The faults, in turn, one per period; a killed engine is restarted half a period later."""
+    """The faults, in turn, one per period; a killed engine is restarted half a period later (in `background`,
+    so the next fault still comes on time)."""
     def later(engine: Engine) -> Callable[[], Awaitable[None]]:
-        async def kill_then_restart() -> None:
-            await engine.kill()
+        async def restart() -> None:
             await asyncio.sleep(period / 2)
             await engine.restart()
+
+        async def kill_then_restart() -> None:
+            await engine.kill()
+            task = asyncio.ensure_future(restart())
+            background.add(task)
+            task.add_done_callback(background.discard)
         return kill_then_restart
 
     def now(action: Callable[[], None]) -> Callable[[], Awaitable[None]]:
@@ -255,7 +261,8 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         await load(args.warmup)  # warm the pools, caches and allocator before the baseline
         start_gauges = await settle(url)
         start = {**measure(proxy.pid), **start_gauges}
-        plan = fault_plan(prefill, decode, args.fault_every)
+        restarts: set[asyncio.Task[None]] = set()
+        plan = fault_plan(prefill, decode, args.fault_every, restarts)
         total = args.minutes * 60
 
         async def faults() -> None:
@@ -278,9 +285,11 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         try:
             await load(total)
         finally:
-            injector.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await injector
+            for task in [injector, *restarts]:
+                task.cancel()
+            for task in [injector, *restarts]:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for engine in engines:
             engine.engine.clear_faults()
             await engine.restart()
