@@ -235,7 +235,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         engines.append(Engine(role, config, url, engine, runner))
     prefill = [e for e in engines if e.role == "prefill"]
     decode = [e for e in engines if e.role == "decode"]
-    log = Path(args.out) / "soak-proxy.log"
+    log = Path(args.out) / f"{args.name}-proxy.log"  # not kept in git (.gitignore)
     log.unlink(missing_ok=True)
     command = ["--prefill-servers", ",".join(e.url for e in prefill), "--decode-servers",
                ",".join(e.url for e in decode), "--host", "127.0.0.1", "--port", "0", *PROXY_ARGS]
