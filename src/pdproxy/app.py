@@ -19,6 +19,7 @@ from pdproxy.discovery import Discovery, build_discovery
 from pdproxy.handoff import make_handoff
 from pdproxy.health import ActiveHealthChecker, StateBoard, http_probe
 from pdproxy.http.api import OpenAIApi
+from pdproxy.http.auth import ClientKeys
 from pdproxy.http.limits import ServerLimits
 from pdproxy.http.request import Request
 from pdproxy.http.response import Response
@@ -32,9 +33,10 @@ from pdproxy.metrics import CONTENT_TYPE, Metrics
 from pdproxy.outlier import ConsecutiveFailureDetector, NoOutlierDetection, OutlierDetector
 from pdproxy.policies import PolicyOptions, make_balancer
 from pdproxy.proxy.orchestrator import FlowLimits, FlowTimeouts, Orchestrator
-from pdproxy.proxy.passthrough import Passthrough
+from pdproxy.proxy.passthrough import Passthrough, PassTimeouts
 from pdproxy.proxy.record import RequestRecord
 from pdproxy.settings import Settings
+from pdproxy.tracing import Tracing, TracingService, build_tracing
 from pdproxy.upstreams import Role, State, Upstream, UpstreamPool
 
 log = logging.getLogger("pdproxy")
@@ -118,12 +120,14 @@ class App:
             await self.client.close()
 
 
-def build_app(settings: Settings, *, rng: random.Random | None = None, persist: bool = True) -> App:
+def build_app(settings: Settings, *, rng: random.Random | None = None, persist: bool = True,
+              tracing: Tracing | None = None) -> App:
     """Wire pools, policies, health, membership, the orchestrator and the routes.
 
     `persist=False` restores from `settings.state_file` but never writes it: with several worker
     processes only worker 0 writes, so the file has one writer.
     ValueError names a wrong policy or adapter; StateFileError a state file that cannot be restored.
+    `tracing` replaces the one `otel_endpoint` builds (tests: the SDK's in-memory exporter).
     """
     rng = rng or random.Random()
     caps = {Role.PREFILL: settings.prefill_max_in_flight, Role.DECODE: settings.decode_max_in_flight}
@@ -188,6 +192,7 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
         metrics=metrics,
         access_log_format=settings.access_log_format if settings.access_log else "off",
         on_release=on_release,
+        tracing=tracing or build_tracing(settings.otel_endpoint, settings.otel_service_name),
     )
     checker = ActiveHealthChecker(
         board, http_probe(lambda: client, settings.health_path, settings.health_timeout),
@@ -219,12 +224,17 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
 
     router = Router()
     api_key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
-    models = Passthrough(pool=pools[Role.DECODE], policy=flow.decode_policy, client=client,
-                         timeout=settings.decode_first_byte_timeout, max_answer_bytes=limits.max_answer_bytes,
-                         on_release=on_release)
+    passthrough = Passthrough(
+        flow=flow, policies={Role.PREFILL: flow.prefill.policy, Role.DECODE: flow.decode_policy}, client=client,
+        timeouts=PassTimeouts(settings.decode_first_byte_timeout, settings.stream_idle_timeout,
+                              settings.decode_timeout),
+        retries=settings.prefill_retries, max_answer_bytes=limits.max_answer_bytes, on_release=on_release)
+    keys = settings.client_keys()
+    client_keys = ClientKeys(keys, default_max_in_flight=settings.api_key_max_in_flight) if keys else None
     admin_token = settings.admin_token.get_secret_value() if settings.admin_token else None
-    OpenAIApi(flow, models, upstream_api_key=api_key, loop_guard=LoopGuard.create(),
-              admin_token=admin_token).add_routes(router)
+    OpenAIApi(flow, passthrough, upstream_api_key=api_key, loop_guard=LoopGuard.create(),
+              route_pools={route: Role(pool) for route, pool in settings.route_pools.items()},
+              client_keys=client_keys, admin_token=admin_token).add_routes(router)
     router.add("GET", LIVEZ_PATH, livez_handler(lambda: flow.draining))  # liveness: never asks an engine
     if settings.metrics_port is None:
         router.add("GET", "/metrics", metrics_handler(metrics))
@@ -236,6 +246,8 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
     app = App(router, flow, metrics, board, membership, client, server_limits, checker, listening,
               admin if settings.admin_port is not None else None,
               build_discovery(settings, membership, metrics, caps))
+    if flow.tracing.enabled:
+        app.services.append(TracingService(flow.tracing))  # flushes the spans still buffered at exit
     if settings.kv_events or settings.engine_metrics_interval:  # pdproxy.routing: the engines' own view
         from pdproxy.routing.wiring import enable_routing
 

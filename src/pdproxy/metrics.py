@@ -182,6 +182,10 @@ class Metrics:
                                          registry=registry)
         self.prompt_tokens = LoopCounter("pdproxy_prompt_tokens", "Prompt tokens, as reported in the engines' usage.",
                                          registry=registry)
+        self.prefill_cached_tokens = LoopCounter(
+            "pdproxy_prefill_cached_prompt_tokens",
+            "Prompt tokens the prefill servers found in their prefix cache (what the client's usage reports "
+            "as cached_tokens).", registry=registry)
         self.completion_tokens = LoopCounter("pdproxy_completion_tokens",
                                              "Completion tokens, as reported in the engines' usage.", registry=registry)
         self.handoff_gap = LoopHistogram("pdproxy_handoff_gap_seconds",

@@ -12,7 +12,7 @@ import orjson
 class ProxyRequest:
     """A parsed client request. `body` is the client's JSON, never mutated."""
 
-    endpoint: str  # "/v1/completions" or "/v1/chat/completions"
+    endpoint: str  # "/v1/completions", "/v1/chat/completions" or "/inference/v1/generate"
     body: dict[str, Any]
     stream: bool
     request_id: str
@@ -21,6 +21,8 @@ class ProxyRequest:
     def prompt_prefix(self, limit: int) -> str:
         """The first `limit` characters of the prompt; for chat, of the whole rendered conversation."""
         prompt = self.body.get("prompt")
+        if prompt is None:
+            prompt = self.body.get("token_ids")  # vLLM's tokens-in API
         if prompt is not None:
             return _render_prompt(prompt)[:limit]
         parts: list[str] = []
