@@ -1,4 +1,5 @@
-"""Property-based fuzz of request bodies and headers against the real proxy and mock engines (issue 15 item 8).
+"""Property-based fuzz of request bodies and headers against the real proxy and mock engines (issue 15 item 8):
+the PD routes, and bodies on the tokens-in and pass-through routes.
 
 The property, for every input: the answer is 2xx or 4xx (never a 5xx caused by the input; the engines are healthy
 throughout), it is framed correctly, nothing is logged as an ERROR or with a traceback, and once it is answered
@@ -35,6 +36,8 @@ FUZZ = settings(
 )
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
+# the other POST routes with a body: the tokens-in PD route and pass-through routes (the mock may answer 404)
+OTHER_ROUTES = ("/inference/v1/generate", "/v1/responses", "/v1/embeddings", "/tokenize", "/v1/messages")
 
 # ---- strategies ---------------------------------------------------------------------------------------------------
 
@@ -129,11 +132,14 @@ async def send(cluster: Cluster, path: str, body: bytes, headers: list[tuple[str
         writer.close()
 
 
-async def check_property(cluster: Cluster, reply: Reply, what: Any) -> None:
+async def check_property(cluster: Cluster, reply: Reply, what: Any, *, completion: bool = True) -> None:
+    """`completion`: the answer must be a completion (else any JSON or event stream of the route)."""
     assert 200 <= reply.status < 500, (reply.status, reply.body[:300], what)
     if reply.status >= 400:
         error = json.loads(reply.body)["error"]
         assert set(error) == {"message", "type", "param", "code"}, (reply.body[:300], what)
+    elif not completion:
+        assert reply.body or reply.status == 204, what
     elif reply.headers.get("content-type", "").startswith("text/event-stream"):
         assert reply.body.endswith(b"data: [DONE]\n\n"), (reply.body[-300:], what)
         assert b'"error"' not in reply.body, (reply.body[-300:], what)  # a healthy engine's stream ends clean
@@ -175,3 +181,10 @@ async def test_fuzzed_headers_get_2xx_or_4xx(fuzzed: Cluster, path: str, stream:
     body.update({"prompt": "fuzz"} if path == ENDPOINTS[0] else {"messages": [{"role": "user", "content": "fuzz"}]})
     reply = await send(fuzzed, path, json.dumps(body).encode(), headers)
     await check_property(fuzzed, reply, headers)
+
+
+@FUZZ
+@given(path=st.sampled_from(OTHER_ROUTES), body=raw_bodies)
+async def test_fuzzed_bodies_on_the_other_routes_get_2xx_or_4xx(fuzzed: Cluster, path: str, body: bytes) -> None:
+    reply = await send(fuzzed, path, body, [("Content-Type", b"application/json")])
+    await check_property(fuzzed, reply, (path, body[:300]), completion=False)
