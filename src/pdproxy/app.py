@@ -8,7 +8,7 @@ import random
 import signal
 import socket
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -16,7 +16,8 @@ from pdproxy.admin import AdminApi
 from pdproxy.admission import AdmissionQueue
 from pdproxy.client import ClientOptions, UpstreamClient
 from pdproxy.discovery import Discovery, build_discovery
-from pdproxy.handoff import make_handoff
+from pdproxy.handoff import Handoff, make_handoff
+from pdproxy.handoff.discovery import MetadataRefresher, MetadataWithoutHealth, Probe, client_fetch_json
 from pdproxy.health import ActiveHealthChecker, StateBoard, http_probe
 from pdproxy.http.api import OpenAIApi
 from pdproxy.http.auth import ClientKeys
@@ -32,6 +33,7 @@ from pdproxy.membership import Hooks, Membership, read_state_file
 from pdproxy.metrics import CONTENT_TYPE, Metrics
 from pdproxy.outlier import ConsecutiveFailureDetector, NoOutlierDetection, OutlierDetector
 from pdproxy.policies import PolicyOptions, make_balancer
+from pdproxy.policies.tokens import make_token_counter
 from pdproxy.proxy.orchestrator import FlowLimits, FlowTimeouts, Orchestrator
 from pdproxy.proxy.passthrough import Passthrough, PassTimeouts
 from pdproxy.proxy.record import RequestRecord
@@ -174,12 +176,13 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
                                           keepalive_timeout=settings.upstream_keepalive_timeout),
                             on_stale_retry=on_stale_retry)
     limits = FlowLimits(settings.prefill_retries, settings.flow_retries, settings.max_concurrency)
+    handoff = make_handoff(settings.kv_adapter, settings.handoff_meta, concurrent_ok=True)
     flow = Orchestrator(
         prefill_pool=pools[Role.PREFILL],
         decode_pool=pools[Role.DECODE],
         prefill_policy=make_balancer(settings.prefill_policy, policy_options, rng=rng),
         decode_policy=make_balancer(settings.decode_policy, policy_options, rng=rng),
-        handoff=make_handoff(settings.kv_adapter),
+        handoff=handoff,
         client=client,
         timeouts=FlowTimeouts(
             connect=settings.connect_timeout, prefill=settings.prefill_timeout,
@@ -192,11 +195,17 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
         metrics=metrics,
         access_log_format=settings.access_log_format if settings.access_log else "off",
         on_release=on_release,
+        pd_min_prompt_tokens=settings.pd_min_prompt_tokens,
+        token_counter=make_token_counter(str(settings.tokenizer) if settings.tokenizer else None,
+                                         settings.chars_per_token) if settings.pd_min_prompt_tokens else None,
         tracing=tracing or build_tracing(settings.otel_endpoint, settings.otel_service_name),
     )
+    refresher = MetadataRefresher(handoff, client_fetch_json(client, settings.health_timeout),
+                                  on_change=lambda upstream: (board.notify(), admission.wake()))
+    probe = _probe_with_metadata(handoff, refresher,
+                                 http_probe(lambda: client, settings.health_path, settings.health_timeout))
     checker = ActiveHealthChecker(
-        board, http_probe(lambda: client, settings.health_path, settings.health_timeout),
-        interval=settings.health_interval, rise=settings.health_rise, fall=settings.health_fall,
+        board, probe, interval=settings.health_interval, rise=settings.health_rise, fall=settings.health_fall,
         ejection_over=outlier.ejection_over, rng=rng,
     ) if health_on else None
     def forget(upstream: Upstream) -> None:  # a removed upstream: its series and its outlier record go
@@ -209,7 +218,17 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
         changed=lambda action: metrics.admin_changes.labels(action).inc(),
     )
     if checker is not None:
-        membership.hooks.watch, membership.hooks.unwatch = checker.watch, checker.unwatch
+        membership.hooks.watch, membership.hooks.unwatch = _watch_with_metadata(refresher, checker.watch), \
+            checker.unwatch
+        for upstream in membership.members():  # configured and restored: unroutable until their metadata is in
+            refresher.prepare(upstream)
+    services: list[Service] = []
+    if checker is None and handoff.meta_roles:  # no probes to ride on: discover once per upstream instead
+        once = MetadataWithoutHealth(refresher)
+        membership.hooks.watch, membership.hooks.unwatch = once.watch, once.unwatch
+        for upstream in membership.members():
+            once.watch(upstream)
+        services.append(once)
     membership.save_now()  # the state file reflects what runs from the start
 
     def on_transition(upstream: Upstream, old: State, new: State, reason: str) -> None:
@@ -245,7 +264,7 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
     server_limits = settings.server_limits()
     app = App(router, flow, metrics, board, membership, client, server_limits, checker, listening,
               admin if settings.admin_port is not None else None,
-              build_discovery(settings, membership, metrics, caps))
+              build_discovery(settings, membership, metrics, caps), services)
     if flow.tracing.enabled:
         app.services.append(TracingService(flow.tracing))  # flushes the spans still buffered at exit
     if settings.kv_events or settings.engine_metrics_interval:  # pdproxy.routing: the engines' own view
@@ -253,6 +272,21 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
 
         enable_routing(app, settings)
     return app
+
+
+def _probe_with_metadata(handoff: Handoff, refresher: MetadataRefresher, probe: Probe) -> Probe:
+    """The health probe, followed by handoff metadata discovery when the handoff needs any."""
+    return refresher.wrap(probe) if handoff.meta_roles else probe
+
+
+def _watch_with_metadata(refresher: MetadataRefresher, watch: Callable[[Upstream], None]) -> Callable[[Upstream], None]:
+    """Start probing an upstream that joined (admin, discovery) once it is marked pending its metadata."""
+
+    def start(upstream: Upstream) -> None:
+        refresher.prepare(upstream)
+        watch(upstream)
+
+    return start
 
 
 def _initial_members(settings: Settings, caps: dict[Role, int]) -> dict[Role, list[Upstream]]:

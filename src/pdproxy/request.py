@@ -17,6 +17,9 @@ class ProxyRequest:
     stream: bool
     request_id: str
     headers: bytes  # header lines sent to both legs (X-Request-Id, Authorization, trace context), built once
+    # The prompt tokens the last server chosen for it would still compute, as a cache-aware policy estimated
+    # them (None: no policy knows). Read by `--pd-min-prompt-tokens` right after the decode choice.
+    uncached_tokens: int | None = None
 
     def prompt_prefix(self, limit: int) -> str:
         """The first `limit` characters of the prompt; for chat, of the whole rendered conversation."""

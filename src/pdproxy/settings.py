@@ -293,8 +293,9 @@ class Settings(BaseSettings):
         description=('send prompts whose estimated uncached part on the chosen decode server is under N tokens to '
                      'that server alone, without prefill; 0 means always disaggregate'),
         doc=("Skip disaggregation when it does not pay (llm-d's threshold): a prompt whose estimated uncached part "
-             'is under this many tokens goes to the decode server alone, as a normal request. 0 (the default) always '
-             'disaggregates.'))
+             'is under this many tokens goes to the decode server alone, as a normal request; the uncached part is '
+             "known with --decode-policy cache_aware, else the whole prompt counts. Not with --kv-adapter sglang "
+             "(SGLang's decode servers take only disaggregated requests). 0 (the default) always disaggregates."))
     # ---- failover
     prefill_retries: int = setting(
         2, group=FAILOVER, ge=0, le=16,

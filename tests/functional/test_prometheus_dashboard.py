@@ -59,6 +59,8 @@ ZERO_HERE = {
     "Queue [A]": "the same gauge: nothing waits with queue_size=0",
     "Retries [B]": "no decode fails before its first byte here (flow retries)",
     "KV handoff missing [A]": "the mock engines always answer with kv_transfer_params",
+    "PD skipped by reason [A]": ("--pd-min-prompt-tokens is off here (tests/functional/test_skip_pd.py counts "
+                                 "skips)"),
     "Pool panic [A]": ("panic needs under half of a pool healthy; here one of two prefill servers is ejected "
                        "(tests/functional/test_panic.py provokes it)"),
 }

@@ -83,6 +83,7 @@ class VllmNixlHandoff:
     concurrent: ClassVar[bool] = False
     cancel_decode_on_prefill_failure: ClassVar[bool] = False  # D is called only after P answered
     meta_roles: ClassVar[frozenset[Role]] = frozenset()  # the handle carries every address D needs
+    decode_serves_alone: ClassVar[bool] = True
 
     def plan(self, request: ProxyRequest, prefill: Upstream, decode: Upstream) -> SequentialPlan:
         body = one_token_body(request.body)

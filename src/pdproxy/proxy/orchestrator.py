@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from pdproxy.admission import AdmissionQueue, QueueFull, QueueTimeout
@@ -39,8 +39,11 @@ from pdproxy.http.response import Response
 from pdproxy.metrics import Metrics
 from pdproxy.outlier import OutlierDetector
 from pdproxy.policies import Balancer
+from pdproxy.policies.tokens import CharTokenCounter, TokenCounter
 from pdproxy.proxy.calls import check_status, translate
-from pdproxy.proxy.outcomes import FAILURE_OUTCOMES, outcome_of
+from pdproxy.proxy.concurrent import ConcurrentFlow
+from pdproxy.proxy.direct import Flow, SkipPd
+from pdproxy.proxy.outcomes import FAILURE_OUTCOMES, Report, outcome_of
 from pdproxy.proxy.prefill import PrefillLeg
 from pdproxy.proxy.record import CLIENT_CLOSED, LOG_FORMATS, RequestRecord, access_log, reported_usage
 from pdproxy.proxy.relay import SSE_EVENT_END, Relay
@@ -98,6 +101,8 @@ class Orchestrator:
         access_log_format: str = "text",
         on_release: Callable[[Upstream], None] | None = None,
         tracing: Tracing = NO_TRACING,
+        pd_min_prompt_tokens: int = 0,
+        token_counter: TokenCounter | None = None,
     ) -> None:
         self.prefill_pool = prefill_pool
         self.decode_pool = decode_pool
@@ -112,6 +117,7 @@ class Orchestrator:
         self.tracing = tracing
         self._log_format = LOG_FORMATS[access_log_format]
         self._on_release = on_release or (lambda upstream: admission.wake())
+        self.on_release = self._on_release
         self.prefill = PrefillLeg(
             pool=prefill_pool, policy=prefill_policy, client=client, handoff=handoff, timeout=timeouts.prefill,
             deadline=timeouts.prefill_deadline, retries=limits.prefill_retries,
@@ -128,6 +134,14 @@ class Orchestrator:
         self._idle.set()
         first_byte = timeouts.decode_first_byte
         self._first_byte_timeout = min(first_byte, timeouts.decode_total) if timeouts.decode_total else first_byte
+        # The flow is chosen once: a sequential plan runs `_run` with nothing added per request.
+        self._flow: Flow = ConcurrentFlow(self).run if handoff.concurrent else self._run
+        if pd_min_prompt_tokens:  # off by default: then no estimate is made at all
+            if not handoff.decode_serves_alone:
+                raise ValueError(f"--pd-min-prompt-tokens needs decode servers that serve a request alone; "
+                                 f"{handoff.name}'s do not (its decode servers only take disaggregated requests)")
+            self._flow = SkipPd(self, self._flow, threshold=pd_min_prompt_tokens,
+                                counter=token_counter or CharTokenCounter(4.0)).run
 
     async def wait_idle(self) -> None:
         """Return once no request is in flight (all leases released)."""
@@ -167,7 +181,7 @@ class Orchestrator:
                 raise
             queue.end()
             try:
-                response = await self._run(request, preq, record, decode_lease, prefill)
+                response = await self._flow(request, preq, record, decode_lease, prefill)
             finally:
                 self.admitted -= 1
                 self.admission.wake()
@@ -307,6 +321,22 @@ class Orchestrator:
         assert last_error is not None
         raise last_error
 
+    def another_decoder(self, error: UpstreamError, lease: Lease, failed: list[Upstream], preq: ProxyRequest,
+                        record: RequestRecord) -> Lease | None:
+        """After `lease`'s D failed before its first byte with `error`: a lease on a D not in `failed` (any routable
+        one when all failed: a fresh attempt may fix what failed), counted as a flow retry, `lease` released; None
+        when `error` is not a retryable decode failure, `flow_retries` are spent or no D is available."""
+        if error.side != "decode" or not error.retryable or len(failed) >= self.limits.flow_retries:
+            return None
+        failed.append(lease.upstream)
+        candidates = self.decode_pool.available(failed) or self.decode_pool.available()
+        if not candidates:
+            return None
+        lease.release()
+        record.retries += 1
+        self.metrics.flow_retries.inc()
+        return Lease(self.decode_policy.choose(candidates, preq), self._on_release)
+
     def _recheck(self, lease: Lease, preq: ProxyRequest) -> Lease:
         """The D leased at admission, or another when it stopped being routable while P worked."""
         if self.decode_pool.may_route(lease.upstream):  # healthy, or the pool is in panic
@@ -318,8 +348,15 @@ class Orchestrator:
         lease.release()
         return fresh
 
+    def run_decode(self, request: Request, preq: ProxyRequest, call: UpstreamCall, record: RequestRecord,
+                   upstream: Upstream, *, report: Report) -> Awaitable[Response | None]:
+        """The decode leg, its outcome told to `report` instead of reported (a concurrent plan decides whose
+        fault a failure was once both legs are known)."""
+        return self._decode(request, preq, call, record, upstream, report)
+
     async def _decode(
-        self, request: Request, preq: ProxyRequest, call: UpstreamCall, record: RequestRecord, upstream: Upstream
+        self, request: Request, preq: ProxyRequest, call: UpstreamCall, record: RequestRecord, upstream: Upstream,
+        report: Report | None = None,
     ) -> Response | None:
         record.decode_upstream = upstream.url
         sent = time.perf_counter()
@@ -347,7 +384,7 @@ class Orchestrator:
             outcome, reason = outcome_of(exc), exc.message
             raise
         finally:
-            self.report(upstream, outcome, reason)
+            (report or self.report)(upstream, outcome, reason)
             if record.trace is not NO_TRACE:
                 trace_decode(record, leg, preq.stream, outcome, reason)
 
