@@ -265,9 +265,10 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
     client_keys = ClientKeys(keys, default_max_in_flight=settings.api_key_max_in_flight) if keys else None
     model_list = ModelList(model_table, client, timeout=settings.decode_first_byte_timeout,
                            max_answer_bytes=limits.max_answer_bytes, on_release=on_release)
+    admin_token = settings.admin_token.get_secret_value() if settings.admin_token else None
     OpenAIApi(flow, passthrough, upstream_api_key=api_key, loop_guard=LoopGuard.create(),
               route_pools={route: Role(pool) for route, pool in settings.route_pools.items()},
-              client_keys=client_keys, model_list=model_list).add_routes(router)
+              client_keys=client_keys, model_list=model_list, admin_token=admin_token).add_routes(router)
     router.add("GET", LIVEZ_PATH, livez_handler(lambda: flow.draining))  # liveness: never asks an engine
     if settings.metrics_port is None:
         router.add("GET", "/metrics", metrics_handler(metrics))

@@ -508,6 +508,15 @@ class Settings(BaseSettings):
         doc=("nginx's send_timeout: a client that stops reading for this long while the proxy has bytes for it is "
              "closed, and its request ends as the client's fault (499 in the access log; never counted against the "
              'decode server, which was only paused meanwhile). Unit: seconds.'))
+    client_half_close: Literal["abort", "answer"] = setting(
+        "abort", group=CLIENTS,
+        description="a client's FIN while its request is served: abort (it left; the default) or answer",
+        doc=("What a client's FIN (shutdown of its sending side) while its request is served means. abort: the "
+             "client left, as nginx (proxy_ignore_client_abort off) and Envoy read it; its prefill and decode are "
+             "cancelled at once, so no engine works for a client that is gone. answer: a FIN after a complete "
+             "request is a half-close (nc -N, some load balancers and health probers); the answer is written, "
+             "then the connection closed. A client that really left is then noticed only at the first write that "
+             "fails, so a non-streamed request runs its whole generation for nobody."))
     max_connections: int = setting(
         10_000, group=CLIENTS, ge=1,
         description='open client connections per process; more get 503',
@@ -824,7 +833,8 @@ class Settings(BaseSettings):
                             keepalive_timeout=self.keepalive_timeout, max_connections=self.max_connections,
                             max_header_bytes=self.max_header_bytes, max_headers=self.max_headers,
                             max_body_bytes=self.max_body_bytes, body_budget_bytes=self.body_budget_bytes,
-                            send_timeout=self.send_timeout)
+                            send_timeout=self.send_timeout,
+                            answer_half_closed=self.client_half_close == "answer")
 
     @classmethod
     def settings_customise_sources(

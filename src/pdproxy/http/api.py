@@ -9,7 +9,8 @@ from typing import Any
 
 import orjson
 
-from pdproxy.errors import InvalidRequest, LoopDetected, ProxyError, Unavailable
+from pdproxy.admin import authorize_request
+from pdproxy.errors import Forbidden, InvalidRequest, LoopDetected, ProxyError, Unauthorized, Unavailable
 from pdproxy.http.auth import PUBLIC_PATHS, ClientKeys
 from pdproxy.http.request import Request
 from pdproxy.http.response import Response, json_response
@@ -40,11 +41,14 @@ class OpenAIApi:
     def __init__(self, flow: Orchestrator, passthrough: Passthrough, *, upstream_api_key: str | None,
                  loop_guard: LoopGuard, route_pools: Mapping[str, Role] | None = None,
                  homes: ResponseHomes | None = None, client_keys: ClientKeys | None = None,
-                 model_list: ModelList | None = None) -> None:
+                 model_list: ModelList | None = None, admin_token: str | None = None) -> None:
         """`client_keys`: every route but `/health` needs one of them; the client's Authorization is then the
-        proxy's to check, never forwarded (upstreams get `upstream_api_key` or nothing)."""
+        proxy's to check, never forwarded (upstreams get `upstream_api_key` or nothing). `admin_token`:
+        `/health?verbose=1` (the topology) is behind the admin API's rule: this bearer token when set, else
+        loopback clients through no other proxy."""
         self.flow = flow
         self.passthrough = passthrough
+        self._admin_token = admin_token.encode() if admin_token else None
         self.loop_guard = loop_guard
         self.route_pools = dict(route_pools or {})
         self.homes = homes if homes is not None else ResponseHomes()
@@ -178,7 +182,13 @@ class OpenAIApi:
 
     async def health(self, request: Request) -> Response:
         """200 when at least one P and one D are routable and the proxy is not draining, else 503 with
-        the reason. `?verbose=1` lists every upstream."""
+        the reason. `?verbose=1` lists every upstream, for admin callers only (401/403 otherwise)."""
+        verbose = request.query().get("verbose", "0") not in ("0", "false", "")
+        if verbose:
+            try:
+                authorize_request(request, self._admin_token)
+            except (Unauthorized, Forbidden) as exc:
+                return exc.response()
         flow = self.flow
         body: dict[str, Any] = {}
         problems = ["draining: pdproxy is shutting down"] if flow.draining else []
@@ -191,7 +201,7 @@ class OpenAIApi:
                 problems.append(f"no routable {pool.role.value} upstream")
         if flow.models.single is None:  # several models: each one's own counts
             body["models"] = flow.models.describe()
-        if request.query().get("verbose", "0") not in ("0", "false", ""):
+        if verbose:
             body["upstreams"] = [u.describe() for pool in (flow.prefill_pool, flow.decode_pool) for u in pool.members]
             body["in_flight"] = flow.in_flight
             body["queued"] = flow.admission.waiting
