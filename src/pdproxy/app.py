@@ -31,6 +31,7 @@ from pdproxy.membership import Hooks, Membership, read_state_file
 from pdproxy.metrics import CONTENT_TYPE, Metrics
 from pdproxy.outlier import ConsecutiveFailureDetector, NoOutlierDetection, OutlierDetector
 from pdproxy.policies import PolicyOptions, make_balancer
+from pdproxy.proxy.fanout import FanOut
 from pdproxy.proxy.orchestrator import FlowLimits, FlowTimeouts, Orchestrator
 from pdproxy.proxy.passthrough import Passthrough
 from pdproxy.proxy.record import RequestRecord
@@ -222,7 +223,8 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
     models = Passthrough(pool=pools[Role.DECODE], policy=flow.decode_policy, client=client,
                          timeout=settings.decode_first_byte_timeout, max_answer_bytes=limits.max_answer_bytes,
                          on_release=on_release)
-    OpenAIApi(flow, models, upstream_api_key=api_key, loop_guard=LoopGuard.create()).add_routes(router)
+    OpenAIApi(flow, models, upstream_api_key=api_key, loop_guard=LoopGuard.create(),
+              fanout=FanOut(flow, settings.max_fanout)).add_routes(router)
     router.add("GET", LIVEZ_PATH, livez_handler(lambda: flow.draining))  # liveness: never asks an engine
     if settings.metrics_port is None:
         router.add("GET", "/metrics", metrics_handler(metrics))

@@ -11,6 +11,7 @@ from pdproxy.http.request import Request
 from pdproxy.http.response import Response, json_response
 from pdproxy.http.router import Router
 from pdproxy.http.validate import LoopGuard, loads_request, sanitize_request_id
+from pdproxy.proxy.fanout import FanOut
 from pdproxy.proxy.orchestrator import Orchestrator
 from pdproxy.proxy.passthrough import Passthrough
 from pdproxy.request import ProxyRequest
@@ -24,8 +25,9 @@ class OpenAIApi:
     """`/v1/completions`, `/v1/chat/completions`, `/v1/models` and `/health`."""
 
     def __init__(self, flow: Orchestrator, models: Passthrough, *, upstream_api_key: str | None,
-                 loop_guard: LoopGuard) -> None:
+                 loop_guard: LoopGuard, fanout: FanOut | None = None) -> None:
         self.flow = flow
+        self.fanout = fanout or FanOut(flow, max_fanout=16)
         self.models_route = models
         self.loop_guard = loop_guard
         self._upstream_authorization = f"Bearer {upstream_api_key}" if upstream_api_key else None
@@ -42,17 +44,21 @@ class OpenAIApi:
     async def chat_completions(self, request: Request) -> Response | None:
         return await self._proxy(request, CHAT_COMPLETIONS, _check_messages)
 
-    async def _proxy(self, request: Request, endpoint: str, check: Callable[[dict[str, Any]], None]) -> Response | None:
+    async def _proxy(self, request: Request, endpoint: str, check: Callable[[dict[str, Any]], int]) -> Response | None:
         request_id = _request_id(request)
         try:
             self._check_loop(request)
             body = parse_json_object(request.body)
             request.body = b""  # parsed: the raw bytes are not held for the whole stream
-            check(body)
-            stream = _check_common(body)
+            prompts = check(body)
+            stream, n = _check_common(body)
+            if prompts > 1 or n > 1:
+                self.fanout.check(prompts, n)
         except ProxyError as exc:
             return self.flow.refuse(request, endpoint, request_id, exc)
         preq = ProxyRequest(endpoint, body, stream, request_id, self._upstream_headers(request, request_id))
+        if prompts > 1 or n > 1:  # a batch or several samples: one PD flow each (proxy/fanout.py)
+            return await self.fanout.handle(request, preq, prompts, n)
         return await self.flow.handle(request, preq)
 
     async def models(self, request: Request) -> Response:
@@ -123,24 +129,27 @@ def _request_id(request: Request) -> str:
     return sanitize_request_id(request.headers.get("x-request-id")) or os.urandom(16).hex()
 
 
-def _check_common(body: dict[str, Any]) -> bool:
-    """Checks shared by both endpoints; returns whether the client asked for a stream."""
+def _check_common(body: dict[str, Any]) -> tuple[bool, int]:
+    """Checks shared by both endpoints; returns whether the client asked for a stream, and `n`."""
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise InvalidRequest("'stream' must be true or false", param="stream")
+    n = 1
     for key in ("n", "best_of"):
         value = body.get(key)
         if value is None:
             continue
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise InvalidRequest(f"'{key}' must be a positive integer", param=key)
-        if value > 1:
+        if key == "n":
+            n = value
+        elif value > 1:
             raise InvalidRequest(
-                f"'{key}' > 1 is not supported by the PD proxy: prefill hands over one sequence's KV cache; "
-                "send separate requests instead",
+                "'best_of' > 1 is not supported by the PD proxy: prefill hands over one sequence's KV cache; "
+                "use n instead",
                 param=key,
             )
-    return bool(stream)
+    return bool(stream), n
 
 
 def _is_token_ids(value: Any) -> bool:
@@ -149,23 +158,23 @@ def _is_token_ids(value: Any) -> bool:
     )
 
 
-def _check_prompt(body: dict[str, Any]) -> None:
+def _check_prompt(body: dict[str, Any]) -> int:
+    """The number of prompts: 1 for one prompt (a string, token ids, or a batch of one), else the batch's."""
     prompt = body.get("prompt")
     if isinstance(prompt, str) or _is_token_ids(prompt):
-        return
+        return 1
     if prompt is None:
         raise InvalidRequest("'prompt' is required", param="prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and (isinstance(prompt[0], str) or _is_token_ids(prompt[0])):
-        return
-    if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, str | list) for p in prompt):
-        raise InvalidRequest(
-            "a list of prompts (batched completion) is not supported by the PD proxy; send one prompt per request",
-            param="prompt",
-        )
-    raise InvalidRequest("'prompt' must be a string or a non-empty list of token ids", param="prompt")
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) or _is_token_ids(p) for p in prompt):
+        return len(prompt)  # a batch: strings or token-id lists, as vLLM takes them
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str | list) for p in prompt):
+        raise InvalidRequest("each prompt of a batch must be a string or a non-empty list of token ids",
+                             param="prompt")
+    raise InvalidRequest("'prompt' must be a string, a non-empty list of token ids, or a list of those",
+                         param="prompt")
 
 
-def _check_messages(body: dict[str, Any]) -> None:
+def _check_messages(body: dict[str, Any]) -> int:
     messages = body.get("messages")
     if messages is None:
         raise InvalidRequest("'messages' is required", param="messages")
@@ -175,3 +184,4 @@ def _check_messages(body: dict[str, Any]) -> None:
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise InvalidRequest(f"messages[{index}] must be an object with a string 'role'",
                                  param=f"messages[{index}]")
+    return 1
