@@ -43,7 +43,8 @@ from progress import Progress  # noqa: E402
 from report import summarize  # noqa: E402
 
 LOADGEN = HERE / "loadgen.py"
-SYSTEM_ORDER = ("direct-pd", "pdproxy", "floor", "nginx", "vllm-router", "sglang-router")
+SYSTEM_ORDER = ("direct-pd", "pdproxy", "pdproxy-unshared", "floor", "nginx", "vllm-router", "sglang-router")
+DEFAULT_SYSTEMS = tuple(s for s in SYSTEM_ORDER if s != "pdproxy-unshared")  # that one only with --pdproxy-workers
 STREAMS_PER_ENGINE = 4096  # S4: streams per decode engine and per load generator process
 # S4: streams being opened at once per load generator. Bursts of new connections beyond a listener's
 # backlog (aiohttp's default is 128, the mock engines' too) are dropped by the kernel and retried
@@ -635,7 +636,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes: about a minute")
     parser.add_argument("--tiny", action="store_true", help="a few requests per system (the test suite's smoke run)")
-    parser.add_argument("--systems", default=",".join(SYSTEM_ORDER), help="comma list (default: all)")
+    parser.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
+                        help="comma list (default: all but pdproxy-unshared)")
     parser.add_argument("--workloads", default="S1,S2,S3,L1,S4", help="comma list (default: S1,S2,S3,L1,S4)")
     parser.add_argument("--requests", type=int, default=0, help="override the request count of S1-S3 and L1")
     parser.add_argument("--repeat", type=int, default=1,

@@ -473,15 +473,18 @@ def decision_cost(servers: int = 8, prompt_chars: int = 4096, decisions: int = 4
                 policy.choose(pool, request)
             best = min(best, (time.perf_counter() - started) / len(requests))
         costs[name] = round(best * 1e6, 2)
-    costs["cache_aware shared, 4 workers"] = _shared_decision_cost(options, requests, servers)
+    for name in ("least_conn", "cache_aware"):
+        costs[f"{name} shared, 4 workers"] = _shared_decision_cost(options, requests, servers, name)
     return costs
 
 
-def _shared_decision_cost(options: PolicyOptions, requests: Sequence[ProxyRequest], servers: int) -> float:
-    """µs per cache_aware decision in worker 0 of 4 sharing a table, each of the 3 others deciding as often.
+def _shared_decision_cost(options: PolicyOptions, requests: Sequence[ProxyRequest], servers: int,
+                          name: str) -> float:
+    """µs per decision of policy `name` in worker 0 of 4 sharing a table, each of the 3 others deciding as often.
 
-    The others' decisions are published between ours (their feed entries are what ours replays);
-    the time of publishing them alone is measured apart and taken off."""
+    Every candidate's load is summed over the 4 rows. For cache_aware the others' decisions are
+    published between ours (their feed entries are what ours replays); the time of publishing
+    them alone is measured apart and taken off."""
     from pdproxy.policies.prefix_index import block_keys
     from pdproxy.routing.feed import DecisionFeed
     from pdproxy.routing.load import WorkerRow
@@ -491,8 +494,7 @@ def _shared_decision_cost(options: PolicyOptions, requests: Sequence[ProxyReques
     table = SharedTable.create(4)
     try:
         row = WorkerRow(table, 0)
-        policy = SharedBalancer(make_balancer("cache_aware", options, rng=random.Random(1)), row,
-                                DecisionFeed(table, 0))
+        policy = SharedBalancer(make_balancer(name, options, rng=random.Random(1)), row, DecisionFeed(table, 0))
         pool = [Upstream(Role.PREFILL, f"http://10.0.0.{i + 1}:8100") for i in range(servers)]
         others = [DecisionFeed(table, w) for w in (1, 2, 3)]
         keys = [block_keys(r.prompt_prefix(options.block_chars * options.index_max_blocks), options.block_chars)
@@ -500,6 +502,8 @@ def _shared_decision_cost(options: PolicyOptions, requests: Sequence[ProxyReques
         targets = [server_key("prefill", u.url) for u in pool]
 
         def publish(i: int) -> None:
+            if name != "cache_aware":
+                return
             for w, feed in enumerate(others):
                 feed.publish(targets[(i + w) % len(targets)], keys[(i + 7 * w) % len(keys)])
 

@@ -174,6 +174,7 @@ class DirectPD(System):
 class PdProxy(System):
     name = "pdproxy"
     description = "this project: `python -m pdproxy`, access log off"
+    extra_args: tuple[str, ...] = ()
 
     def prepare(self, opts: Options) -> None:
         done = subprocess.run([sys.executable, "-m", "pdproxy", "serve", "--help"], capture_output=True, text=True,
@@ -188,7 +189,7 @@ class PdProxy(System):
         log = opts.logs / f"{workload.name}-{self.name}.log"
         args = ["--prefill-servers", ",".join(engines.prefill), "--decode-servers", ",".join(engines.decode),
                 "--host", "127.0.0.1", "--port", "0", "--no-access-log",
-                "--prefill-policy", opts.policy, "--decode-policy", opts.policy]
+                "--prefill-policy", opts.policy, "--decode-policy", opts.policy, *self.extra_args]
         running = Running(self.name, None)
         workers = opts.pdproxy_workers or workload.proxy_processes
         if workers > 1:
@@ -206,6 +207,13 @@ class PdProxy(System):
         running.owned.append(process)
         probe(url, 30, process, log)
         return running
+
+
+class PdProxyUnshared(PdProxy):
+    name = "pdproxy-unshared"
+    description = ("pdproxy with --no-shared-routing: with --pdproxy-workers N each worker routes on its own counts "
+                   "(the cost of the shared routing table, against `pdproxy` in the same run)")
+    extra_args = ("--no-shared-routing",)
 
 
 class Floor(System):
@@ -386,4 +394,5 @@ class SglangRouter(System):
         return running
 
 
-ALL: dict[str, type[System]] = {cls.name: cls for cls in (DirectPD, PdProxy, Floor, Nginx, VllmRouter, SglangRouter)}
+ALL: dict[str, type[System]] = {cls.name: cls for cls in (DirectPD, PdProxy, PdProxyUnshared, Floor, Nginx, VllmRouter,
+                                                            SglangRouter)}

@@ -14,6 +14,7 @@
     │   ├── ExpectationFailed       417     (an Expect other than 100-continue)
     │   └── HeadersTooLarge         431
     ├── Unavailable                 503     internal  no     service_unavailable   (no routable upstream)
+    │   └── CapsTaken               503     (--workers: other workers took the last slots; admission waits)
     ├── LoopDetected                508     internal  no     loop_detected  (the request carries this proxy's
     │                                                        own Via token: an upstream points back at it)
     ├── UpstreamError               502     prefill/  yes    upstream_error
@@ -144,6 +145,11 @@ class Unavailable(ProxyError):
         super().__init__(message, param=param, side=side)
         if retry_after is not None:
             self.headers["Retry-After"] = str(retry_after)
+
+
+class CapsTaken(Unavailable):
+    """Every candidate's cap was taken by other workers in the same instant (`--workers`): a slot
+    frees soon, so admission waits for one (bounded by the queue timeout) instead of refusing."""
 
 
 class LoopDetected(ProxyError):

@@ -235,6 +235,13 @@ class Settings(BaseSettings):
         doc=('cache_aware and least_tokens: a local Hugging Face tokenizer.json to count prompt tokens exactly '
              'instead of estimating them from characters. Needs the optional extra: pip install '
              "'pdproxy[tokenizer]'. Nothing is downloaded."))
+    shared_routing: bool = setting(
+        True, group=POLICIES,
+        description='with --workers: every worker routes on the host\'s load, caps and prefix decisions',
+        doc=("With workers above 1: the workers share one routing table (in-flight requests and tokens per "
+             "upstream, caps counted over all workers, cache_aware's prefix decisions). Off: each worker routes "
+             "on its own counts and learns prefixes alone, and each worker's caps apply to it alone (the cost "
+             "of sharing can then be measured against it)."))
     kv_events: bool = setting(
         False, group=POLICIES,
         description=("cache_aware: route on each prefill engine's KV-cache events (vLLM --kv-events-config), found "

@@ -474,7 +474,8 @@ def worker_main() -> None:
         handler.addFilter(_WorkerName(index))
     try:
         app = build_app(settings, persist=index == 0)  # one writer of the state file
-        share_routing(app, SharedTable.attach(table_path), index)
+        if settings.shared_routing:
+            share_routing(app, SharedTable.attach(table_path), index)
     except (StateFileError, ValueError, OSError) as exc:
         _report(f"error {exc}")
         sys.exit(2)

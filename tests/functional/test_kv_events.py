@@ -242,3 +242,30 @@ async def test_its_own_decisions_count_until_the_events_confirm_them(harness: Ha
     now[0] += 2.5  # the events never confirmed it (nothing was sent): it no longer counts
     assert choose(4) is not home  # only the load differs now
     lease.release()
+
+
+async def test_a_removal_the_events_report_after_a_send_voids_it(harness: Harness) -> None:
+    _, first = await harness.engine(cache_blocks=3)  # the document fills each engine's cache
+    _, second = await harness.engine(cache_blocks=3)
+    harness.start()
+    await harness.exact(first)
+    await harness.exact(second)
+    options = PolicyOptions(prefix_chars=256, vnodes=40, load_factor=0.25, block_chars=64, index_max_blocks=1000,
+                            cache_weight=2.0, cache_load="requests", chars_per_token=4.0, tokenizer="words")
+    policy = make_balancer("cache_aware", options, rng=random.Random(3), clock=lambda: 100.0)  # time stands still
+    policy.use_kv_events(harness.view)  # type: ignore[attr-defined]
+
+    def choose(i: int) -> Upstream:
+        return policy.choose([first, second], ProxyRequest("/v1/completions", {"prompt": f"{DOCUMENT} q{i}"},
+                                                           False, str(i), {}))
+
+    home = choose(0)
+    other = second if home is first else first
+    lease = Lease(home)
+    assert choose(1) is home  # its own send counts as held, one request in flight or not
+    await harness.prompt(home, DOCUMENT)  # the engine stores the document ...
+    await until(lambda: harness.held(home, DOCUMENT) == 3 * BLOCK_SIZE, "the stored document")
+    await harness.prompt(home, "other " * (3 * BLOCK_SIZE))  # ... and evicts it for another prompt
+    await until(lambda: harness.held(home, DOCUMENT) == 0, "the document's removal")
+    assert choose(2) is other  # the removal is newer than the sends: only the load differs now
+    lease.release()

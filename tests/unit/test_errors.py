@@ -7,6 +7,7 @@ import pytest
 
 from pdproxy import client, errors
 from pdproxy.errors import (
+    CapsTaken,
     ClientError,
     Conflict,
     ExpectationFailed,
@@ -51,6 +52,7 @@ EXPECTED: dict[type[ProxyError], tuple[int, str, bool]] = {
     ExpectationFailed: (417, "invalid_request_error", False),
     HeadersTooLarge: (431, "invalid_request_error", False),
     Unavailable: (503, "service_unavailable", False),
+    CapsTaken: (503, "service_unavailable", False),
     LoopDetected: (508, "loop_detected", False),
     UpstreamError: (502, "upstream_error", True),
     UpstreamConnectError: (502, "upstream_error", True),

@@ -86,6 +86,20 @@ def test_all_blocks_cleared_empties_the_view() -> None:
     assert cache.state == EXACT and cache.blocks() == 0 and cache.matched(KEYS) == 0
 
 
+def test_a_removal_after_a_mark_is_news_and_one_before_it_is_not() -> None:
+    cache = caught_up(ServerCache("p1"))
+    cache.live(0, stored([101, 102], None, PROMPT[:8]))
+    cache.live(1, removed([102]))
+    mark = cache.applied  # a policy sends the prompt here now, its second block included
+    assert not cache.forgot_since(KEYS[1], mark)  # that removal was known when it decided
+    cache.live(2, stored([103], 101, PROMPT[4:8]))  # the request re-stored it ...
+    cache.live(3, removed([103]))  # ... and the engine evicted it again since
+    assert cache.forgot_since(KEYS[1], mark) and not cache.forgot_since(KEYS[0], mark)
+    later = cache.applied
+    cache.live(4, encode(KVEventBatch(1.0, [AllBlocksCleared()], 0)))
+    assert cache.forgot_since(KEYS[0], later)  # a cleared view forgot every block
+
+
 def test_an_engine_restart_is_never_routed_on_stale_blocks() -> None:
     cache = caught_up(ServerCache("p1"))
     cache.live(0, stored([101, 102], None, PROMPT[:8]))

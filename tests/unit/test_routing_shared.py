@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pdproxy.errors import Unavailable
+from pdproxy.errors import CapsTaken
 from pdproxy.policies import PolicyOptions, make_balancer
 from pdproxy.policies.prefix_index import block_keys
 from pdproxy.routing.feed import DecisionFeed
@@ -160,14 +160,14 @@ class _Prompt:
         return self.text[:limit]
 
 
-async def test_caps_hold_across_workers_and_a_lost_race_is_unavailable(table: SharedTable) -> None:
+async def test_caps_hold_across_workers_and_a_lost_race_is_caps_taken(table: SharedTable) -> None:
     rows = [WorkerRow(table, w) for w in range(2)]
     pools = [[Upstream(Role.PREFILL, URL, max_in_flight=1)] for _ in rows]
     balancers = [SharedBalancer(_policy("least_conn"), row) for row in rows]  # type: ignore[arg-type]
     chosen = balancers[0].choose(pools[0], _Prompt("x"))
     lease = Lease(chosen)
     assert pools[1][0].full is False  # not yet attached: worker 1 has not decided on it
-    with pytest.raises(Unavailable, match="at its in-flight cap"):
+    with pytest.raises(CapsTaken, match="at its in-flight cap"):  # admission waits on it
         balancers[1].choose(pools[1], _Prompt("x"))  # attached now: worker 0's lease fills the cap
     assert pools[1][0].full
     lease.release()

@@ -27,6 +27,8 @@ index: the request's token blocks (as the engine hashes them) against the blocks
 said it holds. Servers whose view is degraded or in fallback keep the approximate estimate.
 Events lag a decision by the time the request takes to reach the engine, so this policy's own
 decisions of the last `RECENT` seconds count as held too: a burst of one prefix stays together.
+A removal the events report after such a decision voids it (the engine evicted the block since:
+on a busy server LRU turns over within the lag), so a send never outweighs newer news.
 
 With engine load (`use_engine_load`), a server's load is the larger of this policy's count and
 the engine's own running + waiting requests (in tokens: times the mean uncached tokens of a
@@ -91,7 +93,8 @@ class CacheAware:
         self._clock = clock
         self._engines: EngineLoads | None = None
         self._mean_uncached = 0.0  # moving mean of a decision's uncached tokens: engine requests -> tokens
-        self._recent: dict[str, dict[int, float]] = {}  # url -> token-block key -> when this policy sent it there
+        # url -> token-block key -> (when this policy sent it there, the server's event mark then)
+        self._recent: dict[str, dict[int, tuple[float, int]]] = {}
         self._servers: set[Hashable] = set()  # shared keys offered to this policy: others' feed entries are skipped
 
     def share(self, feed: DecisionFeed) -> None:
@@ -167,13 +170,15 @@ class CacheAware:
     def _recently_sent(self, upstream: Upstream, blocks: RequestBlocks) -> int:
         """Leading tokens of the request this policy sent to `upstream` in the last RECENT seconds."""
         recent = self._recent.get(upstream.url)
-        if not recent or self._kv is None:
+        kv = self._kv
+        if not recent or kv is None:
             return 0
-        size = self._kv.block_size(upstream)
+        size = kv.block_size(upstream)
         since = self._clock() - RECENT
         count = 0
         for key in blocks.keys(size):
-            if recent.get(key, since - 1) < since:
+            sent = recent.get(key)
+            if sent is None or sent[0] < since or kv.forgot_since(upstream, key, sent[1]):
                 break
             count += 1
         return count * size
@@ -183,12 +188,12 @@ class CacheAware:
             return
         size = self._kv.block_size(upstream)
         recent = self._recent.setdefault(upstream.url, {})
-        now = self._clock()
+        sent = (self._clock(), self._kv.mark(upstream))
         for key in blocks.keys(size):
-            recent[key] = now
+            recent[key] = sent
         if len(recent) > 4096:  # forget what the events had time to confirm (or deny)
-            since = now - RECENT
-            self._recent[upstream.url] = {k: t for k, t in recent.items() if t >= since}
+            since = sent[0] - RECENT
+            self._recent[upstream.url] = {k: v for k, v in recent.items() if v[0] >= since}
 
     def matched_blocks(self, upstream: Upstream, request: RoutingRequest) -> int:
         """Leading blocks of the request the index believes `upstream` holds (for tests and introspection)."""

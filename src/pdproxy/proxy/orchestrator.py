@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pdproxy.admission import AdmissionQueue, QueueFull, QueueTimeout
 from pdproxy.client import CallError, Stream, UpstreamClient
 from pdproxy.errors import (
+    CapsTaken,
     ProxyError,
     Unavailable,
     UpstreamBadResponse,
@@ -47,6 +48,7 @@ from pdproxy.request import ProxyRequest
 from pdproxy.upstreams import Lease, Role, State, Upstream, UpstreamPool
 
 RETRY_AFTER_SECONDS = 1
+CAPS_RETRY = 0.001  # seconds before a request that lost a race for the last slots (`--workers`) looks again
 # A stream whose first event is an error (vLLM: its KV never arrived) failed before any token: rerun it.
 SSE_ERROR_EVENT = b'data: {"error"'
 INTER_CHUNK_SAMPLE_EVERY = 8  # one stream in 8 records its chunk gaps: the cost stays off most streams
@@ -146,9 +148,9 @@ class Orchestrator:
         self.in_flight += 1
         self._idle.clear()
         try:
-            decode_lease = await self._admit(preq)
+            decode_lease, prefill = await self._admit(preq)
             try:
-                response = await self._run(request, preq, record, decode_lease)
+                response = await self._run(request, preq, record, decode_lease, prefill)
             finally:
                 self.admitted -= 1
                 self.admission.wake()
@@ -190,8 +192,8 @@ class Orchestrator:
 
     # -- admission ---------------------------------------------------------------------------
 
-    async def _admit(self, preq: ProxyRequest) -> Lease:
-        """A concurrency slot and a decode lease, at once or after waiting in the queue."""
+    async def _admit(self, preq: ProxyRequest) -> tuple[Lease, Upstream]:
+        """A concurrency slot, a decode lease and the chosen P, at once or after waiting in the queue."""
         if self.draining:
             raise Unavailable("pdproxy is shutting down; retry on another instance",
                               retry_after=RETRY_AFTER_SECONDS)
@@ -205,8 +207,10 @@ class Orchestrator:
             raise Unavailable(f"pdproxy is at capacity: no slot within {self.admission.timeout:g}s",
                               retry_after=RETRY_AFTER_SECONDS) from None
 
-    def _try_admit(self, preq: ProxyRequest) -> Lease | None:
-        """Grant a slot and lease a decode server, None when all are busy; 503 when none can serve."""
+    def _try_admit(self, preq: ProxyRequest) -> tuple[Lease, Upstream] | None:
+        """Grant a slot, lease a decode server and choose the prefill one, None when all are busy; 503 when
+        none can serve. P is chosen here, not when the prefill starts, so a cap counted over the workers
+        holds it from the admission on (another worker cannot take it in between)."""
         # An available upstream is a routable one: the routable() scans run only when none is available.
         decode = self.decode_pool.available()
         if not decode and not self.decode_pool.routable():  # before P computes KV that no D could take
@@ -218,13 +222,21 @@ class Orchestrator:
             return None
         if not decode or not prefill:
             return None
+        try:
+            decoder = self.decode_policy.choose(decode, preq)
+            prefiller = self.prefill.policy.choose(prefill, preq)
+        except CapsTaken:
+            # Other workers took the last slots in this instant (their reservations are withdrawn or
+            # leased by now): wait for a release, or a moment when both sides lost the race.
+            asyncio.get_running_loop().call_later(CAPS_RETRY, self.admission.wake)
+            return None
         self.admitted += 1
-        return Lease(self.decode_policy.choose(decode, preq), self._on_release)
+        return Lease(decoder, self._on_release), prefiller
 
     # -- the flow ----------------------------------------------------------------------------
 
     async def _run(
-        self, request: Request, preq: ProxyRequest, record: RequestRecord, decode_lease: Lease
+        self, request: Request, preq: ProxyRequest, record: RequestRecord, decode_lease: Lease, prefill: Upstream
     ) -> Response | None:
         """Prefill then decode; a decode that fails before its first byte reruns the whole flow.
 
@@ -243,7 +255,8 @@ class Orchestrator:
                 self.metrics.flow_retries.inc()
             try:
                 record.stage = "prefill"
-                plan, answer = await self.prefill.run(preq, record, decode_lease.upstream)
+                plan, answer = await self.prefill.run(preq, record, decode_lease.upstream,
+                                                      prefill if not attempt else None)
                 try:
                     decode_lease = self._recheck(decode_lease, preq)
                     call, has_handle = plan.decode(answer)

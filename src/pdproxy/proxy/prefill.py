@@ -38,17 +38,24 @@ class PrefillLeg:
         self._report = report
         self._on_release = on_release
 
-    async def run(self, preq: ProxyRequest, record: RequestRecord, decode: Upstream) -> tuple[Plan, dict[str, Any]]:
-        """The plan that succeeded and P's parsed answer; the last upstream error when every try failed."""
+    async def run(self, preq: ProxyRequest, record: RequestRecord, decode: Upstream,
+                  chosen: Upstream | None = None) -> tuple[Plan, dict[str, Any]]:
+        """The plan that succeeded and P's parsed answer; the last upstream error when every try failed.
+
+        `chosen`: the P admission chose for the first try (leased before the next await, so its slot
+        under a cap is this request's); failovers choose again."""
         tried: list[Upstream] = []
         last_error: UpstreamError | None = None
         started = time.perf_counter()
         for attempt in range(1 + self.retries):
             remaining = self.deadline - (time.perf_counter() - started)
-            candidates = self.pool.available(tried)
-            if not candidates or remaining <= 0:
-                break
-            upstream = self.policy.choose(candidates, preq)
+            if chosen is not None:
+                upstream, chosen = chosen, None
+            else:
+                candidates = self.pool.available(tried)
+                if not candidates or remaining <= 0:
+                    break
+                upstream = self.policy.choose(candidates, preq)
             tried.append(upstream)
             record.prefill_upstream = upstream.url
             if attempt:

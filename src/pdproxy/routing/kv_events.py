@@ -23,6 +23,7 @@ States, per server (what `describe()` shows):
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -38,6 +39,7 @@ STATES = (EXACT, DEGRADED, FALLBACK)
 END_SEQ = -1  # the replay socket's last message
 _MASK = (1 << 63) - 1
 MAX_PENDING = 10_000  # live batches kept while a replay runs; beyond that the view starts again
+MAX_REMOVALS = 65_536  # removed keys remembered for `forgot_since` (the oldest go first)
 
 
 def chain_key(parent: int, tokens: Sequence[int]) -> int:
@@ -163,6 +165,9 @@ class ServerCache:
     unchained: int = 0  # stored blocks whose parent the view never saw (skipped)
     replay_from: int | None = 0  # a new view first asks for the whole history
     last_event_at: float | None = None
+    applied: int = 0  # batches applied (and clears): a mark for "what the events said since" (`forgot_since`)
+    cleared_at: int = 0  # `applied` when the view was last emptied
+    _removed: dict[int, int] = field(default_factory=dict)  # chain key -> `applied` when its last holder went
     _keys: dict[Any, int] = field(default_factory=dict)  # engine block hash -> chain key
     _held: dict[int, int] = field(default_factory=dict)  # chain key -> engine blocks holding it
     _pending: dict[int, list[Event]] = field(default_factory=dict)  # live batches past a gap
@@ -184,6 +189,14 @@ class ServerCache:
                 break
             count += 1
         return count
+
+    def forgot_since(self, key: int, mark: int) -> bool:
+        """Whether the events removed `key` (or emptied the view) after `applied` was `mark`.
+
+        A policy that sent a block to this server when `applied` was `mark` counts it as held
+        until the events catch up; a removal applied since then is newer news than that send
+        (the engine evicted it, on a busy server within the lag), so the send no longer counts."""
+        return self.cleared_at > mark or self._removed.get(key, -1) > mark
 
     def blocks(self) -> int:
         return len(self._held)
@@ -291,6 +304,9 @@ class ServerCache:
     def _clear(self) -> None:
         self._keys.clear()
         self._held.clear()
+        self._removed.clear()
+        self.applied += 1
+        self.cleared_at = self.applied
 
     def _set(self, state: str, why: str) -> None:
         old = self.state
@@ -300,6 +316,7 @@ class ServerCache:
 
     def _apply(self, events: list[Event]) -> None:
         self.last_event_at = self.clock()
+        self.applied += 1
         keys, held = self._keys, self._held
         for event in events:
             if isinstance(event, Stored):
@@ -335,5 +352,11 @@ class ServerCache:
         count = self._held.get(key, 0) - 1
         if count > 0:
             self._held[key] = count
-        else:
-            self._held.pop(key, None)
+            return
+        self._held.pop(key, None)
+        removed = self._removed
+        removed.pop(key, None)  # re-inserted last: the dict's order is the removals' order
+        removed[key] = self.applied
+        if len(removed) > MAX_REMOVALS:
+            for old in list(itertools.islice(removed, MAX_REMOVALS // 4)):
+                del removed[old]

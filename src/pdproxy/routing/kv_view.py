@@ -87,6 +87,16 @@ class KvEventsView:
         size = cache.block_size
         return cache.matched(blocks.keys(size)) * size
 
+    def mark(self, upstream: Upstream) -> int:
+        """Where the server's events are now: give it back to `forgot_since` (0 before any view)."""
+        cache = self.caches.get(upstream.url)
+        return cache.applied if cache is not None else 0
+
+    def forgot_since(self, upstream: Upstream, key: int, mark: int) -> bool:
+        """Whether the server's events removed `key` (or the view started again) since `mark`."""
+        cache = self.caches.get(upstream.url)
+        return cache is None or cache.forgot_since(key, mark)
+
     def describe(self, upstream: Upstream) -> dict[str, object]:
         cache = self.caches.get(upstream.url)
         return cache.describe() if cache is not None else {"state": FALLBACK, "reason": "not subscribed"}

@@ -13,7 +13,7 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
-from pdproxy.errors import Unavailable
+from pdproxy.errors import CapsTaken
 from pdproxy.policies.base import Balancer, RoutingRequest
 from pdproxy.routing.feed import DecisionFeed
 from pdproxy.routing.load import LoadCell, WorkerRow
@@ -34,7 +34,7 @@ class SharedBalancer:
 
     A capped choice is reserved before it is returned (see `load`); when the reservation loses a
     race the policy chooses again among the rest. When no candidate can be reserved (every one
-    taken by another worker in the same instant), Unavailable: the client is told to retry rather
+    taken by another worker in the same instant), CapsTaken: admission waits for a slot rather
     than a cap being broken.
     """
 
@@ -74,7 +74,7 @@ class SharedBalancer:
                 if not pool:
                     break
         role = candidates[0].role.value
-        raise Unavailable(f"every {role} upstream is at its in-flight cap (counted over all workers)",
+        raise CapsTaken(f"every {role} upstream is at its in-flight cap (counted over all workers)",
                           side=role, retry_after=1)
 
 
