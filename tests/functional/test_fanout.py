@@ -267,6 +267,26 @@ async def test_streamed_sub_flow_breaking_mid_stream_ends_with_one_error_then_do
     assert decode.stats.aborted >= 1
 
 
+async def test_streamed_sub_flow_failing_after_others_started_ends_with_one_error_then_done(
+        cluster_factory: ClusterFactory, http: aiohttp.ClientSession) -> None:
+    cluster = await distinct_cluster(cluster_factory, n_prefill=1, prefill_timeout=0.3, prefill_retries=0)
+    cluster.prefill[0].hang_next()  # one flow's prefill times out; the others stream meanwhile
+    decode = cluster.decode[0]
+    decode.hold()  # the others send their first token, then wait
+    try:
+        events = await stream_events(http, cluster, {"model": "mock", "prompt": PROMPTS, "max_tokens": 4})
+        await decode.wait_until(lambda s: s.in_flight == 0)
+    finally:
+        decode.release()
+    assert events[-1] == b"[DONE]" and events.count(b"[DONE]") == 1
+    tokens = [orjson.loads(e) for e in events[:-2]]
+    indexes = {t["choices"][0]["index"] for t in tokens}
+    assert len(tokens) == 2 and len(indexes) == 2 and indexes < {0, 1, 2}  # the two flows P answered
+    error = orjson.loads(events[-2])["error"]
+    assert error["code"] == 504 and "prefill" in error["message"]
+    assert decode.stats.aborted == 2
+
+
 async def test_client_disconnect_mid_stream_cancels_every_sub_flow(cluster_factory: ClusterFactory) -> None:
     cluster = await distinct_cluster(cluster_factory)
     decode = cluster.decode[0]

@@ -25,9 +25,9 @@ class OpenAIApi:
     """`/v1/completions`, `/v1/chat/completions`, `/v1/models` and `/health`."""
 
     def __init__(self, flow: Orchestrator, models: Passthrough, *, upstream_api_key: str | None,
-                 loop_guard: LoopGuard, fanout: FanOut | None = None) -> None:
+                 loop_guard: LoopGuard, fanout: FanOut) -> None:
         self.flow = flow
-        self.fanout = fanout or FanOut(flow, max_fanout=16)
+        self.fanout = fanout
         self.models_route = models
         self.loop_guard = loop_guard
         self._upstream_authorization = f"Bearer {upstream_api_key}" if upstream_api_key else None
