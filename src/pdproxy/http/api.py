@@ -52,12 +52,13 @@ class OpenAIApi:
             request.body = b""  # parsed: the raw bytes are not held for the whole stream
             prompts = check(body)
             stream, n = _check_common(body)
-            if prompts > 1 or n > 1:
+            fan_out = prompts * n > 1  # a batch or several samples: one PD flow each (proxy/fanout.py)
+            if fan_out:
                 self.fanout.check(prompts, n)
         except ProxyError as exc:
             return self.flow.refuse(request, endpoint, request_id, exc)
         preq = ProxyRequest(endpoint, body, stream, request_id, self._upstream_headers(request, request_id))
-        if prompts > 1 or n > 1:  # a batch or several samples: one PD flow each (proxy/fanout.py)
+        if fan_out:
             return await self.fanout.handle(request, preq, prompts, n)
         return await self.flow.handle(request, preq)
 
