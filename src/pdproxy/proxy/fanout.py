@@ -267,6 +267,9 @@ class FanOut:
         try:
             failed = await self._wait(tasks, merger, preq.stream)
             if preq.stream:
+                if failed is None and merger.out is None:  # every flow ended without a byte: nothing to merge
+                    return UpstreamBadResponse("no sub-flow of this request streamed any data",
+                                               side="decode").response(preq.request_id)
                 if failed is None:
                     options = preq.body.get("stream_options")
                     merger.finish(isinstance(options, dict) and bool(options.get("include_usage")))
