@@ -155,6 +155,11 @@ async def cluster_factory() -> AsyncIterator[ClusterFactory]:
         return cluster
 
     yield make
+    await check_and_stop(clusters)
+
+
+async def check_and_stop(clusters: list[Cluster]) -> None:
+    """After a test: no lease leaked in any cluster; then every proxy and engine stops, whatever was found."""
     try:
         for cluster in clusters:
             await cluster.assert_no_leaks()

@@ -8,7 +8,7 @@ import random
 import signal
 import socket
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -16,9 +16,11 @@ from pdproxy.admin import AdminApi
 from pdproxy.admission import AdmissionQueue
 from pdproxy.client import ClientOptions, UpstreamClient
 from pdproxy.discovery import Discovery, build_discovery
-from pdproxy.handoff import make_handoff
+from pdproxy.handoff import Handoff, make_handoff
+from pdproxy.handoff.discovery import MetadataRefresher, MetadataWithoutHealth, Probe, client_fetch_json
 from pdproxy.health import ActiveHealthChecker, StateBoard, http_probe
 from pdproxy.http.api import OpenAIApi
+from pdproxy.http.auth import ClientKeys
 from pdproxy.http.limits import ServerLimits
 from pdproxy.http.request import Request
 from pdproxy.http.response import Response
@@ -31,11 +33,13 @@ from pdproxy.membership import Hooks, Membership, read_state_file
 from pdproxy.metrics import CONTENT_TYPE, Metrics
 from pdproxy.outlier import ConsecutiveFailureDetector, NoOutlierDetection, OutlierDetector
 from pdproxy.policies import PolicyOptions, make_balancer
+from pdproxy.policies.tokens import make_token_counter
 from pdproxy.proxy.fanout import FanOut
 from pdproxy.proxy.orchestrator import FlowLimits, FlowTimeouts, Orchestrator
-from pdproxy.proxy.passthrough import Passthrough
+from pdproxy.proxy.passthrough import Passthrough, PassTimeouts
 from pdproxy.proxy.record import RequestRecord
 from pdproxy.settings import Settings
+from pdproxy.tracing import Tracing, TracingService, build_tracing
 from pdproxy.upstreams import Role, State, Upstream, UpstreamPool
 
 log = logging.getLogger("pdproxy")
@@ -119,12 +123,14 @@ class App:
             await self.client.close()
 
 
-def build_app(settings: Settings, *, rng: random.Random | None = None, persist: bool = True) -> App:
+def build_app(settings: Settings, *, rng: random.Random | None = None, persist: bool = True,
+              tracing: Tracing | None = None) -> App:
     """Wire pools, policies, health, membership, the orchestrator and the routes.
 
     `persist=False` restores from `settings.state_file` but never writes it: with several worker
     processes only worker 0 writes, so the file has one writer.
     ValueError names a wrong policy or adapter; StateFileError a state file that cannot be restored.
+    `tracing` replaces the one `otel_endpoint` builds (tests: the SDK's in-memory exporter).
     """
     rng = rng or random.Random()
     caps = {Role.PREFILL: settings.prefill_max_in_flight, Role.DECODE: settings.decode_max_in_flight}
@@ -171,12 +177,13 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
                                           keepalive_timeout=settings.upstream_keepalive_timeout),
                             on_stale_retry=on_stale_retry)
     limits = FlowLimits(settings.prefill_retries, settings.flow_retries, settings.max_concurrency)
+    handoff = make_handoff(settings.kv_adapter, settings.handoff_meta, concurrent_ok=True)
     flow = Orchestrator(
         prefill_pool=pools[Role.PREFILL],
         decode_pool=pools[Role.DECODE],
         prefill_policy=make_balancer(settings.prefill_policy, policy_options, rng=rng),
         decode_policy=make_balancer(settings.decode_policy, policy_options, rng=rng),
-        handoff=make_handoff(settings.kv_adapter),
+        handoff=handoff,
         client=client,
         timeouts=FlowTimeouts(
             connect=settings.connect_timeout, prefill=settings.prefill_timeout,
@@ -189,10 +196,17 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
         metrics=metrics,
         access_log_format=settings.access_log_format if settings.access_log else "off",
         on_release=on_release,
+        pd_min_prompt_tokens=settings.pd_min_prompt_tokens,
+        token_counter=make_token_counter(str(settings.tokenizer) if settings.tokenizer else None,
+                                         settings.chars_per_token) if settings.pd_min_prompt_tokens else None,
+        tracing=tracing or build_tracing(settings.otel_endpoint, settings.otel_service_name),
     )
+    refresher = MetadataRefresher(handoff, client_fetch_json(client, settings.health_timeout),
+                                  on_change=lambda upstream: (board.notify(), admission.wake()))
+    probe = _probe_with_metadata(handoff, refresher,
+                                 http_probe(lambda: client, settings.health_path, settings.health_timeout))
     checker = ActiveHealthChecker(
-        board, http_probe(lambda: client, settings.health_path, settings.health_timeout),
-        interval=settings.health_interval, rise=settings.health_rise, fall=settings.health_fall,
+        board, probe, interval=settings.health_interval, rise=settings.health_rise, fall=settings.health_fall,
         ejection_over=outlier.ejection_over, rng=rng,
     ) if health_on else None
     def forget(upstream: Upstream) -> None:  # a removed upstream: its series and its outlier record go
@@ -205,7 +219,17 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
         changed=lambda action: metrics.admin_changes.labels(action).inc(),
     )
     if checker is not None:
-        membership.hooks.watch, membership.hooks.unwatch = checker.watch, checker.unwatch
+        membership.hooks.watch, membership.hooks.unwatch = _watch_with_metadata(refresher, checker.watch), \
+            checker.unwatch
+        for upstream in membership.members():  # configured and restored: unroutable until their metadata is in
+            refresher.prepare(upstream)
+    services: list[Service] = []
+    if checker is None and handoff.meta_roles:  # no probes to ride on: discover once per upstream instead
+        once = MetadataWithoutHealth(refresher)
+        membership.hooks.watch, membership.hooks.unwatch = once.watch, once.unwatch
+        for upstream in membership.members():
+            once.watch(upstream)
+        services.append(once)
     membership.save_now()  # the state file reflects what runs from the start
 
     def on_transition(upstream: Upstream, old: State, new: State, reason: str) -> None:
@@ -220,11 +244,17 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
 
     router = Router()
     api_key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
-    models = Passthrough(pool=pools[Role.DECODE], policy=flow.decode_policy, client=client,
-                         timeout=settings.decode_first_byte_timeout, max_answer_bytes=limits.max_answer_bytes,
-                         on_release=on_release)
-    OpenAIApi(flow, models, upstream_api_key=api_key, loop_guard=LoopGuard.create(),
-              fanout=FanOut(flow, settings.max_fanout)).add_routes(router)
+    passthrough = Passthrough(
+        flow=flow, policies={Role.PREFILL: flow.prefill.policy, Role.DECODE: flow.decode_policy}, client=client,
+        timeouts=PassTimeouts(settings.decode_first_byte_timeout, settings.stream_idle_timeout,
+                              settings.decode_timeout),
+        retries=settings.prefill_retries, max_answer_bytes=limits.max_answer_bytes, on_release=on_release)
+    keys = settings.client_keys()
+    client_keys = ClientKeys(keys, default_max_in_flight=settings.api_key_max_in_flight) if keys else None
+    OpenAIApi(flow, passthrough, upstream_api_key=api_key, loop_guard=LoopGuard.create(),
+              fanout=FanOut(flow, settings.max_fanout),
+              route_pools={route: Role(pool) for route, pool in settings.route_pools.items()},
+              client_keys=client_keys).add_routes(router)
     router.add("GET", LIVEZ_PATH, livez_handler(lambda: flow.draining))  # liveness: never asks an engine
     if settings.metrics_port is None:
         router.add("GET", "/metrics", metrics_handler(metrics))
@@ -235,12 +265,29 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
     server_limits = settings.server_limits()
     app = App(router, flow, metrics, board, membership, client, server_limits, checker, listening,
               admin if settings.admin_port is not None else None,
-              build_discovery(settings, membership, metrics, caps))
+              build_discovery(settings, membership, metrics, caps), services)
+    if flow.tracing.enabled:
+        app.services.append(TracingService(flow.tracing))  # flushes the spans still buffered at exit
     if settings.kv_events or settings.engine_metrics_interval:  # pdproxy.routing: the engines' own view
         from pdproxy.routing.wiring import enable_routing
 
         enable_routing(app, settings)
     return app
+
+
+def _probe_with_metadata(handoff: Handoff, refresher: MetadataRefresher, probe: Probe) -> Probe:
+    """The health probe, followed by handoff metadata discovery when the handoff needs any."""
+    return refresher.wrap(probe) if handoff.meta_roles else probe
+
+
+def _watch_with_metadata(refresher: MetadataRefresher, watch: Callable[[Upstream], None]) -> Callable[[Upstream], None]:
+    """Start probing an upstream that joined (admin, discovery) once it is marked pending its metadata."""
+
+    def start(upstream: Upstream) -> None:
+        refresher.prepare(upstream)
+        watch(upstream)
+
+    return start
 
 
 def _initial_members(settings: Settings, caps: dict[Role, int]) -> dict[Role, list[Upstream]]:

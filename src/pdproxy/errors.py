@@ -9,6 +9,7 @@
     │   ├── MethodNotAllowed        405
     │   ├── RequestTimeout          408     (the client was too slow sending its request)
     │   ├── Conflict                409     (admin API: the change conflicts with the membership, e.g. full)
+    │   ├── TooManyRequests         429     (a client API key over its cap on requests in flight)
     │   ├── PayloadTooLarge         413
     │   ├── UnsupportedMediaType    415     (a request Content-Encoding the proxy cannot decode)
     │   ├── ExpectationFailed       417     (an Expect other than 100-continue)
@@ -116,6 +117,16 @@ class RequestTimeout(ClientError):
 
 class Conflict(ClientError):
     status = 409
+
+
+class TooManyRequests(ClientError):
+    status = 429
+    error_type = "rate_limit_error"
+
+    def __init__(self, message: str, *, param: str | None = None, side: str | None = None,
+                 retry_after: int = 1) -> None:
+        super().__init__(message, param=param, side=side)
+        self.headers["Retry-After"] = str(retry_after)
 
 
 class PayloadTooLarge(ClientError):

@@ -36,6 +36,7 @@ UPSTREAM_OUTCOMES = ("ok", "rejected", "bad_status", "bad_response", "connect_er
                      "cancelled")
 TIMEOUT_STAGES = ("prefill", "connect", "decode_first_byte", "stream_idle", "decode_total")
 DISCONNECT_STAGES = ("queue", "prefill", "decode")
+PD_SKIP_REASONS = ("short_prompt", "cached_prompt")  # handoff.skip.SkipReason
 QUEUE_REJECTION_REASONS = ("full", "timeout")
 # What the HTTP server refuses or cuts itself (pdproxy.http.server's on_event reasons, client_closed aside).
 CLIENT_REFUSAL_REASONS = ("header_timeout", "body_timeout", "keepalive_timeout", "send_timeout", "too_large",
@@ -182,6 +183,10 @@ class Metrics:
                                          registry=registry)
         self.prompt_tokens = LoopCounter("pdproxy_prompt_tokens", "Prompt tokens, as reported in the engines' usage.",
                                          registry=registry)
+        self.prefill_cached_tokens = LoopCounter(
+            "pdproxy_prefill_cached_prompt_tokens",
+            "Prompt tokens the prefill servers found in their prefix cache (what the client's usage reports "
+            "as cached_tokens).", registry=registry)
         self.completion_tokens = LoopCounter("pdproxy_completion_tokens",
                                              "Completion tokens, as reported in the engines' usage.", registry=registry)
         self.handoff_gap = LoopHistogram("pdproxy_handoff_gap_seconds",
@@ -216,6 +221,10 @@ class Metrics:
         self.kv_handoff_missing = LoopCounter("pdproxy_kv_handoff_missing",
                                               "Prefill answers without kv_transfer_params (D recomputes).",
                                               registry=registry)
+        self.pd_skipped = LoopCounter("pdproxy_pd_skipped",
+                                      "Requests sent to a decode server alone, without prefill, because "
+                                      "disaggregation would not pay (--pd-min-prompt-tokens), by reason.",
+                                      ("reason",), registry=registry)
         self.discovery_updates = LoopCounter("pdproxy_discovery_updates",
                                              "Complete upstream lists read from the discovery source.", ("source",),
                                              registry=registry)
@@ -231,7 +240,7 @@ class Metrics:
 
         for labels, values in ((self.timeouts, TIMEOUT_STAGES), (self.client_disconnects, DISCONNECT_STAGES),
                                (self.queue_rejections, QUEUE_REJECTION_REASONS), (self.admin_changes, ADMIN_ACTIONS),
-                               (self.client_refusals, CLIENT_REFUSAL_REASONS)):
+                               (self.client_refusals, CLIENT_REFUSAL_REASONS), (self.pd_skipped, PD_SKIP_REASONS)):
             for value in values:
                 labels.labels(value)
         self._zeroed: set[tuple[str, str]] = set()  # upstreams whose counters exist

@@ -37,6 +37,7 @@ from aiohttp import web
 if TYPE_CHECKING:
     from pdproxy.mock_kv_events import KvEventPublisher
 from pdproxy.mock_pd import BOOTSTRAPPED, PROTOCOLS, BootstrapServer, KvBoard, fetch_kv, sglang_target
+from pdproxy.mock_routes import MockRoutes
 
 __all__ = [
     "BLOCK_SIZE",
@@ -64,6 +65,7 @@ _OMNI_HANDLE_FIELDS = ("remote_block_ids", "remote_cluster_id", "remote_host_ip"
 _GARBAGE = b"this is not json{"
 _DONE = b"data: [DONE]\n\n"
 _ROLE_DELTA = b'"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}\n\n'
+_OUT_TOKEN_BASE = 100  # /inference/v1/generate: token i of an answer is this + i
 _YIELD_EVERY = 64  # with no inter-token delay, give the loop a turn this often
 
 
@@ -94,6 +96,7 @@ class MockConfig:
     kv_timeout_ms: float = 2000.0  # how long P and D wait for each other (SGLang 300 s, Mooncake 480 s)
     dp_size: int = 1  # mooncake P: DP ranks it announces on /query (one engine id each)
     eos_after: int = 0  # non-streamed answers stop (finish_reason "stop") after this many tokens; 0: never
+    prompt_tokens_details: bool = True  # vLLM's --enable-prompt-tokens-details: usage reports cached tokens
     # Tokens tagged with a digest of (prompt, seed): " <tag>:tok0 <tag>:tok1 ...", so answers to different prompts
     # (or seeds) differ and a merged batch can be checked choice by choice. Off: " tok0 tok1 ..." for every prompt.
     distinct_text: bool = False
@@ -177,6 +180,8 @@ class _Gen:
     stream: bool
     include_usage: bool
     kv: dict[str, Any] | None
+    generate: bool = False  # /inference/v1/generate: token ids in and out
+    cached_tokens: int = 0  # prompt tokens not computed here: prefix-cache hits, or all of a transferred prompt
     seed: Any = None
     echo: bool = False  # completions: the prompt's text before the generated text
     logprobs: int | None = None  # completions, non-streamed: a deterministic logprobs object
@@ -330,6 +335,20 @@ def _parse_messages(body: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+def _generate_as_completion(body: dict[str, Any]) -> dict[str, Any]:
+    """A `/inference/v1/generate` body (token_ids, sampling_params) as the completion it stands for."""
+    token_ids = body.get("token_ids")
+    if not isinstance(token_ids, list) or not token_ids or not all(_is_int(t) for t in token_ids):
+        raise _BadRequest("`token_ids` must be a non-empty list of token ids.", "token_ids")
+    params = body.get("sampling_params")
+    if not isinstance(params, dict):
+        raise _BadRequest("`sampling_params` is required and must be an object.", "sampling_params")
+    completion = {key: body[key] for key in ("stream", "stream_options", "kv_transfer_params") if key in body}
+    completion.update({key: params[key] for key in ("max_tokens", "min_tokens") if key in params})
+    completion["prompt"] = token_ids
+    return completion
+
+
 def _positive_int(body: dict[str, Any], key: str) -> int | None:
     value = body.get(key)
     if value is None:
@@ -369,6 +388,8 @@ class MockEngine:
         self.bind_host = "127.0.0.1"  # where the bootstrap server listens (start_mock sets it)
         self._session: aiohttp.ClientSession | None = None  # D's KV fetches from P's bootstrap server
         self._kv_timers: dict[str, asyncio.TimerHandle] = {}  # P: when published KV is given up
+        self.routes = MockRoutes(model=lambda: self.config.model, tokens=lambda: self.config.tokens,
+                                 max_model_len=MAX_MODEL_LEN, before=self._before_route, gate=self._gate)
 
     @property
     def bootstrap_port(self) -> int | None:
@@ -398,6 +419,8 @@ class MockEngine:
         app.router.add_get("/kv_event_sources", self._handle_kv_event_sources)
         app.router.add_get("/metrics", self._handle_metrics)
         app.router.add_get("/get_server_info", self._handle_server_info)
+        app.router.add_post("/inference/v1/generate", self._handle_generate)
+        self.routes.add_to(app)
         app.on_startup.append(self._on_startup)
         app.on_shutdown.append(self._on_shutdown)
         app.on_cleanup.append(self._on_cleanup)
@@ -618,18 +641,32 @@ class MockEngine:
     async def _handle_chat(self, request: web.Request) -> web.StreamResponse:
         return await self._handle_generation(request, chat=True)
 
-    async def _handle_generation(self, request: web.Request, chat: bool) -> web.StreamResponse:
+    async def _handle_generate(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle_generation(request, chat=False, generate=True)
+
+    async def _handle_generation(self, request: web.Request, chat: bool, generate: bool = False) -> web.StreamResponse:
         """Record, apply a scripted fault, validate, role-check, then generate."""
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
         try:
-            return await self._generation(request, chat)
+            return await self._generation(request, chat, generate)
         finally:
             if task is not None:
                 self._tasks.discard(task)
 
-    async def _generation(self, request: web.Request, chat: bool) -> web.StreamResponse:
+    async def _before_route(self, request: web.Request, body: Any) -> web.StreamResponse | None:
+        """The extra routes (mock_routes): recorded, and a scripted fault applies to them as to generation."""
+        recorded = body if isinstance(body, dict) else {}
+        self.requests.append(RecordedRequest(request.path, dict(request.headers), recorded))
+        self._notify()
+        fault = self._faults.popleft() if self._faults else None
+        if fault is None:
+            return None
+        kind = {"die": "drop", "stall": "hang", "kv_lost": "fail"}.get(fault.kind, fault.kind)
+        return await self._apply_fault(request, dataclasses.replace(fault, kind=kind))
+
+    async def _generation(self, request: web.Request, chat: bool, generate: bool = False) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         raw = await request.read()
@@ -650,7 +687,10 @@ class MockEngine:
         try:
             if not isinstance(body, dict):
                 raise _BadRequest("Request body must be a JSON object.")
+            if generate:
+                body = _generate_as_completion(body)
             gen = self._parse(body, chat, request_id)
+            gen.generate = generate
             prefill = self._check_role(gen) if self.config.protocol == "vllm" else self.config.role == "prefill"
             kv_key = self._kv_key(body, gen, prefill, request)
         except _BadRequest as exc:
@@ -681,6 +721,7 @@ class MockEngine:
                 elif self._fetched_kv_is_valid(fetched, gen, kv_key):
                     stats.decodes_with_valid_handle += 1
                     computes_prompt = False
+                    gen.cached_tokens = gen.prompt_tokens
                 else:
                     stats.decodes_with_invalid_handle += 1
             else:
@@ -691,11 +732,12 @@ class MockEngine:
                 elif self._handle_is_valid(kv, gen, request, self.config.protocol):
                     stats.decodes_with_valid_handle += 1
                     computes_prompt = False
+                    gen.cached_tokens = gen.prompt_tokens
                 else:
                     stats.decodes_with_invalid_handle += 1
             self._notify()
             if computes_prompt:
-                t0 = self._compute_prompt(gen.prompt_text, t0)
+                t0 = self._compute_prompt(gen, t0)
             if prefill and kv_key is not None:
                 failed = await self._hand_over(kv_key, gen, t0)
                 if failed is not None:
@@ -817,7 +859,7 @@ class MockEngine:
         key = kv_key[1]
         return "/" not in key or key.split("/", 1)[0] == kv.get("engine_id")
 
-    def _compute_prompt(self, prompt_text: str, t0: float) -> float:
+    def _compute_prompt(self, gen: _Gen, t0: float) -> float:
         """Look the prompt up in the prefix cache; return when its computation ends (loop time).
 
         The engine computes one prompt at a time, in arrival order, for ``prefill_ms_per_token``
@@ -825,8 +867,9 @@ class MockEngine:
         prompt ahead is cached by the time this one starts, so the lookup happens on arrival.
         """
         cfg = self.config
-        words = prompt_text.split()
+        words = gen.prompt_text.split()
         hit = self.prefix_cache.lookup_and_insert(words, cfg.cache_blocks)
+        gen.cached_tokens = hit
         miss = len(words) - hit
         self.stats.prompt_tokens_hit += hit
         self.stats.prompt_tokens_miss += miss
@@ -983,12 +1026,17 @@ class MockEngine:
     def _ids(self, gen: _Gen) -> tuple[str, int]:
         return ("chatcmpl-" if gen.chat else "cmpl-") + gen.request_id, int(time.time())
 
-    def _usage(self, gen: _Gen, completion_tokens: int) -> dict[str, int]:
-        return {
+    def _usage(self, gen: _Gen, completion_tokens: int) -> dict[str, Any]:
+        """vLLM's usage; with prompt_tokens_details on it adds the cached prompt tokens, only when there are
+        some (vLLM counts a KV transfer as cached: a D that got the whole prompt reports it all)."""
+        usage: dict[str, Any] = {
             "prompt_tokens": gen.prompt_tokens,
             "total_tokens": gen.prompt_tokens + completion_tokens,
             "completion_tokens": completion_tokens,
         }
+        if self.config.prompt_tokens_details and gen.cached_tokens:
+            usage["prompt_tokens_details"] = {"cached_tokens": gen.cached_tokens}
+        return usage
 
     async def _complete(self, gen: _Gen, prefill: bool, t0: float) -> web.Response:
         """Non-streaming answer; a prefill answer also carries the NIXL-style handle."""
@@ -1036,6 +1084,11 @@ class MockEngine:
             "choices": [choice],
             "usage": self._usage(gen, n),
         }
+        if gen.generate:  # vLLM's GenerateResponse: token ids out
+            out = {"index": 0, "logprobs": None, "finish_reason": finish,
+                   "token_ids": [_OUT_TOKEN_BASE + i for i in range(n)]}
+            payload = {"request_id": gen.request_id, "choices": [out], "usage": self._usage(gen, n),
+                       "prompt_logprobs": None, "kv_transfer_params": None}
         if prefill and cfg.protocol == "omni" and finish == "length":
             # LLMDataDist holds the blocks of every length-capped request and says where they are.
             payload["kv_transfer_params"] = {
@@ -1084,7 +1137,13 @@ class MockEngine:
             created,
             orjson.dumps(cfg.model),
         )
-        if gen.chat:
+        if gen.generate:  # vLLM's GenerateStreamResponse chunks
+            head = b'data: {"request_id":%s,"choices":[{"index":0,"logprobs":null,' % orjson.dumps(gen.request_id)
+            prefix = head + b'"token_ids":['
+            suffix = b'],"finish_reason":null}]}\n\n'
+            last_suffix = b'],"finish_reason":"length"}]}\n\n'
+            first = b""
+        elif gen.chat:
             prefix = head + b'"delta":{"content":'
             suffix = b'},"logprobs":null,"finish_reason":null}]}\n\n'
             last_suffix = b'},"logprobs":null,"finish_reason":"length","stop_reason":null}]}\n\n'
@@ -1123,8 +1182,12 @@ class MockEngine:
                 if i and not self._gate.is_set():
                     await self._gate.wait()
                 end = last_suffix if i == n - 1 else suffix
-                chunk = b"%s%s%s" % (prefix, echoed, end) if i == 0 and echoed else (
-                    b'%s" %stok%d"%s' % (prefix, word, i, end))
+                if gen.generate:
+                    chunk = b"%s%d%s" % (prefix, _OUT_TOKEN_BASE + i, end)
+                elif i == 0 and echoed:
+                    chunk = b"%s%s%s" % (prefix, echoed, end)
+                else:
+                    chunk = b'%s" %stok%d"%s' % (prefix, word, i, end)
                 if i == 0 and first:
                     chunk = first + chunk
                 await resp.write(chunk)
@@ -1135,7 +1198,7 @@ class MockEngine:
                     return resp
                 await loop.create_future()  # stall: until disconnect or shutdown cancels us
             if gen.include_usage:
-                usage = {
+                usage: dict[str, Any] = {
                     "id": rid,
                     "object": "chat.completion.chunk" if gen.chat else "text_completion",
                     "created": created,
@@ -1143,6 +1206,8 @@ class MockEngine:
                     "choices": [],
                     "usage": self._usage(gen, n),
                 }
+                if gen.generate:
+                    usage = {"request_id": gen.request_id, "choices": [], "usage": usage["usage"]}
                 await resp.write(b"data: " + orjson.dumps(usage) + b"\n\n" + _DONE)
             else:
                 await resp.write(_DONE)

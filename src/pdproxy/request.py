@@ -12,15 +12,20 @@ import orjson
 class ProxyRequest:
     """A parsed client request. `body` is the client's JSON, never mutated."""
 
-    endpoint: str  # "/v1/completions" or "/v1/chat/completions"
+    endpoint: str  # "/v1/completions", "/v1/chat/completions" or "/inference/v1/generate"
     body: dict[str, Any]
     stream: bool
     request_id: str
     headers: bytes  # header lines sent to both legs (X-Request-Id, Authorization, trace context), built once
+    # The prompt tokens the last server chosen for it would still compute, as a cache-aware policy estimated
+    # them (None: no policy knows). Read by `--pd-min-prompt-tokens` right after the decode choice.
+    uncached_tokens: int | None = None
 
     def prompt_prefix(self, limit: int) -> str:
         """The first `limit` characters of the prompt; for chat, of the whole rendered conversation."""
         prompt = self.body.get("prompt")
+        if prompt is None:
+            prompt = self.body.get("token_ids")  # vLLM's tokens-in API
         if prompt is not None:
             return _render_prompt(prompt)[:limit]
         parts: list[str] = []

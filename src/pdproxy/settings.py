@@ -25,6 +25,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from pdproxy.http.limits import ServerLimits
+from pdproxy.http.routes import PASSTHROUGH_PATHS
 from pdproxy.upstreams import MAX_WEIGHT, normalize_url
 
 if sys.version_info >= (3, 11):
@@ -63,13 +64,14 @@ GROUP_TITLES = {
 
 def setting(default: Any, *, description: str, group: str, doc: str | None = None,
             aliases: tuple[str, ...] = (), metavar: str | None = None, example: Any = None,
-            default_text: str | None = None, **constraints: Any) -> Any:
+            default_text: str | None = None, repeatable: bool = False, **constraints: Any) -> Any:
     """The one definition of a setting: its default, constraints and every text about it.
 
     `description` is the one-line help (CLI --help, README table); `doc` the longer explanation of the
     example config file (default: the description). `aliases` are extra CLI flags besides `--<name>`;
     `example` is the value the example files show instead of the default; `default_text` says what
-    the default means when its value alone does not (None: "the main port"). The CLI, the README table and
+    the default means when its value alone does not (None: "the main port"); `repeatable` flags may be given
+    more than once, each adding a value. The CLI, the README table and
     config/pdproxy.example.{yaml,toml} are generated from these (scripts/gen_settings_docs.py).
     """
     extra: dict[str, Any] = {"group": group}
@@ -83,6 +85,8 @@ def setting(default: Any, *, description: str, group: str, doc: str | None = Non
         extra["example"] = example
     if default_text is not None:
         extra["default_text"] = default_text
+    if repeatable:
+        extra["repeatable"] = True
     return Field(default, description=description, json_schema_extra=extra, **constraints)
 
 
@@ -289,8 +293,9 @@ class Settings(BaseSettings):
         description=('send prompts whose estimated uncached part on the chosen decode server is under N tokens to '
                      'that server alone, without prefill; 0 means always disaggregate'),
         doc=("Skip disaggregation when it does not pay (llm-d's threshold): a prompt whose estimated uncached part "
-             'is under this many tokens goes to the decode server alone, as a normal request. 0 (the default) always '
-             'disaggregates.'))
+             'is under this many tokens goes to the decode server alone, as a normal request; the uncached part is '
+             "known with --decode-policy cache_aware, else the whole prompt counts. Not with --kv-adapter sglang "
+             "(SGLang's decode servers take only disaggregated requests). 0 (the default) always disaggregates."))
     # ---- failover
     prefill_retries: int = setting(
         2, group=FAILOVER, ge=0, le=16,
@@ -482,6 +487,31 @@ class Settings(BaseSettings):
         description="send 'Authorization: Bearer KEY' upstream instead of the client's header",
         doc=('When set, every upstream call carries "Authorization: Bearer <this key>" instead of the client\'s own'
              ' Authorization header.'))
+    api_key: Annotated[list[SecretStr], NoDecode] = setting(
+        [], group=REQUESTS, metavar='KEY', repeatable=True, default_text='none',
+        description=("clients must send 'Authorization: Bearer KEY' (repeat the flag, or commas in env, for "
+                     "several keys; env PDPROXY_API_KEY or --api-key-file keep them out of ps)"),
+        doc=('Client API keys, as vLLM\'s --api-key: every route but /health, /livez and /metrics needs '
+             '"Authorization: Bearer <one of these>" (checked in constant time; 401 otherwise). Keys are never '
+             'logged, and with keys on the client\'s Authorization header is not forwarded upstream (upstreams '
+             'get upstream_api_key, or no Authorization).'))
+    api_key_file: Path | None = setting(
+        None, group=REQUESTS, metavar='PATH', example="/etc/pdproxy/api-keys",
+        description="client API keys, one per line ('KEY' or 'KEY MAX_IN_FLIGHT'; # comments)",
+        doc=('A file of client API keys, one per line: "KEY", or "KEY MAX_IN_FLIGHT" to cap that key\'s requests '
+             'in flight; blank lines and # comments are skipped. Added to api_key. Read at start-up.'))
+    api_key_max_in_flight: int = setting(
+        0, group=REQUESTS, ge=0, metavar='N',
+        description="requests in flight each client API key may have; over it 429 (0: no cap)",
+        doc=('How many requests each client API key may have in flight at once (its own line in api_key_file '
+             'wins); one more is answered 429 with Retry-After: 1. 0 means no cap.'))
+    route_pools: Annotated[dict[str, Literal["prefill", "decode"]], NoDecode] = setting(
+        {}, group=REQUESTS, metavar='ROUTE=POOL,...', default_text='none',
+        example={"/v1/embeddings": "prefill", "/tokenize": "prefill"},
+        description="send pass-through routes to the prefill or decode pool, e.g. '/v1/embeddings=prefill'",
+        doc=('Which pool serves each pass-through route (README: Routes): prefill or decode (the default), as '
+             '"ROUTE=POOL" pairs separated by commas, or a mapping in a config file. /v1/responses also decides '
+             'where its GET and cancel by id go. An unknown route stops the proxy at start-up.'))
     # ---- logging
     log_level: Literal["debug", "info", "warning", "error", "critical"] = setting(
         "info", group=LOGGING,
@@ -503,6 +533,17 @@ class Settings(BaseSettings):
         description='serve /metrics on this port (same --host) instead of the main port',
         doc=('Serve /metrics on this port (on the same host address) instead of the main port, e.g. to keep it off'
              ' the public listener.'))
+    otel_endpoint: str | None = setting(
+        None, group=METRICS, metavar='URL', default_text='none', example="http://otel-collector:4318/v1/traces",
+        description="export OpenTelemetry traces by OTLP/HTTP to this URL (needs the otel extra)",
+        doc=('OpenTelemetry tracing (pip install "pdproxy[otel]"): one span per request with child spans for the '
+             'queue, each prefill attempt, the decode first byte and the stream, exported in batches by OTLP over '
+             'HTTP to this URL; each leg carries its span\'s W3C traceparent. Unset (the default): no tracing, '
+             'and opentelemetry is not imported.'))
+    otel_service_name: str = setting(
+        "pdproxy", group=METRICS,
+        description="service.name of the exported spans",
+        doc='The service.name resource attribute of the spans (otel_endpoint).')
     # ---- admin API and runtime membership
     admin_token: SecretStr | None = setting(
         None, group=ADMIN, metavar='TOKEN',
@@ -626,6 +667,40 @@ class Settings(BaseSettings):
                 raise ValueError(f"not a JSON object: {exc}") from None
         if isinstance(value, dict):
             return {normalize_url(str(url)): meta for url, meta in value.items()}
+        return value
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):  # env: commas between keys
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    def client_keys(self) -> list[tuple[str, int]]:
+        """(key, cap) of every client API key, -1 for the default cap; read_key_file's ValueError for a bad file."""
+        from pdproxy.http.auth import read_key_file
+
+        keys = [(key.get_secret_value(), -1) for key in self.api_key]
+        if self.api_key_file is not None:
+            try:
+                keys += read_key_file(self.api_key_file)
+            except OSError as exc:
+                raise ValueError(f"cannot read api_key_file {self.api_key_file}: {exc.strerror}") from None
+        return keys
+
+    @field_validator("route_pools", mode="before")
+    @classmethod
+    def _parse_route_pools(cls, value: Any) -> Any:
+        if isinstance(value, str):  # the CLI and env give ROUTE=POOL pairs
+            pairs = [item.strip().partition("=") for item in value.split(",") if item.strip()]
+            if any(not sep for _, sep, _ in pairs):
+                raise ValueError("want ROUTE=POOL pairs separated by commas, e.g. /v1/embeddings=prefill")
+            value = {route.strip(): pool.strip() for route, _, pool in pairs}
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - PASSTHROUGH_PATHS)
+            if unknown:
+                raise ValueError(f"unknown route(s) {', '.join(unknown)}; pass-through routes: "
+                                 f"{', '.join(sorted(PASSTHROUGH_PATHS))}")
         return value
 
     @field_validator("health_path")

@@ -100,7 +100,9 @@ class SettingDoc:
         """Type, choices and metavar from the annotation; pydantic validates whatever arrives."""
         value_type = _value_type(self.field.annotation)
         options: dict[str, Any] = {}
-        if value_type is bool:
+        if self.extra.get("repeatable"):
+            options["action"] = "append"  # `--flag A --flag B`: a list
+        elif value_type is bool:
             options["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(value_type) is Literal:
             options["choices"] = typing.get_args(value_type)

@@ -242,7 +242,8 @@ class UpstreamPool:
         ones, or in panic every member in service."""
         healthy = self.healthy()
         if self.panic_threshold and self._check_panic(len(healthy)):
-            return tuple(u for u in self.members if u.state in IN_SERVICE_STATES)
+            # Panic overrides health, never missing handoff metadata: a plan cannot be built without it.
+            return tuple(u for u in self.members if u.state in IN_SERVICE_STATES and u.meta_error is None)
         return healthy
 
     def available(self, exclude: Collection[Upstream] = ()) -> list[Upstream]:
@@ -254,7 +255,8 @@ class UpstreamPool:
         only): for a choice made earlier and checked again, such as the D leased at admission."""
         if upstream.routable:
             return True
-        return upstream.state in IN_SERVICE_STATES and upstream in self.members and self.check_panic()
+        return (upstream.state in IN_SERVICE_STATES and upstream.meta_error is None and upstream in self.members
+                and self.check_panic())
 
     def check_panic(self) -> bool:
         """Whether the pool routes to unhealthy members now; logs entering or leaving panic (the

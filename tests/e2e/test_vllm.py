@@ -159,6 +159,21 @@ async def test_models_are_answered_by_decode(vllm_cluster: Cluster, http: aiohtt
     assert models.data[0].model_extra.get("max_model_len") == 1024
 
 
+async def test_tokenize_and_detokenize_pass_through_to_decode(vllm_cluster: Cluster,
+                                                             http: aiohttp.ClientSession) -> None:
+    body = {"model": vllm_cluster.model, "prompt": "def handle(request, timeout=30):"}
+    async with http.post(vllm_cluster.proxy + "/tokenize", json=body) as resp:
+        assert resp.status == 200
+        through = await resp.json()
+    async with http.post(vllm_cluster.decode[0].url + "/tokenize", json=body) as resp:
+        direct = await resp.json()
+    assert through == direct and through["count"] == len(through["tokens"]) > 0
+    async with http.post(vllm_cluster.proxy + "/detokenize",
+                         json={"model": vllm_cluster.model, "tokens": through["tokens"]}) as resp:
+        assert resp.status == 200
+        assert (await resp.json())["prompt"].endswith(body["prompt"])
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 @pytest.mark.parametrize("kind", ["completions", "chat"])
 async def test_greedy_output_through_pdproxy_equals_prefill_alone(

@@ -80,6 +80,8 @@ async def test_batch_of_three_prompts_matches_each_prompt_alone(cluster_factory:
     assert len({c["text"] for c in merged["choices"]}) == 3  # the prompts' answers differ: order is checked
     assert merged["object"] == "text_completion" and "kv_transfer_params" not in merged
     prompt_tokens = sum(s["usage"]["prompt_tokens"] for s in singles)
+    details = merged["usage"].pop("prompt_tokens_details")  # P's cached tokens, summed per prompt
+    assert details == {"cached_tokens": 0}  # the first time P saw these prompts
     assert merged["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": 15,
                                "total_tokens": prompt_tokens + 15}
 
@@ -119,6 +121,7 @@ async def test_batch_with_n3_streamed_with_usage(cluster_factory: ClusterFactory
     singles = [await alone(http, cluster, one) for one in expected(body, PROMPTS, 3)]
     assert texts == [s["choices"][0]["text"] for s in singles]
     prompt_tokens = sum(singles[3 * i]["usage"]["prompt_tokens"] for i in range(3))
+    assert usage_chunks[0]["usage"].pop("prompt_tokens_details") == {"cached_tokens": 0}  # under one KV block
     assert usage_chunks[0]["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": 36,
                                         "total_tokens": prompt_tokens + 36}
 

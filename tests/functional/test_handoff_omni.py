@@ -120,3 +120,34 @@ async def test_client_gone_mid_decode_aborts_d_and_leaks_nothing(cluster_factory
     await asyncio.wait_for(cluster.flow.wait_idle(), 5)
     assert cluster.metric("pdproxy_client_disconnects_total", stage="decode") == 1
     await cluster.assert_no_leaks()
+
+
+async def test_p_killed_before_answering_fails_over(cluster_factory: ClusterFactory,
+                                                    http: aiohttp.ClientSession) -> None:
+    cluster = await omni(cluster_factory, prefill_policy="round_robin")
+    first, second = cluster.prefill
+    first.hang_next()
+    reply = asyncio.ensure_future(http.post(cluster.url + "/v1/completions", json={"model": "mock", "prompt": "x"}))
+    await first.wait_for_requests(1)
+    await cluster.kill(first)
+    async with await asyncio.wait_for(reply, 3) as resp:
+        assert resp.status == 200
+    assert len(second.requests) == 1 and cluster.decode[0].stats.decodes_with_valid_handle == 1
+    failed = sum(cluster.metric("pdproxy_upstream_requests_total", role="prefill", upstream=cluster.prefill_urls[0],
+                                outcome=o) for o in ("connect_error", "bad_response", "timeout", "bad_status"))
+    assert failed == 1
+
+
+async def test_p_killed_after_answering_leaves_the_stream_alone(cluster_factory: ClusterFactory,
+                                                                http: aiohttp.ClientSession) -> None:
+    cluster = await omni(cluster_factory, n_prefill=1)
+    decode = cluster.decode[0]
+    decode.hold()  # D streams its first token, then waits: P has answered by then
+    async with http.post(cluster.url + "/v1/completions",
+                         json={"model": "mock", "prompt": "x", "max_tokens": 4, "stream": True}) as resp:
+        assert resp.status == 200
+        first = await resp.content.readany()
+        await cluster.kill(cluster.prefill[0])
+        decode.release()
+        raw = first + await resp.read()
+    assert sse_events(raw)[-1] == b"[DONE]" and b"error" not in raw

@@ -397,6 +397,7 @@ REQUIRED = [
     ("pdproxy_queue_rejections_total", "counter"),
     ("pdproxy_prompt_tokens_total", "counter"),
     ("pdproxy_completion_tokens_total", "counter"),
+    ("pdproxy_prefill_cached_prompt_tokens_total", "counter"),
     ("pdproxy_admin_changes_total", "counter"),
     ("process_resident_memory_bytes", "gauge"),
     ("process_cpu_seconds_total", "counter"),

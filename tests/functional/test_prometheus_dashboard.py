@@ -59,6 +59,8 @@ ZERO_HERE = {
     "Queue [A]": "the same gauge: nothing waits with queue_size=0",
     "Retries [B]": "no decode fails before its first byte here (flow retries)",
     "KV handoff missing [A]": "the mock engines always answer with kv_transfer_params",
+    "PD skipped by reason [A]": ("--pd-min-prompt-tokens is off here (tests/functional/test_skip_pd.py counts "
+                                 "skips)"),
     "Pool panic [A]": ("panic needs under half of a pool healthy; here one of two prefill servers is ejected "
                        "(tests/functional/test_panic.py provokes it)"),
 }
@@ -197,6 +199,10 @@ async def provoke_every_event(cluster: Cluster, http: aiohttp.ClientSession, ups
         if cluster.upstream(cluster.prefill_urls[0]).state is State.EJECTED:
             break
     await cluster.wait_state(cluster.prefill_urls[0], State.EJECTED)
+    long_prompt = PLAIN | {"prompt": " ".join(f"w{i}" for i in range(40))}
+    for _ in range(2):  # the one routable P finds the repeat in its prefix cache (cached prompt tokens)
+        async with http.post(cluster.url + COMPLETIONS, json=long_prompt) as resp:
+            assert resp.status == 200
     async with aiohttp.ClientSession() as session:  # a client gone mid-stream
         resp = await session.post(cluster.url + COMPLETIONS, json=STREAM | {"max_tokens": 500})
         assert (await resp.content.readany()).startswith(b"data: ")

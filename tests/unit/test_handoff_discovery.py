@@ -159,10 +159,41 @@ async def test_nixl_push_metadata_comes_from_overrides_only() -> None:
         await NixlPushHandoff({P_URL: {"engine_id": "e", "side_channel_port": "5600"}}).discover(p(), fetch)
 
 
-def test_serve_refuses_a_concurrent_adapter_until_the_request_path_runs_it(
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    from tests.unit.test_cli import SERVERS, fail
+@pytest.mark.parametrize("name", ["sglang", "mooncake", "nixl-push"])
+def test_the_app_accepts_every_concurrent_adapter_and_holds_back_its_prefill_servers(name: str) -> None:
+    from pdproxy.app import build_app
+    from pdproxy.settings import Settings
 
-    line = fail([*SERVERS, "--kv-adapter", "sglang"], capsys)
-    assert "calls prefill and decode at once" in line and "usable now: omni, vllm" in line
+    app = build_app(Settings(prefill_servers="10.0.0.1:8100", decode_servers="10.0.0.2:8200", kv_adapter=name))
+    assert app.flow.handoff.name == name and app.flow.handoff.concurrent
+    [prefill], [decode] = app.flow.prefill_pool.members, app.flow.decode_pool.members
+    assert prefill.meta_error == PENDING and not prefill.routable  # until its metadata is discovered
+    assert decode.meta_error is None
+
+
+async def test_without_health_checks_metadata_is_fetched_once_and_retried_only_while_missing() -> None:
+    import asyncio
+
+    from pdproxy.handoff.discovery import MetadataWithoutHealth
+
+    fetch = Answers({})  # P not up yet: its /get_server_info is refused
+    changed = asyncio.Event()
+    refresher = MetadataRefresher(SglangHandoff(), fetch, on_change=lambda u: changed.set())
+    once = MetadataWithoutHealth(refresher, retry_interval=0.01)
+    up, decode = p(), Upstream(Role.DECODE, "http://10.0.0.2:8200")
+    once.watch(up)
+    once.watch(decode)  # D needs nothing: never fetched, routable at once
+    assert up.meta_error == PENDING and decode.meta_error is None and fetch.asked == []  # nothing before start()
+    once.start()
+    try:
+        await asyncio.wait_for(changed.wait(), 1)
+        assert "connection refused" in (up.meta_error or "") and not up.routable
+        changed.clear()
+        fetch.answers[INFO] = {"disaggregation_bootstrap_port": 9001}  # P came up
+        await asyncio.wait_for(changed.wait(), 1)
+        assert up.meta == {"bootstrap_port": 9001} and up.routable
+        asked = len(fetch.asked)
+        await asyncio.sleep(0.05)  # no retry once the metadata is in (a quiet period, not a wait for an event)
+        assert len(fetch.asked) == asked and all(url == INFO for url in fetch.asked)
+    finally:
+        await once.stop()

@@ -391,3 +391,14 @@ def test_may_route_follows_panic_for_a_choice_made_earlier() -> None:
     healthy.state = State.EJECTED  # 0 of 2 in service healthy: panic
     assert pool.may_route(unhealthy) and pool.may_route(healthy) and not pool.may_route(drained)
     assert not pool.may_route(up(9, role=Role.DECODE, state=State.UNHEALTHY))  # not a member
+
+
+def test_panic_never_routes_to_an_upstream_without_its_handoff_metadata() -> None:
+    """Panic overrides health, not missing metadata: no plan can be built for such a server."""
+    ready = Upstream(Role.PREFILL, "http://p1:8100", state=State.UNHEALTHY)
+    pending = Upstream(Role.PREFILL, "http://p2:8100", state=State.HEALTHY)
+    pending.meta_error = "handoff metadata not discovered yet"
+    pool = UpstreamPool(Role.PREFILL, [ready, pending], panic_threshold=0.9)
+    assert pool.check_panic()  # none of the two is routable on its own
+    assert pool.routable() == (ready,)
+    assert pool.may_route(ready) and not pool.may_route(pending)

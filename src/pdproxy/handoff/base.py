@@ -105,6 +105,8 @@ class Handoff(Protocol):
     cancel_decode_on_prefill_failure: ClassVar[bool]
     #: Roles whose upstreams need `discover()` before they may be routed to (empty: none).
     meta_roles: ClassVar[frozenset[Role]]
+    #: Whether a D serves a plain request on its own (`--pd-min-prompt-tokens` sends it such requests).
+    decode_serves_alone: ClassVar[bool]
 
     def plan(self, request: ProxyRequest, prefill: Upstream, decode: Upstream) -> Plan:
         """The plan for one attempt of `request` on `prefill` and `decode`."""

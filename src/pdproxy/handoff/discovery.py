@@ -10,6 +10,7 @@ a dead server has nothing to tell, and health already keeps it out of routing.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -95,6 +96,65 @@ class MetadataRefresher:
             return error
 
         return probe
+
+
+class MetadataWithoutHealth:
+    """Discovery when active health checks are off (`--health-interval 0`): each upstream that needs
+    metadata is refreshed once when it joins (at start-up or added later), and again every
+    `retry_interval` seconds only while it has none, so a P that was not up yet becomes routable
+    once it is. An App service: `start()` with the app, `stop()` cancels what still runs."""
+
+    __slots__ = ("_pending", "_refresher", "_retry_interval", "_started", "_tasks")
+
+    def __init__(self, refresher: MetadataRefresher, *, retry_interval: float = 5.0) -> None:
+        self._refresher = refresher
+        self._retry_interval = retry_interval
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._pending: list[Upstream] = []  # joined before start(): no loop to run on yet
+        self._started = False
+
+    def watch(self, upstream: Upstream) -> None:
+        """An upstream joined: mark it pending and discover its metadata (at once, or at start)."""
+        self._refresher.prepare(upstream)
+        if not self._refresher.needs(upstream):
+            return
+        if not self._started:
+            self._pending.append(upstream)
+        elif upstream.id not in self._tasks:
+            self._tasks[upstream.id] = asyncio.create_task(self._run(upstream), name=f"handoff meta {upstream.url}")
+
+    def unwatch(self, upstream: Upstream) -> None:
+        task = self._tasks.pop(upstream.id, None)
+        if task is not None:
+            task.cancel()
+
+    def start(self) -> None:
+        self._started = True
+        pending, self._pending = self._pending, []
+        for upstream in pending:
+            self.watch(upstream)
+
+    async def stop(self) -> None:
+        self._started = False
+        tasks = list(self._tasks.values())
+        self._tasks.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _run(self, upstream: Upstream) -> None:
+        try:
+            while True:
+                try:
+                    await self._refresher.refresh(upstream)
+                except Exception:  # a bug must not leave the upstream pending for ever unlogged
+                    log.exception("handoff metadata discovery of %s raised", upstream.url)
+                if upstream.meta_error is None:
+                    return
+                await asyncio.sleep(self._retry_interval)
+        finally:
+            if self._tasks.get(upstream.id) is asyncio.current_task():
+                del self._tasks[upstream.id]
 
 
 def _parse_json(url: str, status: int, body: bytes) -> Any:

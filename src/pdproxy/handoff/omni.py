@@ -35,6 +35,7 @@ class OmniHandoff:
     concurrent: ClassVar[bool] = False
     cancel_decode_on_prefill_failure: ClassVar[bool] = False
     meta_roles: ClassVar[frozenset[Role]] = frozenset()
+    decode_serves_alone: ClassVar[bool] = True
 
     def plan(self, request: ProxyRequest, prefill: Upstream, decode: Upstream) -> SequentialPlan:
         body = without_handoff_fields(request.body)

@@ -64,7 +64,8 @@ class SglangPlan:
         self._registry = registry
 
     def decode(self, prefill_answer: dict[str, Any] | None) -> tuple[UpstreamCall, bool]:
-        return self.prefill, True  # the room is D's handle
+        # The room is D's handle. A call of its own (the same bytes): D's leg drops its body once answered.
+        return UpstreamCall(self.prefill.path, self.prefill.body, self.prefill.headers), True
 
     def close(self) -> None:
         self._registry.release(self.rooms)
@@ -77,6 +78,7 @@ class SglangHandoff:
     concurrent: ClassVar[bool] = True
     cancel_decode_on_prefill_failure: ClassVar[bool] = True  # D would wait for the room's KV for 300 s
     meta_roles: ClassVar[frozenset[Role]] = frozenset({Role.PREFILL})
+    decode_serves_alone: ClassVar[bool] = False  # a decode-mode server needs a bootstrap room
 
     def __init__(
         self, rooms: RoomRegistry | None = None, overrides: dict[str, dict[str, Any]] | None = None

@@ -54,6 +54,7 @@ class MooncakeHandoff:
     concurrent: ClassVar[bool] = True
     cancel_decode_on_prefill_failure: ClassVar[bool] = True  # D would wait 480 s for P's KV
     meta_roles: ClassVar[frozenset[Role]] = frozenset({Role.PREFILL})
+    decode_serves_alone: ClassVar[bool] = True
 
     def __init__(
         self,

@@ -31,9 +31,15 @@ PREFILL_DROPPED = ("stream_options", "min_tokens", "min_completion_tokens")
 
 
 def one_token_body(body: dict[str, Any]) -> dict[str, Any]:
-    """The client's body as a prefill: one token, not streamed (shared by the sequential handoffs)."""
+    """The client's body as a prefill: one token, not streamed (shared by the sequential handoffs).
+    vLLM's tokens-in body (`/inference/v1/generate`) keeps its limits in `sampling_params`."""
     prefill = {key: value for key, value in body.items() if key not in PREFILL_DROPPED}
     prefill["stream"] = False
+    params = body.get("sampling_params")
+    if isinstance(params, dict) and "token_ids" in body:
+        prefill["sampling_params"] = {**{k: v for k, v in params.items() if k not in PREFILL_DROPPED},
+                                      "max_tokens": 1}
+        return prefill
     prefill["max_tokens"] = 1
     if "max_completion_tokens" in body:  # it wins over max_tokens for chat: P would generate otherwise
         prefill["max_completion_tokens"] = 1
@@ -77,6 +83,7 @@ class VllmNixlHandoff:
     concurrent: ClassVar[bool] = False
     cancel_decode_on_prefill_failure: ClassVar[bool] = False  # D is called only after P answered
     meta_roles: ClassVar[frozenset[Role]] = frozenset()  # the handle carries every address D needs
+    decode_serves_alone: ClassVar[bool] = True
 
     def plan(self, request: ProxyRequest, prefill: Upstream, decode: Upstream) -> SequentialPlan:
         body = one_token_body(request.body)

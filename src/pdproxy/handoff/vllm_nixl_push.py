@@ -55,6 +55,7 @@ class NixlPushHandoff:
     concurrent: ClassVar[bool] = True
     cancel_decode_on_prefill_failure: ClassVar[bool] = True  # D's registration would wait 480 s
     meta_roles: ClassVar[frozenset[Role]] = frozenset({Role.PREFILL})
+    decode_serves_alone: ClassVar[bool] = True
 
     def __init__(
         self,

@@ -3,46 +3,82 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from pdproxy.errors import InvalidRequest, LoopDetected, ProxyError
+from pdproxy.errors import InvalidRequest, LoopDetected, ProxyError, Unavailable
+from pdproxy.http.auth import PUBLIC_PATHS, ClientKeys
 from pdproxy.http.request import Request
 from pdproxy.http.response import Response, json_response
-from pdproxy.http.router import Router
+from pdproxy.http.router import Handler, Router
+from pdproxy.http.routes import PASSTHROUGH_ROUTES, RESPONSE_BY_ID, RESPONSE_CANCEL, RESPONSES
 from pdproxy.http.validate import LoopGuard, loads_request, sanitize_request_id
 from pdproxy.proxy.fanout import FanOut
 from pdproxy.proxy.orchestrator import Orchestrator
-from pdproxy.proxy.passthrough import Passthrough
+from pdproxy.proxy.passthrough import Passthrough, Route
+from pdproxy.proxy.response_homes import ResponseHomes
 from pdproxy.request import ProxyRequest
+from pdproxy.upstreams import Role, Upstream
 
 COMPLETIONS = "/v1/completions"
 CHAT_COMPLETIONS = "/v1/chat/completions"
+GENERATE = "/inference/v1/generate"  # vLLM's tokens-in API: through PD, it carries kv_transfer_params
 _FORWARDED_TRACE_HEADERS = ("traceparent", "tracestate")
+# Client headers a pass-through route forwards besides the proxy's own (Anthropic clients version their API).
+_FORWARDED_PASS_HEADERS = ("accept", "anthropic-version", "anthropic-beta")
 
 
 class OpenAIApi:
-    """`/v1/completions`, `/v1/chat/completions`, `/v1/models` and `/health`."""
+    """The PD routes (`/v1/completions`, `/v1/chat/completions`, `/inference/v1/generate`), the pass-through
+    routes (`PASSTHROUGH_ROUTES`, the Responses API by id) and `/health`."""
 
-    def __init__(self, flow: Orchestrator, models: Passthrough, *, upstream_api_key: str | None,
-                 loop_guard: LoopGuard, fanout: FanOut) -> None:
+    def __init__(self, flow: Orchestrator, passthrough: Passthrough, *, upstream_api_key: str | None,
+                 loop_guard: LoopGuard, fanout: FanOut, route_pools: Mapping[str, Role] | None = None,
+                 homes: ResponseHomes | None = None, client_keys: ClientKeys | None = None) -> None:
+        """`client_keys`: every route but `/health` needs one of them; the client's Authorization is then the
+        proxy's to check, never forwarded (upstreams get `upstream_api_key` or nothing)."""
         self.flow = flow
+        self.passthrough = passthrough
         self.fanout = fanout
-        self.models_route = models
         self.loop_guard = loop_guard
+        self.route_pools = dict(route_pools or {})
+        self.homes = homes if homes is not None else ResponseHomes()
+        self.client_keys = client_keys
         self._upstream_authorization = f"Bearer {upstream_api_key}" if upstream_api_key else None
+        self._forward_authorization = client_keys is None
+        # With tracing on, each leg carries its own span's traceparent instead of the client's.
+        self._forwarded_trace_headers = () if flow.tracing.enabled else _FORWARDED_TRACE_HEADERS
 
     def add_routes(self, router: Router) -> None:
-        router.add("POST", COMPLETIONS, self.completions)
-        router.add("POST", CHAT_COMPLETIONS, self.chat_completions)
-        router.add("GET", "/v1/models", self.models)
-        router.add("GET", "/health", self.health)
+        def add(method: str, path: str, handler: Handler) -> None:
+            if self.client_keys is not None and path not in PUBLIC_PATHS:
+                handler = self.client_keys.guard(handler, self._refuser(path))
+            router.add(method, path, handler)
+
+        add("POST", COMPLETIONS, self.completions)
+        add("POST", CHAT_COMPLETIONS, self.chat_completions)
+        add("POST", GENERATE, self.generate)
+        for method, path in PASSTHROUGH_ROUTES:
+            add(method, path, self._pass_route(Route(path, self.route_pools.get(path, Role.DECODE))))
+        role = self.route_pools.get(RESPONSES, Role.DECODE)
+        add("GET", RESPONSE_BY_ID, self._by_response_id(Route(RESPONSE_BY_ID, role)))
+        add("POST", RESPONSE_CANCEL, self._by_response_id(Route(RESPONSE_CANCEL, role)))
+        add("GET", "/health", self.health)
+
+    def _refuser(self, endpoint: str) -> Callable[[Request, ProxyError], Response]:
+        def refuse(request: Request, error: ProxyError) -> Response:
+            return self.flow.refuse(request, endpoint, _request_id(request), error)
+
+        return refuse
 
     async def completions(self, request: Request) -> Response | None:
         return await self._proxy(request, COMPLETIONS, _check_prompt)
 
     async def chat_completions(self, request: Request) -> Response | None:
         return await self._proxy(request, CHAT_COMPLETIONS, _check_messages)
+
+    async def generate(self, request: Request) -> Response | None:
+        return await self._proxy(request, GENERATE, _check_token_ids)
 
     async def _proxy(self, request: Request, endpoint: str, check: Callable[[dict[str, Any]], int]) -> Response | None:
         request_id = _request_id(request)
@@ -52,7 +88,8 @@ class OpenAIApi:
             request.body = b""  # parsed: the raw bytes are not held for the whole stream
             prompts = check(body)
             stream, n = _check_common(body)
-            fan_out = prompts * n > 1  # a batch or several samples: one PD flow each (proxy/fanout.py)
+            # a batch or several samples: one PD flow each (proxy/fanout.py); generate's n is in its sampling_params
+            fan_out = prompts * n > 1 and endpoint != GENERATE
             if fan_out:
                 self.fanout.check(prompts, n)
         except ProxyError as exc:
@@ -62,17 +99,53 @@ class OpenAIApi:
             return await self.fanout.handle(request, preq, prompts, n)
         return await self.flow.handle(request, preq)
 
-    async def models(self, request: Request) -> Response:
-        request_id = _request_id(request)
-        try:
-            self._check_loop(request)
-            response = await self.models_route.forward("GET", "/v1/models", self._upstream_headers(request, request_id,
-                                                                                                  json=False),
-                                                       request_id)
-        except ProxyError as exc:
-            response = exc.response(request_id)
-        self.flow.metrics.requests.labels("/v1/models", str(response.status)).inc()
-        return response
+    # -- pass-through ------------------------------------------------------------------------
+
+    def _pass_route(self, route: Route) -> Handler:
+        learn = self._learn_home if route.label == RESPONSES else None
+
+        async def handler(request: Request) -> Response | None:
+            request_id = _request_id(request)
+            try:
+                self._check_loop(request)
+            except ProxyError as exc:
+                return self.flow.refuse(request, route.label, request_id, exc)
+            headers = self._pass_headers(request, request_id)
+            return await self.passthrough.handle(request, route, _target(request), headers, request_id,
+                                                 on_answer=learn)
+
+        return handler
+
+    def _by_response_id(self, route: Route) -> Handler:
+        """GET / cancel of a Responses-API answer: to the server that created it; an id this process does not
+        know is asked around the pool (first answer that is not a 404 wins, and is remembered)."""
+
+        async def handler(request: Request) -> Response | None:
+            request_id = _request_id(request)
+            pool = self.passthrough.pools[route.role]
+            url = self.homes.home(request.match_info["response_id"])
+            home = pool.find(url) if url is not None else None
+            try:
+                self._check_loop(request)
+                targets: list[Upstream] = [home] if home is not None else list(pool.routable())
+                if not targets:
+                    raise Unavailable(f"no routable {route.role.value} upstream", side=route.role.value)
+            except ProxyError as exc:
+                return self.flow.refuse(request, route.label, request_id, exc)
+            headers = self._pass_headers(request, request_id)
+            return await self.passthrough.handle(request, route, _target(request), headers, request_id,
+                                                 targets=targets, next_on_404=home is None, on_answer=self._learn_home)
+
+        return handler
+
+    def _learn_home(self, upstream: Upstream, answer_start: bytes) -> None:
+        self.homes.learn(upstream.url, answer_start)
+
+    def _pass_headers(self, request: Request, request_id: str) -> bytes:
+        """The proxy's header lines plus the client's Content-Type and the few headers a pass-through keeps."""
+        extra = [(name, request.headers.get(name)) for name in ("content-type", *_FORWARDED_PASS_HEADERS)]
+        lines = "".join(f"{name}: {value}\r\n" for name, value in extra if value)
+        return self._upstream_headers(request, request_id, json=False) + lines.encode("latin-1", "replace")
 
     async def health(self, request: Request) -> Response:
         """200 when at least one P and one D are routable and the proxy is not draining, else 503 with
@@ -105,10 +178,11 @@ class OpenAIApi:
         lines = [f"X-Request-Id: {request_id}\r\nVia: {self.loop_guard.via_header(request.headers.get('via'))}\r\n"]
         if json:
             lines.append("Content-Type: application/json\r\n")
-        authorization = self._upstream_authorization or request.headers.get("authorization")
+        authorization = self._upstream_authorization or (
+            request.headers.get("authorization") if self._forward_authorization else None)
         if authorization:
             lines.append(f"Authorization: {authorization}\r\n")
-        for name in _FORWARDED_TRACE_HEADERS:
+        for name in self._forwarded_trace_headers:
             value = request.headers.get(name)
             if value:
                 lines.append(f"{name}: {value}\r\n")
@@ -130,8 +204,27 @@ def _request_id(request: Request) -> str:
     return sanitize_request_id(request.headers.get("x-request-id")) or os.urandom(16).hex()
 
 
+def _target(request: Request) -> str:
+    """The request target as the client sent it (percent-encoding and query string kept)."""
+    return f"{request.raw_path}?{request.query_string}" if request.query_string else request.raw_path
+
+
+def _check_token_ids(body: dict[str, Any]) -> int:
+    """`/inference/v1/generate`: token ids in, sampling parameters as an object (one sequence: n = 1)."""
+    if not _is_token_ids(body.get("token_ids")):
+        raise InvalidRequest("'token_ids' must be a non-empty list of token ids", param="token_ids")
+    params = body.get("sampling_params")
+    if not isinstance(params, dict):
+        raise InvalidRequest("'sampling_params' is required and must be an object", param="sampling_params")
+    n = params.get("n")
+    if n is not None and n != 1:
+        raise InvalidRequest("sampling_params.n other than 1 is not supported by the PD proxy: prefill hands over "
+                             "one sequence's KV cache", param="sampling_params.n")
+    return 1
+
+
 def _check_common(body: dict[str, Any]) -> tuple[bool, int]:
-    """Checks shared by both endpoints; returns whether the client asked for a stream, and `n`."""
+    """Checks shared by the PD endpoints; returns whether the client asked for a stream, and `n`."""
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise InvalidRequest("'stream' must be true or false", param="stream")

@@ -46,6 +46,7 @@ from pdproxy.policies.base import RoutingRequest
 from pdproxy.policies.ledger import InFlightTokens
 from pdproxy.policies.prefix_index import PrefixIndex, block_keys
 from pdproxy.policies.tokens import TokenCounter
+from pdproxy.request import ProxyRequest
 from pdproxy.upstreams import Upstream
 
 if TYPE_CHECKING:
@@ -165,6 +166,8 @@ class CacheAware:
                 feed.publish(key, keys)
         if by_tokens:
             ledger.add(chosen, round(uncached))
+        if isinstance(request, ProxyRequest):  # before this choice taught the index: --pd-min-prompt-tokens reads it
+            request.uncached_tokens = round(uncached)
         return chosen
 
     def _recently_sent(self, upstream: Upstream, blocks: RequestBlocks) -> int:

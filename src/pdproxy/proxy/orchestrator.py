@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from pdproxy.admission import AdmissionQueue, QueueFull, QueueTimeout
@@ -39,12 +39,17 @@ from pdproxy.http.response import Response
 from pdproxy.metrics import Metrics
 from pdproxy.outlier import OutlierDetector
 from pdproxy.policies import Balancer
+from pdproxy.policies.tokens import CharTokenCounter, TokenCounter
 from pdproxy.proxy.calls import check_status, translate
-from pdproxy.proxy.outcomes import FAILURE_OUTCOMES, outcome_of
+from pdproxy.proxy.concurrent import ConcurrentFlow
+from pdproxy.proxy.direct import Flow, SkipPd
+from pdproxy.proxy.outcomes import FAILURE_OUTCOMES, Report, outcome_of
 from pdproxy.proxy.prefill import PrefillLeg
 from pdproxy.proxy.record import CLIENT_CLOSED, LOG_FORMATS, RequestRecord, access_log, reported_usage
 from pdproxy.proxy.relay import SSE_EVENT_END, Relay
+from pdproxy.proxy.usage import make_relay, prefill_cached_tokens, rewrite_cached_tokens, usage_in_stream
 from pdproxy.request import ProxyRequest
+from pdproxy.tracing import DECODE_FIRST_BYTE_SPAN, NO_TRACE, NO_TRACING, QUEUE_SPAN, Tracing, trace_decode
 from pdproxy.upstreams import Lease, Role, State, Upstream, UpstreamPool
 
 RETRY_AFTER_SECONDS = 1
@@ -95,6 +100,9 @@ class Orchestrator:
         metrics: Metrics,
         access_log_format: str = "text",
         on_release: Callable[[Upstream], None] | None = None,
+        tracing: Tracing = NO_TRACING,
+        pd_min_prompt_tokens: int = 0,
+        token_counter: TokenCounter | None = None,
     ) -> None:
         self.prefill_pool = prefill_pool
         self.decode_pool = decode_pool
@@ -106,8 +114,10 @@ class Orchestrator:
         self.admission = admission
         self.outlier = outlier
         self.metrics = metrics
+        self.tracing = tracing
         self._log_format = LOG_FORMATS[access_log_format]
         self._on_release = on_release or (lambda upstream: admission.wake())
+        self.on_release = self._on_release
         self.prefill = PrefillLeg(
             pool=prefill_pool, policy=prefill_policy, client=client, handoff=handoff, timeout=timeouts.prefill,
             deadline=timeouts.prefill_deadline, retries=limits.prefill_retries,
@@ -124,6 +134,14 @@ class Orchestrator:
         self._idle.set()
         first_byte = timeouts.decode_first_byte
         self._first_byte_timeout = min(first_byte, timeouts.decode_total) if timeouts.decode_total else first_byte
+        # The flow is chosen once: a sequential plan runs `_run` with nothing added per request.
+        self._flow: Flow = ConcurrentFlow(self).run if handoff.concurrent else self._run
+        if pd_min_prompt_tokens:  # off by default: then no estimate is made at all
+            if not handoff.decode_serves_alone:
+                raise ValueError(f"--pd-min-prompt-tokens needs decode servers that serve a request alone; "
+                                 f"{handoff.name}'s do not (its decode servers only take disaggregated requests)")
+            self._flow = SkipPd(self, self._flow, threshold=pd_min_prompt_tokens,
+                                counter=token_counter or CharTokenCounter(4.0)).run
 
     async def wait_idle(self) -> None:
         """Return once no request is in flight (all leases released)."""
@@ -137,6 +155,11 @@ class Orchestrator:
             relay.fire(reason)
         return len(relays)
 
+    def streams_of(self, upstream: Upstream) -> set[Relay]:
+        """The streams relayed from `upstream`, for a pass-through relay to join while it runs (and leave in
+        `finally`): `cut_streams` ends them with the PD ones."""
+        return self._open_streams.setdefault(upstream.id, set())
+
     def start_drain(self) -> None:
         """Refuse new requests from now on; those in flight go on."""
         self.draining = True
@@ -145,12 +168,20 @@ class Orchestrator:
         """Serve one request; errors before the first byte become OpenAI error responses.
         None: the answer was streamed through `request`."""
         record = RequestRecord(preq.request_id, preq.endpoint, time.perf_counter(), request.remote or "-")
-        self.in_flight += 1
-        self._idle.clear()
+        if self.tracing.enabled:
+            record.trace = self.tracing.start(preq.request_id, preq.endpoint, request.headers.get("traceparent"),
+                                              request.headers.get("tracestate"))
+        self.enter()
         try:
-            decode_lease, prefill = await self._admit(preq)
+            queue = record.trace.child(QUEUE_SPAN)
             try:
-                response = await self._run(request, preq, record, decode_lease, prefill)
+                decode_lease, prefill = await self._admit(preq)
+            except BaseException as exc:
+                queue.end(getattr(exc, "message", None) or type(exc).__name__)
+                raise
+            queue.end()
+            try:
+                response = await self._flow(request, preq, record, decode_lease, prefill)
             finally:
                 self.admitted -= 1
                 self.admission.wake()
@@ -167,10 +198,19 @@ class Orchestrator:
             self.metrics.client_disconnects.labels(record.stage).inc()
             raise
         finally:
-            self.in_flight -= 1
-            if not self.in_flight:
-                self._idle.set()
+            self.leave()
+            record.trace.end(record.status, record.error or None)
             self.account(record)
+
+    def enter(self) -> None:
+        """A request entered a handler (PD or pass-through): drain waits for it until `leave()`."""
+        self.in_flight += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if not self.in_flight:
+            self._idle.set()
 
     def refuse(self, request: Request, endpoint: str, request_id: str, error: ProxyError) -> Response:
         """Answer a request refused before the flow (invalid, too large), with the same accounting."""
@@ -260,6 +300,10 @@ class Orchestrator:
                 try:
                     decode_lease = self._recheck(decode_lease, preq)
                     call, has_handle = plan.decode(answer)
+                    cached = prefill_cached_tokens(answer)
+                    if cached:
+                        self.metrics.prefill_cached_tokens.inc(cached)
+                    record.prefill_cached_tokens = cached if has_handle else None  # D's own count is true
                     del answer  # freed before the stream: only D's call is needed now
                     if not has_handle:
                         self.metrics.kv_handoff_missing.inc()
@@ -277,6 +321,22 @@ class Orchestrator:
         assert last_error is not None
         raise last_error
 
+    def another_decoder(self, error: UpstreamError, lease: Lease, failed: list[Upstream], preq: ProxyRequest,
+                        record: RequestRecord) -> Lease | None:
+        """After `lease`'s D failed before its first byte with `error`: a lease on a D not in `failed` (any routable
+        one when all failed: a fresh attempt may fix what failed), counted as a flow retry, `lease` released; None
+        when `error` is not a retryable decode failure, `flow_retries` are spent or no D is available."""
+        if error.side != "decode" or not error.retryable or len(failed) >= self.limits.flow_retries:
+            return None
+        failed.append(lease.upstream)
+        candidates = self.decode_pool.available(failed) or self.decode_pool.available()
+        if not candidates:
+            return None
+        lease.release()
+        record.retries += 1
+        self.metrics.flow_retries.inc()
+        return Lease(self.decode_policy.choose(candidates, preq), self._on_release)
+
     def _recheck(self, lease: Lease, preq: ProxyRequest) -> Lease:
         """The D leased at admission, or another when it stopped being routable while P worked."""
         if self.decode_pool.may_route(lease.upstream):  # healthy, or the pool is in panic
@@ -288,8 +348,15 @@ class Orchestrator:
         lease.release()
         return fresh
 
+    def run_decode(self, request: Request, preq: ProxyRequest, call: UpstreamCall, record: RequestRecord,
+                   upstream: Upstream, *, report: Report) -> Awaitable[Response | None]:
+        """The decode leg, its outcome told to `report` instead of reported (a concurrent plan decides whose
+        fault a failure was once both legs are known)."""
+        return self._decode(request, preq, call, record, upstream, report)
+
     async def _decode(
-        self, request: Request, preq: ProxyRequest, call: UpstreamCall, record: RequestRecord, upstream: Upstream
+        self, request: Request, preq: ProxyRequest, call: UpstreamCall, record: RequestRecord, upstream: Upstream,
+        report: Report | None = None,
     ) -> Response | None:
         record.decode_upstream = upstream.url
         sent = time.perf_counter()
@@ -297,6 +364,8 @@ class Orchestrator:
             self.metrics.handoff_gap.observe(sent - record.start - record.prefill_s)
         reason: str | None = None
         outcome = "cancelled"  # unless the call ends otherwise: the client went away
+        leg = record.trace.child(DECODE_FIRST_BYTE_SPAN, **{"pdproxy.upstream": upstream.url})
+        call.headers += leg.headers()  # D's spans hang under this leg's (nothing when tracing is off)
         try:
             if preq.stream:
                 response = await self._decode_stream(request, preq, call, record, upstream, sent)
@@ -315,7 +384,9 @@ class Orchestrator:
             outcome, reason = outcome_of(exc), exc.message
             raise
         finally:
-            self.report(upstream, outcome, reason)
+            (report or self.report)(upstream, outcome, reason)
+            if record.trace is not NO_TRACE:
+                trace_decode(record, leg, preq.stream, outcome, reason)
 
     async def _decode_whole(
         self, preq: ProxyRequest, call: UpstreamCall, record: RequestRecord, upstream: Upstream
@@ -330,9 +401,12 @@ class Orchestrator:
         content_type = resp.headers.get("content-type", "application/json")
         check_status(resp.status, content_type, resp.body, side="decode", upstream=upstream.url)
         record.ttft_s = time.perf_counter() - record.start
-        record.bytes_out = len(resp.body)
-        self._count_usage(resp.body)
-        return Response(status=resp.status, body=resp.body, content_type=content_type,
+        body = resp.body
+        if record.prefill_cached_tokens is not None:  # P's cache, not D's transfer
+            body = rewrite_cached_tokens(body, b"%d" % record.prefill_cached_tokens)[0]
+        record.bytes_out = len(body)
+        self._count_usage(body)
+        return Response(status=resp.status, body=body, content_type=content_type,
                         headers=(("X-Request-Id", preq.request_id),))
 
     async def _open(self, preq: ProxyRequest, call: UpstreamCall, upstream: Upstream) -> Stream:
@@ -390,7 +464,8 @@ class Orchestrator:
             end = loop.time() - (time.perf_counter() - sent) + total if total else None
             self._streams += 1
             gaps = self.metrics.inter_token if self._streams % INTER_CHUNK_SAMPLE_EVERY == 0 else None
-            relay = Relay(loop, stream, out, end=end, gaps=gaps)
+            cached = record.prefill_cached_tokens if usage_in_stream(preq.body) else None
+            relay = make_relay(loop, stream, out, end=end, gaps=gaps, cached=cached)
             open_streams = self._open_streams.setdefault(upstream.id, set())
             open_streams.add(relay)
             # From here on the client has bytes: failures end the stream with an SSE error event.

@@ -17,6 +17,7 @@ from pdproxy.proxy.calls import check_status, translate
 from pdproxy.proxy.outcomes import Report, outcome_of
 from pdproxy.proxy.record import RequestRecord
 from pdproxy.request import ProxyRequest
+from pdproxy.tracing import PREFILL_SPAN
 from pdproxy.upstreams import Lease, Upstream, UpstreamPool
 
 
@@ -64,8 +65,9 @@ class PrefillLeg:
             plan = self.handoff.plan(preq, upstream, decode)
             lease = Lease(upstream, self._on_release)
             outcome, reason = "cancelled", None  # unless the call ends otherwise: the client went away
+            span = record.trace.child(PREFILL_SPAN, **{"pdproxy.upstream": upstream.url, "pdproxy.attempt": attempt})
             try:
-                answer = await self._call(upstream, plan, preq, min(self.timeout, remaining))
+                answer = await self._call(upstream, plan, preq, min(self.timeout, remaining), span.headers())
                 outcome = "ok"
             except UpstreamError as exc:
                 plan.close()
@@ -82,6 +84,8 @@ class PrefillLeg:
             finally:
                 self._report(upstream, outcome, reason)  # before the release, which may remove the upstream
                 lease.release()
+                span.set("pdproxy.outcome", outcome)
+                span.end(reason)
             record.prefill_s = time.perf_counter() - record.start
             plan.prefill.sent()
             return plan, answer
@@ -89,11 +93,13 @@ class PrefillLeg:
             raise last_error
         raise Unavailable("no prefill upstream available", side="prefill")
 
-    async def _call(self, upstream: Upstream, plan: Plan, preq: ProxyRequest, timeout: float) -> dict[str, Any]:
+    async def _call(self, upstream: Upstream, plan: Plan, preq: ProxyRequest, timeout: float,
+                    trace_headers: bytes = b"") -> dict[str, Any]:
         call = plan.prefill
         started = time.perf_counter()
         try:
-            resp = await self.client.fetch(upstream.url, "POST", call.path, headers=preq.headers + call.headers,
+            resp = await self.client.fetch(upstream.url, "POST", call.path,
+                                           headers=preq.headers + call.headers + trace_headers,
                                            body=call.body, timeout=timeout, max_bytes=self.max_answer_bytes)
         except CallError as exc:
             raise translate(exc, side="prefill", upstream=upstream.url, stage="prefill", timeout=timeout) from None

@@ -10,6 +10,8 @@ from datetime import datetime, timezone
 
 import orjson
 
+from pdproxy.tracing import NO_TRACE, RequestTrace
+
 access_log = logging.getLogger("pdproxy.access")
 
 CLIENT_CLOSED = 499  # nginx's status for "client closed the request", for logs and metrics only
@@ -32,6 +34,8 @@ class RequestRecord:
     bytes_out: int = 0
     error: str = ""
     stage: str = "queue"
+    prefill_cached_tokens: int | None = None  # P's prefix-cache hit, when D got P's KV (usage reports it)
+    trace: RequestTrace = NO_TRACE  # the request's span (tracing on), or the do-nothing one
 
     def as_text(self, total_s: float) -> str:
         return (
