@@ -34,6 +34,7 @@ from pdproxy.metrics import CONTENT_TYPE, Metrics
 from pdproxy.outlier import ConsecutiveFailureDetector, NoOutlierDetection, OutlierDetector
 from pdproxy.policies import PolicyOptions, make_balancer
 from pdproxy.policies.tokens import make_token_counter
+from pdproxy.proxy.hedge import HedgeBudget
 from pdproxy.proxy.orchestrator import FlowLimits, FlowTimeouts, Orchestrator
 from pdproxy.proxy.passthrough import Passthrough, PassTimeouts
 from pdproxy.proxy.record import RequestRecord
@@ -188,6 +189,7 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
             connect=settings.connect_timeout, prefill=settings.prefill_timeout,
             prefill_deadline=settings.prefill_deadline, decode_first_byte=settings.decode_first_byte_timeout,
             stream_idle=settings.stream_idle_timeout, decode_total=settings.decode_timeout,
+            decode_response=settings.decode_response_timeout,
         ),
         limits=limits,
         admission=admission,
@@ -195,6 +197,8 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
         metrics=metrics,
         access_log_format=settings.access_log_format if settings.access_log else "off",
         on_release=on_release,
+        hedging=HedgeBudget(multiple=settings.prefill_hedge_multiple, floor=settings.prefill_hedge_floor,
+                            budget=settings.prefill_hedge_budget, min_hedges=settings.prefill_hedge_min),
         pd_min_prompt_tokens=settings.pd_min_prompt_tokens,
         token_counter=make_token_counter(str(settings.tokenizer) if settings.tokenizer else None,
                                          settings.chars_per_token) if settings.pd_min_prompt_tokens else None,

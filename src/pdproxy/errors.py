@@ -14,7 +14,8 @@
     │   ├── UnsupportedMediaType    415     (a request Content-Encoding the proxy cannot decode)
     │   ├── ExpectationFailed       417     (an Expect other than 100-continue)
     │   └── HeadersTooLarge         431
-    ├── Unavailable                 503     internal  no     service_unavailable   (no routable upstream)
+    ├── Unavailable                 503     internal  no     service_unavailable   (no routable upstream, every
+    │   │                                                    prefill attempt refused, proxy full: Retry-After)
     │   └── CapsTaken               503     (--workers: other workers took the last slots; admission waits)
     ├── LoopDetected                508     internal  no     loop_detected  (the request carries this proxy's
     │                                                        own Via token: an upstream points back at it)
@@ -22,7 +23,8 @@
     │   ├── UpstreamConnectError    502     decode
     │   ├── UpstreamBadStatus       502            (5xx from the upstream)
     │   ├── UpstreamBadResponse     502            (a 2xx body that is not what the protocol says)
-    │   ├── UpstreamTimeout         504
+    │   ├── UpstreamTimeout         504            (a decode timeout after D accepted the request does not
+    │   │                                           rerun the flow: `pdproxy.proxy.calls.reruns_flow`)
     │   ├── UpstreamKvLost          502     decode    yes    (D could not load the KV blocks: P died or freed
     │   │                                                    them; blamed on P, outcome `kv_lost`)
     │   └── UpstreamStreamBroken    502     decode    no     (died after bytes reached the client)

@@ -34,7 +34,10 @@ SMALL_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.0
 # timeout, an ejection) would never show on the dashboard.
 UPSTREAM_OUTCOMES = ("ok", "rejected", "bad_status", "bad_response", "connect_error", "timeout", "broken",
                      "cancelled")
-TIMEOUT_STAGES = ("prefill", "connect", "decode_first_byte", "stream_idle", "decode_total")
+TIMEOUT_STAGES = ("prefill", "connect", "decode_first_byte", "decode_response", "stream_idle", "decode_total")
+# won: the hedge answered first; lost: the first attempt did; failed: every hedged attempt failed; cancelled: the
+# client left; over_budget / no_upstream: due but not sent (the budget was used up / no other P could take it).
+HEDGE_RESULTS = ("won", "lost", "failed", "cancelled", "over_budget", "no_upstream")
 DISCONNECT_STAGES = ("queue", "prefill", "decode")
 PD_SKIP_REASONS = ("short_prompt", "cached_prompt")  # handoff.skip.SkipReason
 QUEUE_REJECTION_REASONS = ("full", "timeout")
@@ -195,10 +198,14 @@ class Metrics:
         self.upstream_requests = LoopCounter("pdproxy_upstream_requests",
                                              "Upstream calls by outcome (ok, rejected, bad_status, "
                                              "bad_response, connect_error, timeout, broken, kv_lost, "
-                                             "cancelled).",
+                                             "cancelled, hedged: cancelled as another attempt answered first).",
                                              ("role", "upstream", "outcome"), registry=registry)
         self.prefill_retries = LoopCounter("pdproxy_prefill_retries", "Prefills re-run on another server.",
                                            registry=registry)
+        self.prefill_hedges = LoopCounter("pdproxy_prefill_hedges",
+                                          "Prefill attempts hedged on another server after their hedge delay, "
+                                          "by result (won, lost, failed, cancelled; over_budget and no_upstream: "
+                                          "due but not sent).", ("result",), registry=registry)
         self.flow_retries = LoopCounter("pdproxy_flow_retries",
                                         "Whole PD flows re-run after a decode failed before its first byte.",
                                         registry=registry)
@@ -240,7 +247,8 @@ class Metrics:
 
         for labels, values in ((self.timeouts, TIMEOUT_STAGES), (self.client_disconnects, DISCONNECT_STAGES),
                                (self.queue_rejections, QUEUE_REJECTION_REASONS), (self.admin_changes, ADMIN_ACTIONS),
-                               (self.client_refusals, CLIENT_REFUSAL_REASONS), (self.pd_skipped, PD_SKIP_REASONS)):
+                               (self.client_refusals, CLIENT_REFUSAL_REASONS), (self.pd_skipped, PD_SKIP_REASONS),
+                               (self.prefill_hedges, HEDGE_RESULTS)):
             for value in values:
                 labels.labels(value)
         self._zeroed: set[tuple[str, str]] = set()  # upstreams whose counters exist

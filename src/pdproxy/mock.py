@@ -348,6 +348,8 @@ class MockEngine:
         self.healthy = True  # False: /health answers 503 (as an engine still loading or failing would)
         self._gate = asyncio.Event()  # cleared by hold(): streams pause after their first token
         self._gate.set()
+        self._answering = asyncio.Event()  # cleared by stop_answering(): generations wait, unanswered
+        self._answering.set()
         self.health_probes = 0
         self.prefix_cache = PrefixCache()
         self._compute_free_at = 0.0  # loop time when the prompt computed last is done (FIFO compute)
@@ -388,6 +390,9 @@ class MockEngine:
         app.router.add_get("/kv_event_sources", self._handle_kv_event_sources)
         app.router.add_get("/metrics", self._handle_metrics)
         app.router.add_get("/get_server_info", self._handle_server_info)
+        # The fault switch of a mock running in another process (benchmarks): POST stops answering, DELETE resumes.
+        app.router.add_post("/mock/hang", self._handle_hang)
+        app.router.add_delete("/mock/hang", self._handle_hang)
         app.router.add_post("/inference/v1/generate", self._handle_generate)
         self.routes.add_to(app)
         app.on_startup.append(self._on_startup)
@@ -519,6 +524,23 @@ class MockEngine:
     def release(self) -> None:
         self._gate.set()
 
+    def stop_answering(self) -> None:
+        """Hang every generation request from now on (a stuck engine: /health still answers) until
+        `resume_answering()`; requests held meanwhile then go on as if nothing happened."""
+        self._answering.clear()
+
+    def resume_answering(self) -> None:
+        self._answering.set()
+
+    @property
+    def answering(self) -> bool:
+        return self._answering.is_set()
+
+    @property
+    def handlers_running(self) -> int:
+        """Generation handlers running now, held and hung ones included (in_flight counts only generating)."""
+        return len(self._tasks)
+
     def clear_faults(self) -> None:
         """Forget every scripted fault not yet consumed."""
         self._faults.clear()
@@ -564,6 +586,13 @@ class MockEngine:
                 fut.set_result(None)
 
     # ------------------------------------------------------------ handlers
+
+    async def _handle_hang(self, request: web.Request) -> web.Response:
+        if request.method == "POST":
+            self.stop_answering()
+        else:
+            self.resume_answering()
+        return web.json_response({"answering": self.answering})
 
     async def _handle_health(self, _request: web.Request) -> web.Response:
         self.health_probes += 1
@@ -623,6 +652,7 @@ class MockEngine:
         finally:
             if task is not None:
                 self._tasks.discard(task)
+                self._notify()  # a waiter may wait for this handler to end (held, hung or aborted)
 
     async def _before_route(self, request: web.Request, body: Any) -> web.StreamResponse | None:
         """The extra routes (mock_routes): recorded, and a scripted fault applies to them as to generation."""
@@ -647,6 +677,8 @@ class MockEngine:
             RecordedRequest(request.path, dict(request.headers), body if isinstance(body, dict) else {})
         )
         self._notify()
+        if not self._answering.is_set():  # stop_answering(): held until resumed, the client leaves or shutdown
+            await self._answering.wait()
 
         fault = self._faults.popleft() if self._faults else None
         if fault is not None and fault.kind not in ("die", "stall", "kv_lost"):

@@ -306,9 +306,36 @@ class Settings(BaseSettings):
     flow_retries: int = setting(
         1, group=FAILOVER, ge=0, le=8,
         description='whole PD flows re-run when a decode fails before its first byte',
-        doc=('When a decode fails before its first byte reached the client, the whole PD flow runs again on '
-             'another decode server (fresh prefill, fresh KV handle: the old blocks may already be freed). After '
-             'the first byte, a failure ends the stream with an SSE error event instead. Unit: retries, 0-8.'))
+        doc=('When a decode fails before its first byte reached the client (a connect error, a 5xx or a KV-load '
+             'error event; never a timeout after the decode server accepted the request), the whole PD flow runs '
+             'again on another decode server (fresh prefill, fresh KV handle: the old blocks may already be '
+             'freed). After the first byte, a failure ends the stream with an SSE error event instead. Unit: '
+             'retries, 0-8.'))
+    prefill_hedge_budget: float = setting(
+        0.1, group=FAILOVER, ge=0, le=1,
+        description='share of in-flight prefills that may be hedged at once; 0 turns hedging off',
+        doc=('A prefill attempt that takes far longer than its prompt should (see prefill_hedge_multiple) is hedged: '
+             'the same prefill starts on another prefill server while the first keeps running, the first good '
+             'answer wins and the other is cancelled (never held against its server). At most this share of the '
+             "prefills in flight are hedged at once (Envoy's retry budget), and never fewer than prefill_hedge_min "
+             'may be. Hedges count as attempts: prefill_retries 0 turns hedging off too. Unit: share, 0-1 '
+             '(0 = never hedge).'))
+    prefill_hedge_min: int = setting(
+        3, group=FAILOVER, ge=0, le=1000,
+        description='hedges allowed at once whatever the budget, so a proxy at a low rate can still hedge',
+        doc=('Hedges that may run at once whatever prefill_hedge_budget says (like Envoy\'s min_retry_concurrency): '
+             'at a low request rate the share alone would allow none. Unit: hedges.'))
+    prefill_hedge_multiple: float = setting(
+        4.0, group=FAILOVER, ge=1,
+        description='hedge a prefill attempt after this many times its expected duration',
+        doc=("An attempt's expected duration is this server's observed prefill time per prompt token (an EWMA over "
+             'its successful prefills, queueing included) times the prompt\'s estimated tokens; it is hedged '
+             'after this multiple of it, never before prefill_hedge_floor. Unit: multiple, at least 1.'))
+    prefill_hedge_floor: float = setting(
+        1.0, group=FAILOVER, gt=0,
+        description='seconds a prefill attempt runs at least before it may be hedged',
+        doc=('No attempt is hedged sooner than this, however short its prompt (and, before any prefill was '
+             'observed, every attempt is hedged after this). Unit: seconds, greater than 0.'))
     # ---- timeouts
     connect_timeout: float = setting(
         5.0, group=TIMEOUTS, gt=0,
@@ -326,10 +353,16 @@ class Settings(BaseSettings):
              'prefill_timeout. Unit: seconds.'))
     decode_first_byte_timeout: float = setting(
         300.0, group=TIMEOUTS, gt=0,
-        description='seconds from the decode request to its first byte; for a non-streamed request, the whole answer',
-        doc=("Time from sending the decode request to its first byte (the decode server's queue, the KV transfer "
-             'and the first token). For a non-streamed request the first byte is the whole answer. Unit: seconds, '
-             'greater than 0.'))
+        description='seconds from a streamed decode request to its first byte',
+        doc=("Time from sending a streamed decode request to its first byte (the decode server's queue, the KV "
+             'transfer and the first token). Past it the client gets 504 and the decode is not rerun: the decode '
+             'server had accepted it. Unit: seconds, greater than 0.'))
+    decode_response_timeout: float = setting(
+        600.0, group=TIMEOUTS, gt=0,
+        description='seconds for the whole answer of a non-streamed decode',
+        doc=('Time from sending a non-streamed decode request to the end of its answer: the whole generation. '
+             'Past it the client gets 504 and the decode is not rerun (a rerun would generate it all again). '
+             'decode_timeout, when set, caps it too. Unit: seconds, greater than 0.'))
     stream_idle_timeout: float = setting(
         300.0, group=TIMEOUTS, gt=0,
         description='max seconds between two chunks of a decode stream',

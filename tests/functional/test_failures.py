@@ -105,13 +105,50 @@ async def test_prefill_connect_error_fails_over(cluster_factory: ClusterFactory,
                           outcome="connect_error") == 1
 
 
-async def test_all_prefill_servers_unreachable_gives_502(cluster_factory: ClusterFactory,
-                                                         http: aiohttp.ClientSession) -> None:
-    cluster = await cluster_factory(n_prefill=0, extra_prefill=(closed_port_url(), closed_port_url()))
+async def test_all_prefill_servers_refusing_connections_gives_503_with_retry_after(
+    cluster_factory: ClusterFactory, http: aiohttp.ClientSession
+) -> None:
+    """Every P down before the health checks noticed: every attempt failed to connect, so the answer is
+    503 + Retry-After (try again shortly), not 502 (a bad answer from an upstream)."""
+    cluster = await cluster_factory(n_prefill=0, extra_prefill=(closed_port_url(), closed_port_url()),
+                                    eject_after=0)
+    async with http.post(cluster.url + "/v1/completions", json=PROMPT) as resp:
+        status, payload, retry_after = resp.status, await resp.json(), resp.headers.get("Retry-After")
+    assert status == 503
+    assert retry_after == "1"
+    assert_openai_error(payload, 503, "no prefill upstream reachable: 2 attempt(s) failed to connect")
+    assert "cannot connect to prefill upstream" in payload["error"]["message"]
+    assert payload["error"]["type"] == "service_unavailable"
+    assert not cluster.decode[0].requests
+    for url in cluster.prefill_urls:  # each refusal still counts against its P
+        assert cluster.metric("pdproxy_upstream_requests_total", role="prefill", upstream=url,
+                              outcome="connect_error") == 1
+
+
+async def test_prefill_servers_killed_give_503_then_recover(
+    cluster_factory: ClusterFactory, http: aiohttp.ClientSession
+) -> None:
+    cluster = await cluster_factory(n_prefill=2, eject_after=0)
+    for engine in list(cluster.prefill):
+        await cluster.kill(engine)
+    async with http.post(cluster.url + "/v1/completions", json=PROMPT) as resp:
+        assert resp.status == 503
+        assert resp.headers.get("Retry-After") == "1"
+    await cluster.revive(cluster.prefill[0])
+    status, payload = await post(http, cluster)
+    assert status == 200, payload
+
+
+async def test_one_refusal_and_one_500_is_still_a_502(cluster_factory: ClusterFactory,
+                                                      http: aiohttp.ClientSession) -> None:
+    """503 only when every attempt failed to connect: a P that answered 500 makes it the upstream's bad answer."""
+    cluster = await cluster_factory(n_prefill=1, extra_prefill=(closed_port_url(),), prefill_policy="round_robin",
+                                    eject_after=0)
+    cluster.prefill[0].fail_next(500)
     status, payload = await post(http, cluster)
     assert status == 502
-    assert_openai_error(payload, 502, "cannot connect to prefill upstream")
-    assert not cluster.decode[0].requests
+    assert "answered 500" in payload["error"]["message"]
+    assert [len(e.requests) for e in cluster.prefill] == [1]
 
 
 @pytest.mark.parametrize("fault", ["fail_next", "garbage_next", "drop_next"])
@@ -285,9 +322,10 @@ async def test_no_routable_upstream_fails_fast_with_503(cluster_factory: Cluster
         upstream.state = State.HEALTHY
     for upstream in cluster.flow.prefill_pool.members:
         upstream.state = State.UNHEALTHY
-    status, payload = await post(http, cluster)
-    assert status == 503
-    assert_openai_error(payload, 503, "no routable prefill upstream")
+    async with http.post(cluster.url + "/v1/completions", json=PROMPT) as resp:
+        assert resp.status == 503
+        assert resp.headers.get("Retry-After") == "1"
+        assert_openai_error(await resp.json(), 503, "no routable prefill upstream")
 
 
 async def test_a_lost_kv_is_blamed_on_the_prefill_server_not_the_decode_server(

@@ -58,6 +58,8 @@ ZERO_HERE = {
     "Requests in flight and queue [B]": "queue_size=0 in this test: a request never waits, it is refused (Queue [B])",
     "Queue [A]": "the same gauge: nothing waits with queue_size=0",
     "Retries [B]": "no decode fails before its first byte here (flow retries)",
+    "Retries [C]": ("no prefill outlasts its hedge delay here (the 1 s floor is past the 0.5 s prefill timeout); "
+                    "tests/functional/test_hedging.py provokes every result"),
     "KV handoff missing [A]": "the mock engines always answer with kv_transfer_params",
     "PD skipped by reason [A]": ("--pd-min-prompt-tokens is off here (tests/functional/test_skip_pd.py counts "
                                  "skips)"),

@@ -122,18 +122,55 @@ async def test_decode_failing_before_first_byte_reruns_the_whole_flow(
     assert cluster.metric("pdproxy_flow_retries_total") == 1
 
 
-async def test_decode_first_byte_timeout_reruns_the_flow_then_504(
+async def test_decode_first_byte_timeout_is_not_rerun(
     cluster_factory: ClusterFactory, http: aiohttp.ClientSession
 ) -> None:
+    """D accepted the stream and sent nothing in time: 504, and no second flow (D may still be working)."""
     cluster = await cluster_factory(n_decode=2, decode_policy="round_robin", decode_first_byte_timeout=0.2)
     cluster.decode[0].hang_next()
-    assert await load(http, cluster, 1, 1) == Counter({"ok": 1})
-    for engine in cluster.decode:
-        engine.hang_next()
     async with http.post(cluster.url + "/v1/completions", json=STREAM) as resp:
         assert resp.status == 504
         assert "sent no first byte within 0.2s" in (await resp.json())["error"]["message"]
+    assert [len(e.requests) for e in cluster.decode] == [1, 0]
+    assert sum(len(e.requests) for e in cluster.prefill) == 1
+    assert cluster.metric("pdproxy_flow_retries_total") == 0
     assert cluster.metric("pdproxy_timeouts_total", stage="decode_first_byte") == 1
+
+
+async def test_non_streamed_decode_has_its_own_response_timeout_and_is_not_rerun(
+    cluster_factory: ClusterFactory, http: aiohttp.ClientSession
+) -> None:
+    """A whole non-streamed answer is bounded by decode_response_timeout (not the first-byte one), and a
+    generation that outlasts it is not generated again on another D."""
+    cluster = await cluster_factory(n_decode=2, decode_policy="round_robin", decode_first_byte_timeout=0.05,
+                                    decode_response_timeout=0.3,
+                                    decode_config=MockConfig(role="decode", ttft_ms=100))
+    body = {**STREAM, "stream": False}
+    assert await load(http, cluster, 1, 1, body) == Counter({"ok": 1})  # 100 ms > the first-byte timeout: fine
+    cluster.decode[1].hang_next()
+    async with http.post(cluster.url + "/v1/completions", json=body) as resp:
+        assert resp.status == 504
+        assert "timed out (decode response after 0.3s)" in (await resp.json())["error"]["message"]
+    assert [len(e.requests) for e in cluster.decode] == [1, 1]  # the hung one was not followed by a rerun
+    assert cluster.metric("pdproxy_flow_retries_total") == 0
+    assert cluster.metric("pdproxy_timeouts_total", stage="decode_response") == 1
+    decode_url = cluster.decode_urls[1]
+    assert cluster.metric("pdproxy_upstream_requests_total", role="decode", upstream=decode_url,
+                          outcome="timeout") == 1
+
+
+async def test_decode_rerun_only_on_connect_errors_5xx_and_kv_load_errors(
+    cluster_factory: ClusterFactory, http: aiohttp.ClientSession
+) -> None:
+    """Before the first byte: a 5xx and a KV-load error event rerun the flow (on the same D when it is the only
+    one: a fresh prefill is what fixes a lost KV)."""
+    cluster = await cluster_factory(n_decode=1, eject_after=0)
+    cluster.decode[0].fail_next(503)
+    assert await load(http, cluster, 1, 1) == Counter({"ok": 1})
+    cluster.decode[0].lose_kv_next()
+    assert await load(http, cluster, 1, 1) == Counter({"ok": 1})
+    assert cluster.metric("pdproxy_flow_retries_total") == 2
+    assert sum(len(e.requests) for e in cluster.prefill) == 4  # each rerun had its own prefill
 
 
 async def test_decode_dying_mid_stream_is_never_retried(cluster_factory: ClusterFactory,

@@ -153,3 +153,30 @@ def test_an_endpoint_builds_an_otlp_exporter() -> None:
     tracing = build_tracing("http://127.0.0.1:9/v1/traces", "pd-test")
     assert tracing.enabled
     tracing.shutdown()
+
+
+async def test_a_hedged_prefill_is_two_attempt_spans_and_the_loser_is_no_error(traced: Any) -> None:
+    import asyncio
+
+    t = await traced(n_prefill=2, prefill_policy="round_robin", prefill_hedge_floor=0.05, prefill_timeout=1.5)
+    prefills = [engine for engine in t.engines.values() if engine.config.role == "prefill"]
+    for engine in prefills:
+        engine.stop_answering()
+    async with aiohttp.ClientSession() as http:
+        body = {"model": "mock", "prompt": "a", "max_tokens": 1}
+        request = asyncio.create_task(http.post(t.url + "/v1/completions", json=body))
+        waits = [asyncio.ensure_future(e.wait_for_requests(1)) for e in prefills]
+        _done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED, timeout=2)
+        for wait in pending:
+            wait.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        hung = next(e for e in prefills if e.requests)  # the P of the first attempt
+        next(e for e in prefills if e is not hung).resume_answering()
+        async with await asyncio.wait_for(request, 2) as resp:
+            assert resp.status == 200
+        hung.resume_answering()
+        await asyncio.gather(*(e.wait_for_requests(1) for e in prefills))
+    attempts = {s.attributes["pdproxy.hedge"]: s for s in t.spans()["pdproxy.prefill"]}
+    assert attempts[False].attributes["pdproxy.outcome"] == "hedged"
+    assert attempts[False].status.status_code is not StatusCode.ERROR  # cancelled by the hedge: no one's fault
+    assert attempts[True].attributes["pdproxy.outcome"] == "ok"

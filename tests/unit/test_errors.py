@@ -33,7 +33,7 @@ from pdproxy.errors import (
     UpstreamStreamBroken,
     UpstreamTimeout,
 )
-from pdproxy.proxy.calls import check_status, translate
+from pdproxy.proxy.calls import check_status, reruns_flow, translate
 
 UPSTREAM = "http://10.0.0.1:8100"
 
@@ -253,3 +253,25 @@ def test_check_status(status: int, kind: type[Exception] | None) -> None:
     if kind is UpstreamRejected:
         response = info.value.response("r1")
         assert (response.status, response.body, response.content_type) == (status, b"nope", "text/plain")
+
+
+@pytest.mark.parametrize(("exc", "stage", "rerun"), [
+    (client.ConnectFailed("refused"), "decode", True),
+    (client.ConnectTimeout("slow handshake"), "decode", True),
+    (client.ConnectionLost("dropped"), "decode", True),
+    (client.FirstByteTimeout("quiet"), "decode_first_byte", False),
+    (client.ResponseTimeout("long answer"), "decode_response", False),
+    (client.BadResponse("garbage"), "decode", False),
+])
+def test_only_connect_errors_5xx_and_kv_load_errors_rerun_a_flow(exc: client.CallError, stage: str,
+                                                                  rerun: bool) -> None:
+    """A timeout after D accepted the request is not a retry; a refused or dropped connection is."""
+    error = translate(exc, side="decode", upstream="http://d", stage=stage)
+    assert reruns_flow(error) is rerun
+
+
+def test_a_5xx_and_a_lost_kv_rerun_a_flow() -> None:
+    with pytest.raises(errors.UpstreamBadStatus) as raised:
+        check_status(503, "application/json", b"{}", side="decode", upstream="http://d")
+    assert reruns_flow(raised.value)
+    assert reruns_flow(errors.UpstreamKvLost("no KV", upstream="http://d", blamed="http://p"))

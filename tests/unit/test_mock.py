@@ -584,3 +584,30 @@ async def test_client_disconnect_during_ttft(start: Starter, session: aiohttp.Cl
     with pytest.raises(asyncio.CancelledError):
         await task
     await engine.wait_until(lambda s: s.aborted == 1 and s.in_flight == 0, timeout=2)
+
+
+async def test_stop_answering_holds_requests_until_resumed(start: Starter, session: aiohttp.ClientSession) -> None:
+    """The hung-P switch: /health still answers, generations wait, and go on normally once resumed."""
+    engine, url = await start()
+    async with session.post(f"{url}/mock/hang") as resp:
+        assert resp.status == 200 and (await resp.json()) == {"answering": False}
+    assert not engine.answering
+    held = asyncio.create_task(post(session, f"{url}/v1/completions", {"prompt": "x"}))
+    await engine.wait_for_requests(1)
+    async with session.get(f"{url}/health") as resp:
+        assert resp.status == 200
+    assert not held.done()
+    async with session.delete(f"{url}/mock/hang") as resp:
+        assert (await resp.json()) == {"answering": True}
+    status, _body = await asyncio.wait_for(held, 2)
+    assert status == 200
+
+
+async def test_a_request_held_by_stop_answering_ends_with_its_client(start: Starter) -> None:
+    engine, url = await start()
+    engine.stop_answering()
+    async with aiohttp.ClientSession() as client:
+        with pytest.raises(asyncio.TimeoutError):
+            await client.post(f"{url}/v1/completions", json={"prompt": "x"}, timeout=aiohttp.ClientTimeout(total=0.1))
+    await engine.wait_until(lambda _stats: engine.handlers_running == 0)  # its handler was cancelled, not left waiting
+    engine.resume_answering()

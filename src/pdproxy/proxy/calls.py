@@ -18,6 +18,7 @@ from pdproxy.errors import (
     UpstreamBadStatus,
     UpstreamConnectError,
     UpstreamError,
+    UpstreamKvLost,
     UpstreamRejected,
     UpstreamTimeout,
 )
@@ -54,3 +55,13 @@ def check_status(status: int, content_type: str, payload: bytes, *, side: str, u
     if 400 <= status < 500:
         raise UpstreamRejected(status, content_type, payload, upstream)
     raise UpstreamBadStatus(f"{side} upstream {upstream} answered {status}", side=side, upstream=upstream)
+
+
+def reruns_flow(error: UpstreamError) -> bool:
+    """Whether a decode that failed before the client got a byte is worth a whole new flow: only when D never
+    took the request (connect error, a timed-out connect), failed it (5xx, connection dropped) or could not
+    load its KV. A timeout after D accepted the request is not: D may still be working on it, and a rerun
+    would wait as long again (or, non-streamed, generate the whole answer again)."""
+    if isinstance(error, UpstreamTimeout):
+        return error.stage == "connect"
+    return isinstance(error, UpstreamConnectError | UpstreamBadStatus | UpstreamKvLost)

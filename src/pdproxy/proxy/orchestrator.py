@@ -7,9 +7,10 @@ Invariants:
   prefill answer and the decode request: P holds the KV blocks only for a short lease. If that D
   stopped being routable while P worked, another is leased (the NIXL pull handle names no D);
 - streamed bytes are relayed as read (`relay`), never parsed, re-serialised or logged per chunk;
-- nothing reaches the client before D's first byte, so until then a failed decode is retried by
-  running the whole flow again (fresh prefill, fresh handle: the old KV may be freed); after it, a
-  failure ends the stream with an SSE error event and is never retried;
+- nothing reaches the client before D's first byte, so until then a failed decode (connect error, 5xx,
+  KV-load error: `reruns_flow`; never a timeout after D accepted it) is retried by running the whole
+  flow again (fresh prefill, fresh handle: the old KV may be freed); after it, a failure ends the
+  stream with an SSE error event and is never retried;
 - every lease is released in `finally`, whatever ends the request (error, timeout, client gone: the
   server cancels the handler, the cancellation closes the upstream socket, and vLLM aborts).
 """
@@ -40,9 +41,10 @@ from pdproxy.metrics import Metrics
 from pdproxy.outlier import OutlierDetector
 from pdproxy.policies import Balancer
 from pdproxy.policies.tokens import CharTokenCounter, TokenCounter
-from pdproxy.proxy.calls import check_status, translate
+from pdproxy.proxy.calls import check_status, reruns_flow, translate
 from pdproxy.proxy.concurrent import ConcurrentFlow
 from pdproxy.proxy.direct import Flow, SkipPd
+from pdproxy.proxy.hedge import HedgeBudget
 from pdproxy.proxy.outcomes import FAILURE_OUTCOMES, Report, outcome_of
 from pdproxy.proxy.prefill import PrefillLeg
 from pdproxy.proxy.record import CLIENT_CLOSED, LOG_FORMATS, RequestRecord, access_log, reported_usage
@@ -69,6 +71,7 @@ class FlowTimeouts:
     decode_first_byte: float
     stream_idle: float
     decode_total: float = 0.0
+    decode_response: float = 600.0  # a non-streamed decode's whole answer
 
 
 @dataclass(slots=True, frozen=True)
@@ -100,6 +103,7 @@ class Orchestrator:
         metrics: Metrics,
         access_log_format: str = "text",
         on_release: Callable[[Upstream], None] | None = None,
+        hedging: HedgeBudget | None = None,
         tracing: Tracing = NO_TRACING,
         pd_min_prompt_tokens: int = 0,
         token_counter: TokenCounter | None = None,
@@ -122,7 +126,7 @@ class Orchestrator:
             pool=prefill_pool, policy=prefill_policy, client=client, handoff=handoff, timeout=timeouts.prefill,
             deadline=timeouts.prefill_deadline, retries=limits.prefill_retries,
             max_answer_bytes=limits.max_answer_bytes, metrics=metrics, report=self.report,
-            on_release=self._on_release)
+            on_release=self._on_release, hedging=hedging)
         self._streams = 0
         self._open_streams: dict[str, set[Relay]] = {}  # upstream id -> its relayed streams
         self.draining = False
@@ -132,8 +136,9 @@ class Orchestrator:
         self.admitted = 0  # requests holding a concurrency slot
         self._idle = asyncio.Event()
         self._idle.set()
-        first_byte = timeouts.decode_first_byte
-        self._first_byte_timeout = min(first_byte, timeouts.decode_total) if timeouts.decode_total else first_byte
+        first_byte, whole, total = timeouts.decode_first_byte, timeouts.decode_response, timeouts.decode_total
+        self._first_byte_timeout = min(first_byte, total) if total else first_byte
+        self._response_timeout = min(whole, total) if total else whole
         # The flow is chosen once: a sequential plan runs `_run` with nothing added per request.
         self._flow: Flow = ConcurrentFlow(self).run if handoff.concurrent else self._run
         if pd_min_prompt_tokens:  # off by default: then no estimate is made at all
@@ -254,10 +259,10 @@ class Orchestrator:
         # An available upstream is a routable one: the routable() scans run only when none is available.
         decode = self.decode_pool.available()
         if not decode and not self.decode_pool.routable():  # before P computes KV that no D could take
-            raise Unavailable("no routable decode upstream", side="decode")
+            raise Unavailable("no routable decode upstream", side="decode", retry_after=RETRY_AFTER_SECONDS)
         prefill = self.prefill_pool.available()
         if not prefill and not self.prefill_pool.routable():
-            raise Unavailable("no routable prefill upstream", side="prefill")
+            raise Unavailable("no routable prefill upstream", side="prefill", retry_after=RETRY_AFTER_SECONDS)
         if self.limits.max_concurrency and self.admitted >= self.limits.max_concurrency:
             return None
         if not decode or not prefill:
@@ -312,7 +317,7 @@ class Orchestrator:
                 finally:
                     plan.close()
             except UpstreamError as exc:
-                if exc.side != "decode" or not exc.retryable:
+                if exc.side != "decode" or not reruns_flow(exc):
                     raise
                 last_error = exc
                 failed_decoders.append(decode_lease.upstream)
@@ -325,8 +330,8 @@ class Orchestrator:
                         record: RequestRecord) -> Lease | None:
         """After `lease`'s D failed before its first byte with `error`: a lease on a D not in `failed` (any routable
         one when all failed: a fresh attempt may fix what failed), counted as a flow retry, `lease` released; None
-        when `error` is not a retryable decode failure, `flow_retries` are spent or no D is available."""
-        if error.side != "decode" or not error.retryable or len(failed) >= self.limits.flow_retries:
+        when `error` does not rerun a flow (`reruns_flow`), `flow_retries` are spent or no D is available."""
+        if error.side != "decode" or not reruns_flow(error) or len(failed) >= self.limits.flow_retries:
             return None
         failed.append(lease.upstream)
         candidates = self.decode_pool.available(failed) or self.decode_pool.available()
@@ -392,12 +397,13 @@ class Orchestrator:
         self, preq: ProxyRequest, call: UpstreamCall, record: RequestRecord, upstream: Upstream
     ) -> Response:
         """A non-streamed answer (or an error status), byte for byte."""
-        timeout = self._first_byte_timeout
+        timeout = self._response_timeout
         try:
             resp = await self.client.fetch(upstream.url, "POST", call.path, headers=preq.headers + call.headers,
                                            body=call.body, timeout=timeout, max_bytes=self.limits.max_answer_bytes)
         except CallError as exc:
-            raise translate(exc, side="decode", upstream=upstream.url, stage="decode", timeout=timeout) from None
+            raise translate(exc, side="decode", upstream=upstream.url, stage="decode_response",
+                            timeout=timeout) from None
         content_type = resp.headers.get("content-type", "application/json")
         check_status(resp.status, content_type, resp.body, side="decode", upstream=upstream.url)
         record.ttft_s = time.perf_counter() - record.start
