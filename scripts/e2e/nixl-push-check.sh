@@ -7,7 +7,7 @@
 #   flock /tmp/pdproxy-heavy.lock env E2E_VLLM_VENV=/work/main/.venv-vllm bash scripts/e2e/nixl-push-check.sh
 #
 # NOT reliable on CPU (1 pass in 4 runs; README: Engines and handoffs, "Verified against"): when it
-# fails, D logged `Sent PUSH_REG` and P never wrote, so the first request times out after 200 s.
+# fails, P never writes D's KV, so the first request times out after 200 s.
 # Needs the stage's vLLM venv (scripts/e2e-vllm.sh builds it) and pdproxy's .venv. Exit 0 = pass.
 # P's kv_lease_duration is raised from 30 s to PUSH_LEASE (120 s): D's first NIXL handshake with P
 # took 14 s on a loaded 2-core machine, and D's registration reached P 31 s after P finished, when P
