@@ -37,7 +37,7 @@ from pdproxy.http.router import Router
 from pdproxy.http.validate import listen_addresses_conflict
 from pdproxy.membership import Membership
 from pdproxy.settings import describe_validation_error
-from pdproxy.upstreams import MAX_WEIGHT, Role, Upstream, normalize_url
+from pdproxy.upstreams import MAX_WEIGHT, Role, Upstream, check_model_name, normalize_url
 
 MAX_ADMIN_BODY = 64 * 1024
 MAX_BULK = 256
@@ -67,11 +67,17 @@ class AddUpstream(BaseModel):
     weight: StrictInt = Field(1, ge=1, le=MAX_WEIGHT)
     max_in_flight: StrictInt | None = Field(None, ge=0, le=1_000_000)
     skip_warmup: StrictBool = False
+    model: StrictStr | None = None  # the model it serves; None: read from its /v1/models by the health probe
 
     @field_validator("url")
     @classmethod
     def _url(cls, value: str) -> str:
         return normalize_url(value)
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value: str | None) -> str | None:
+        return None if value is None else check_model_name(value)
 
 
 class PatchUpstream(BaseModel):
@@ -152,7 +158,8 @@ class AdminApi:
         for spec in specs:  # all validated first: a bad item changes nothing
             cap = spec.max_in_flight if spec.max_in_flight is not None else self._default_caps[spec.role]
             upstream, created = self.membership.add(spec.role, spec.url, weight=spec.weight, max_in_flight=cap,
-                                                    skip_warmup=spec.skip_warmup)
+                                                    skip_warmup=spec.skip_warmup,
+                                                    models=(spec.model,) if spec.model else ())
             results.append({**self._view(upstream), "created": created})
         status = 201 if any(r["created"] for r in results) else 200
         body = {"upstreams": results} if isinstance(payload, list) else {"upstream": results[0]}

@@ -11,7 +11,8 @@ from typing import Any
 
 TIMEOUT = 10.0
 COLUMNS = (("ID", "id"), ("ROLE", "role"), ("URL", "url"), ("STATE", "state"), ("WEIGHT", "weight"),
-           ("IN-FLIGHT", "in_flight"), ("SERVED", "served"), ("SOURCE", "source"), ("LAST ERROR", "last_error"),
+           ("IN-FLIGHT", "in_flight"), ("SERVED", "served"), ("SOURCE", "source"), ("MODELS", "models"),
+           ("LAST ERROR", "last_error"),
            ("METADATA ERROR", "meta_error"))  # set: the handoff cannot use it, so it gets no traffic
 
 
@@ -71,10 +72,16 @@ def _error_message(raw: bytes) -> str:
 def format_table(upstreams: list[dict[str, Any]]) -> str:
     """Aligned columns, one upstream a row."""
     rows = [[title for title, _ in COLUMNS]]
-    rows += [["-" if u.get(key) is None else str(u[key]) for _, key in COLUMNS] for u in upstreams]
+    rows += [[_cell(u.get(key)) for _, key in COLUMNS] for u in upstreams]
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
                      for row in rows)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "-"
+    return "-" if value is None else str(value)
 
 
 def run_command(args: argparse.Namespace) -> str:
@@ -83,7 +90,8 @@ def run_command(args: argparse.Namespace) -> str:
     if args.action == "list":
         return format_table(client.upstreams())
     if args.action == "add":
-        body = {"role": args.role, "url": args.url, "weight": args.weight, "skip_warmup": args.skip_warmup}
+        body = {"role": args.role, "url": args.url, "weight": args.weight, "skip_warmup": args.skip_warmup,
+                **({"model": args.model} if args.model else {})}
         upstream = client.call("POST", body=body)["upstream"]
         verb = "added" if upstream["created"] else "already present:"
         note = " (traffic after its first good health probe)" if upstream["state"] == "warming" else ""

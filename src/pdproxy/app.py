@@ -31,13 +31,16 @@ from pdproxy.http.validate import LoopGuard
 from pdproxy.livez import LIVEZ_PATH, livez_handler
 from pdproxy.membership import Hooks, Membership, read_state_file
 from pdproxy.metrics import CONTENT_TYPE, Metrics
+from pdproxy.model_discovery import discovering_probe
 from pdproxy.outlier import ConsecutiveFailureDetector, NoOutlierDetection, OutlierDetector
 from pdproxy.policies import PolicyOptions, make_balancer
 from pdproxy.policies.tokens import make_token_counter
 from pdproxy.proxy.hedge import HedgeBudget
+from pdproxy.proxy.model_list import ModelList
 from pdproxy.proxy.orchestrator import FlowLimits, FlowTimeouts, Orchestrator
 from pdproxy.proxy.passthrough import Passthrough, PassTimeouts
 from pdproxy.proxy.record import RequestRecord
+from pdproxy.served_models import ModelTable
 from pdproxy.settings import Settings
 from pdproxy.tracing import Tracing, TracingService, build_tracing
 from pdproxy.upstreams import Role, State, Upstream, UpstreamPool
@@ -177,6 +180,7 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
                                           keepalive_timeout=settings.upstream_keepalive_timeout),
                             on_stale_retry=on_stale_retry)
     limits = FlowLimits(settings.prefill_retries, settings.flow_retries, settings.max_concurrency)
+    model_table = ModelTable(pools, panic_threshold=settings.healthy_panic_threshold)
     handoff = make_handoff(settings.kv_adapter, settings.handoff_meta, concurrent_ok=True)
     flow = Orchestrator(
         prefill_pool=pools[Role.PREFILL],
@@ -203,11 +207,16 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
         token_counter=make_token_counter(str(settings.tokenizer) if settings.tokenizer else None,
                                          settings.chars_per_token) if settings.pd_min_prompt_tokens else None,
         tracing=tracing or build_tracing(settings.otel_endpoint, settings.otel_service_name),
+        models=model_table,
     )
+    api_key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
     refresher = MetadataRefresher(handoff, client_fetch_json(client, settings.health_timeout),
                                   on_change=lambda upstream: (board.notify(), admission.wake()))
     probe = _probe_with_metadata(handoff, refresher,
                                  http_probe(lambda: client, settings.health_path, settings.health_timeout))
+    probe = discovering_probe(probe, lambda: client, timeout=settings.health_timeout,
+                              headers=f"Authorization: Bearer {api_key}\r\n".encode() if api_key else b"",
+                              changed=lambda upstream: model_table.rebuild())
     checker = ActiveHealthChecker(
         board, probe, interval=settings.health_interval, rise=settings.health_rise, fall=settings.health_fall,
         ejection_over=outlier.ejection_over, rng=rng,
@@ -220,6 +229,7 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
         cut_streams=flow.cut_streams,
         forget=forget,
         changed=lambda action: metrics.admin_changes.labels(action).inc(),
+        regroup=model_table.rebuild,
     )
     if checker is not None:
         membership.hooks.watch, membership.hooks.unwatch = _watch_with_metadata(refresher, checker.watch), \
@@ -246,7 +256,6 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
     metrics.queue_waiting.set_function(lambda: admission.waiting)
 
     router = Router()
-    api_key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
     passthrough = Passthrough(
         flow=flow, policies={Role.PREFILL: flow.prefill.policy, Role.DECODE: flow.decode_policy}, client=client,
         timeouts=PassTimeouts(settings.decode_first_byte_timeout, settings.stream_idle_timeout,
@@ -254,9 +263,12 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
         retries=settings.prefill_retries, max_answer_bytes=limits.max_answer_bytes, on_release=on_release)
     keys = settings.client_keys()
     client_keys = ClientKeys(keys, default_max_in_flight=settings.api_key_max_in_flight) if keys else None
+    model_list = ModelList(model_table, client, timeout=settings.decode_first_byte_timeout,
+                           max_answer_bytes=limits.max_answer_bytes, on_release=on_release)
+    admin_token = settings.admin_token.get_secret_value() if settings.admin_token else None
     OpenAIApi(flow, passthrough, upstream_api_key=api_key, loop_guard=LoopGuard.create(),
               route_pools={route: Role(pool) for route, pool in settings.route_pools.items()},
-              client_keys=client_keys).add_routes(router)
+              client_keys=client_keys, model_list=model_list, admin_token=admin_token).add_routes(router)
     router.add("GET", LIVEZ_PATH, livez_handler(lambda: flow.draining))  # liveness: never asks an engine
     if settings.metrics_port is None:
         router.add("GET", "/metrics", metrics_handler(metrics))
@@ -300,10 +312,12 @@ def _initial_members(settings: Settings, caps: dict[Role, int]) -> dict[Role, li
         log.info("restoring %d upstreams from the state file %s", len(saved), settings.state_file)
         for spec in saved:
             state = State.DRAINING if spec.drained else State.UNKNOWN
-            members[spec.role].append(Upstream(spec.role, spec.url, spec.weight, spec.max_in_flight, state=state))
+            members[spec.role].append(Upstream(spec.role, spec.url, spec.weight, spec.max_in_flight, state=state,
+                                               models=spec.models, models_fixed=bool(spec.models)))
         return members
     for role, specs in ((Role.PREFILL, settings.prefill_servers), (Role.DECODE, settings.decode_servers)):
-        members[role] = [Upstream(role, spec.url, spec.weight, caps[role]) for spec in specs]
+        members[role] = [Upstream(role, spec.url, spec.weight, caps[role], models=spec.models,
+                                  models_fixed=bool(spec.models)) for spec in specs]
     return members
 
 

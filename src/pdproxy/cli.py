@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("url", help="host:port or http(s)://host:port")
     add.add_argument("--weight", type=int, default=1)
     add.add_argument("--skip-warmup", action="store_true", help="route to it at once, before any probe")
+    add.add_argument("--model", help="the model it serves (default: read from its /v1/models)")
     for name, help_text in (("remove", "drain an upstream, then remove it"),
                             ("drain", "stop sending it new requests, keep it listed"),
                             ("undrain", "send it requests again")):

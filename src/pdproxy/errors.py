@@ -6,6 +6,7 @@
     │   ├── Unauthorized            401     (admin API: missing or wrong token)
     │   ├── Forbidden               403     (admin API: not loopback and no token configured)
     │   ├── NotFound                404
+    │   │   └── ModelNotFound       404     NotFoundError (no upstream serves the request's model: vLLM's shape)
     │   ├── MethodNotAllowed        405
     │   ├── RequestTimeout          408     (the client was too slow sending its request)
     │   ├── Conflict                409     (admin API: the change conflicts with the membership, e.g. full)
@@ -107,6 +108,12 @@ class Forbidden(ClientError):
 
 class NotFound(ClientError):
     status = 404
+
+
+class ModelNotFound(NotFound):
+    """vLLM's answer for a model it does not serve, type and all, so clients see the same error either way."""
+
+    error_type = "NotFoundError"
 
 
 class MethodNotAllowed(ClientError):

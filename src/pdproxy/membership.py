@@ -18,7 +18,17 @@ from pathlib import Path
 from typing import Any
 
 from pdproxy.health import StateBoard
-from pdproxy.upstreams import ADMIN, CONFIGURED, MAX_WEIGHT, Role, State, Upstream, UpstreamPool, normalize_url
+from pdproxy.upstreams import (
+    ADMIN,
+    CONFIGURED,
+    MAX_WEIGHT,
+    Role,
+    State,
+    Upstream,
+    UpstreamPool,
+    check_model_name,
+    normalize_url,
+)
 
 log = logging.getLogger("pdproxy.membership")
 
@@ -45,6 +55,7 @@ class MemberSpec:
     weight: int = 1
     max_in_flight: int = 0
     drained: bool = False
+    models: tuple[str, ...] = ()  # configured model names; () when read from the upstream's /v1/models
 
 
 @dataclass(slots=True)
@@ -56,6 +67,7 @@ class Hooks:
     cut_streams: Callable[[Upstream, str], int] = lambda upstream, reason: 0
     forget: Callable[[Upstream], None] = lambda upstream: None  # drop its metric series
     changed: Callable[[str], None] = lambda action: None  # count admin changes
+    regroup: Callable[[], None] = lambda: None  # members or their model names changed: rebuild the model table
 
 
 class Membership:
@@ -97,13 +109,17 @@ class Membership:
         return max(0, self.max_per_role - len(self.pools[role].members))
 
     def add(self, role: Role, url: str, *, weight: int = 1, max_in_flight: int = 0,
-            skip_warmup: bool = False, by: str = ADMIN) -> tuple[Upstream, bool]:
+            skip_warmup: bool = False, by: str = ADMIN, models: tuple[str, ...] = ()) -> tuple[Upstream, bool]:
         """Add an upstream; (upstream, created). Re-adding one that exists is harmless: a draining
-        one is taken back, a new weight or cap is applied. `by` (admin, or a discovery source's name)
-        becomes a new upstream's `source`. MembershipFull when the pool is full."""
+        one is taken back, a new weight, cap or model is applied. `by` (admin, or a discovery source's name)
+        becomes a new upstream's `source`. `models`: the names it serves, () to read them from its /v1/models.
+        MembershipFull when the pool is full."""
         existing = self.find(role, url)
         if existing is not None:
             existing.weight, existing.max_in_flight = weight, max_in_flight
+            if models and models != existing.models:
+                existing.models, existing.models_fixed = models, True
+                self.hooks.regroup()
             if existing.state is State.DRAINING:
                 self._removing.discard(existing.id)
                 self._board.set(existing, State.UNKNOWN, "added again while draining")
@@ -113,8 +129,10 @@ class Membership:
             raise MembershipFull(f"the {role.value} pool already has {self.max_per_role} upstreams "
                                  "(--max-upstreams); remove one first")
         state = State.WARMING if self._warmup and not skip_warmup else State.UNKNOWN
-        upstream = Upstream(role, url, weight, max_in_flight, state=state, source=by)
+        upstream = Upstream(role, url, weight, max_in_flight, state=state, source=by, models=models,
+                            models_fixed=bool(models))
         self.pools[role].add(upstream)
+        self.hooks.regroup()
         self._recheck_panic(role)
         log.info("%s upstream %s added by %s (%s, weight %d)", role.value, url, by, state.value, weight)
         self.hooks.watch(upstream)
@@ -168,6 +186,7 @@ class Membership:
     def _detach(self, upstream: Upstream, reason: str) -> None:
         self._removing.discard(upstream.id)
         self.pools[upstream.role].remove(upstream)
+        self.hooks.regroup()
         self._board.set(upstream, State.REMOVED, reason)  # the panic re-check follows the state change
         self.hooks.unwatch(upstream)
         self.hooks.forget(upstream)
@@ -205,7 +224,7 @@ class Membership:
     def _snapshot(self) -> bytes:
         specs = [
             {"role": u.role.value, "url": u.url, "weight": u.weight, "max_in_flight": u.max_in_flight,
-             "drained": u.state is State.DRAINING}
+             "drained": u.state is State.DRAINING, **({"models": list(u.models)} if u.models_fixed else {})}
             for u in self.members() if u.id not in self._removing and u.source in (CONFIGURED, ADMIN)
         ]  # discovered upstreams are not kept: their source lists them again at start-up
         return json.dumps({"version": STATE_FILE_VERSION, "upstreams": specs}, indent=2).encode()
@@ -244,7 +263,10 @@ def _spec(item: Any) -> MemberSpec:
     if not isinstance(item, dict):
         raise ValueError("each upstream must be an object")
     weight, cap, drained = item.get("weight", 1), item.get("max_in_flight", 0), item.get("drained", False)
+    models = item.get("models", [])
     if not isinstance(weight, int) or not 1 <= weight <= MAX_WEIGHT or not isinstance(cap, int) or cap < 0 \
-            or not isinstance(drained, bool):
-        raise ValueError(f"bad weight, max_in_flight or drained in {item}")
-    return MemberSpec(Role(item["role"]), normalize_url(item["url"]), weight, cap, drained)
+            or not isinstance(drained, bool) or not isinstance(models, list) \
+            or not all(isinstance(name, str) for name in models):
+        raise ValueError(f"bad weight, max_in_flight, drained or models in {item}")
+    return MemberSpec(Role(item["role"]), normalize_url(item["url"]), weight, cap, drained,
+                      tuple(check_model_name(name) for name in models))

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
+
+if TYPE_CHECKING:
+    from pdproxy.served_models import ModelPools
 
 
 @dataclass(slots=True)
@@ -17,6 +20,7 @@ class ProxyRequest:
     stream: bool
     request_id: str
     headers: bytes  # header lines sent to both legs (X-Request-Id, Authorization, trace context), built once
+    pools: ModelPools | None = None  # the pools serving its model, set once by the orchestrator before admission
     # The prompt tokens the last server chosen for it would still compute, as a cache-aware policy estimated
     # them (None: no policy knows). Read by `--pd-min-prompt-tokens` right after the decode choice.
     uncached_tokens: int | None = None

@@ -26,7 +26,7 @@ from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource
 
 from pdproxy.http.limits import ServerLimits
 from pdproxy.http.routes import PASSTHROUGH_PATHS
-from pdproxy.upstreams import MAX_WEIGHT, normalize_url
+from pdproxy.upstreams import MAX_WEIGHT, check_model_name, normalize_url
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -96,26 +96,47 @@ class ConfigError(Exception):
 
 
 class UpstreamSpec(BaseModel):
-    """One configured server: `host:port`, `http(s)://host:port`, optionally `=weight` (e.g. `h:8100=2`)."""
+    """One configured server: `host:port` or `http(s)://host:port`, optionally `@model` (the model it
+    serves; read from its /v1/models when not given) and `=weight`, e.g. `h:8100@llama-8b=2`."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     url: str
     weight: int = Field(1, ge=1, le=MAX_WEIGHT)
+    model: str | None = None
 
     @field_validator("url")
     @classmethod
     def _normalize(cls, value: str) -> str:
         return normalize_url(value)
 
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value: str | None) -> str | None:
+        return None if value is None else check_model_name(value)
+
     @classmethod
     def parse(cls, text: str) -> UpstreamSpec:
         address, sep, weight = text.strip().rpartition("=")
-        if not sep:
-            return cls(url=text)
-        if not (weight.isascii() and weight.isdigit()):
+        if sep and not (weight.isascii() and weight.isdigit()):
             raise ValueError(f"upstream {text!r}: weight after '=' must be a whole number")
-        return cls(url=address, weight=int(weight))
+        if not sep:
+            address = text.strip()
+        head, at, model = address.partition("@")  # normalize_url refuses user@host: '@' is free to mean this
+        if at:
+            try:
+                normalize_url(head)
+            except ValueError:  # `user:pw@host:port`: left whole, so its own error names the real problem
+                at = ""
+            else:
+                address = head
+        if at and not model:
+            raise ValueError(f"upstream {text!r}: give a model name after '@'")
+        return cls(url=address, weight=int(weight) if sep else 1, model=model if at else None)
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return (self.model,) if self.model else ()
 
 
 def _split_servers(value: Any) -> Any:
@@ -145,11 +166,14 @@ class Settings(BaseSettings):
     prefill_servers: Servers = setting(
         (), group=UPSTREAMS, aliases=('--prefill-servers-list',), metavar='LIST',
         example=["http://10.0.0.11:8100", {"url": "http://10.0.0.12:8100", "weight": 2}],
-        description='prefill servers, comma separated: host:port or http(s)://host:port, optional =WEIGHT (h:8100=2)',
+        description=('prefill servers, comma separated: host:port or http(s)://host:port, optional @MODEL and '
+                     '=WEIGHT (h:8100@llama=2)'),
         doc=('Prefill (P) API servers. Each entry is `host:port`, `http://host:port` or `https://host:port` (no '
-             'path), optionally followed by `=WEIGHT` (a whole number 1-1000, default 1), or a mapping {url, '
-             'weight}. A server listed twice is an error. A weight-2 server takes twice the share of a weight-1 '
-             'server under every policy.'))
+             'path), optionally followed by `@MODEL` (the model name it serves; when not given, read from its '
+             '/v1/models by the health probe) and `=WEIGHT` (a whole number 1-1000, default 1), or a mapping '
+             '{url, weight, model}. A server listed twice is an error. A weight-2 server takes twice the share of '
+             'a weight-1 server under every policy. Servers of several models make one proxy for all of them: '
+             'each request goes to the servers of its `model` (README: Several models).'))
     decode_servers: Servers = setting(
         (), group=UPSTREAMS, aliases=('--decode-servers-list',), metavar='LIST',
         example=["10.0.0.21:8200"],
@@ -484,6 +508,15 @@ class Settings(BaseSettings):
         doc=("nginx's send_timeout: a client that stops reading for this long while the proxy has bytes for it is "
              "closed, and its request ends as the client's fault (499 in the access log; never counted against the "
              'decode server, which was only paused meanwhile). Unit: seconds.'))
+    client_half_close: Literal["abort", "answer"] = setting(
+        "abort", group=CLIENTS,
+        description="a client's FIN while its request is served: abort (it left; the default) or answer",
+        doc=("What a client's FIN (shutdown of its sending side) while its request is served means. abort: the "
+             "client left, as nginx (proxy_ignore_client_abort off) and Envoy read it; its prefill and decode are "
+             "cancelled at once, so no engine works for a client that is gone. answer: a FIN after a complete "
+             "request is a half-close (nc -N, some load balancers and health probers); the answer is written, "
+             "then the connection closed. A client that really left is then noticed only at the first write that "
+             "fails, so a non-streamed request runs its whole generation for nobody."))
     max_connections: int = setting(
         10_000, group=CLIENTS, ge=1,
         description='open client connections per process; more get 503',
@@ -800,7 +833,8 @@ class Settings(BaseSettings):
                             keepalive_timeout=self.keepalive_timeout, max_connections=self.max_connections,
                             max_header_bytes=self.max_header_bytes, max_headers=self.max_headers,
                             max_body_bytes=self.max_body_bytes, body_budget_bytes=self.body_budget_bytes,
-                            send_timeout=self.send_timeout)
+                            send_timeout=self.send_timeout,
+                            answer_half_closed=self.client_half_close == "answer")
 
     @classmethod
     def settings_customise_sources(

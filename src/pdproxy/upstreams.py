@@ -119,6 +119,17 @@ def _valid_host(host: str, address: str) -> str:
     return host
 
 
+MAX_MODEL_NAME_CHARS = 256
+
+
+def check_model_name(name: str) -> str:
+    """A configured model name, stripped; ValueError when it cannot be one (empty, spaces, too long)."""
+    text = name.strip()
+    if not text or len(text) > MAX_MODEL_NAME_CHARS or any(c.isspace() or not c.isprintable() for c in text):
+        raise ValueError(f"model name {name!r}: 1-{MAX_MODEL_NAME_CHARS} printable characters without spaces")
+    return text
+
+
 _ids = itertools.count(1)
 
 
@@ -153,6 +164,10 @@ class Upstream:
     last_error: str | None = None
     id: str = field(default_factory=lambda: f"u{next(_ids)}")
     source: str = CONFIGURED
+    # The model names it serves, its primary (default) name first: configured (`models_fixed`, never
+    # overwritten) or read from its /v1/models by the health probe; () until known (see pdproxy.served_models).
+    models: tuple[str, ...] = ()
+    models_fixed: bool = False
     shared: SharedLoad | None = field(default=None, repr=False)  # set by pdproxy.routing when workers share
     kv_events: Callable[[], dict[str, object]] | None = field(default=None, repr=False)  # its KV-event view
 
@@ -183,6 +198,7 @@ class Upstream:
             "served": self.served,
             "last_error": self.last_error,
             "source": self.source,
+            "models": list(self.models),
             **({"kv_events": self.kv_events()} if self.kv_events is not None else {}),
             "meta": dict(self.meta),
             "meta_error": self.meta_error,

@@ -60,3 +60,18 @@ def test_scale_smoke_run(tmp_path: Path) -> None:
     assert r["errors"] == 0
     last = r["steps"][-1]
     assert last["proxy_fds"] > 0 and last["proxy_rss_mib"] > 0 and "stopped" not in last
+
+
+def test_soak_smoke_run(tmp_path: Path) -> None:
+    """benchmarks/soak.py end to end in a few seconds: faults injected, the report written, nothing left running."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "soak.py"), "--minutes", "0.03", "--warmup", "0.5",
+         "--fault-every", "0.4", "--concurrency", "4", "--out", str(tmp_path), "--name", "tiny-soak"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT)
+    result: dict[str, Any] = json.loads((tmp_path / "tiny-soak.json").read_text())
+    assert result["meta"]["left_running"] == []
+    assert result["requests"] > 0 and result["samples"], result
+    assert {s["fault"] for s in result["samples"]} >= {"kill P0", "P1 answers 500 x20"}
+    assert result["end"]["requests_in_flight"] == 0 and result["end"]["upstream_in_flight"] == 0
+    assert "| requests |" in (tmp_path / "tiny-soak.md").read_text()
+    assert done.returncode == (0 if result["rss_flat"] and result["fds_flat"] else 1), done.stderr[-2000:]

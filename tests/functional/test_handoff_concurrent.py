@@ -397,7 +397,7 @@ async def test_a_p_whose_metadata_probe_fails_is_not_routable_and_says_why(pd: F
     added = cluster.upstream(wrong_url)
     await cluster.wait_for(lambda: added.meta_error not in (None, PENDING), 3)
     assert "not a prefill server" in (added.meta_error or "") and not added.routable
-    async with http.get(cluster.url + "/health?verbose=1") as resp:
+    async with http.get(cluster.url + "/health?verbose=1", headers=headers) as resp:  # the topology: admin only
         listed = {u["url"]: u for u in (await resp.json())["upstreams"]}
     assert listed[wrong_url]["meta_error"] == added.meta_error and listed[good.url]["meta_error"] is None
     async with http.get(cluster.url + "/admin/upstreams", headers=headers) as resp:

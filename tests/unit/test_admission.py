@@ -332,3 +332,38 @@ async def test_waiting_counts_queued_requests(spawn: Spawn) -> None:
     queue.wake()
     await asyncio.wait_for(asyncio.gather(*tasks), 1)
     assert queue.waiting == 0
+
+
+async def test_each_key_waits_in_its_own_line() -> None:
+    """A request whose servers (its model's) are busy holds back only requests of the same key."""
+    queue = AdmissionQueue(max_waiting=10, timeout=5)
+    free = {"a": 0, "b": 0}
+    admitted: list[str] = []
+
+    def take(key: str) -> Callable[[], str | None]:
+        def try_admit() -> str | None:
+            if free[key]:
+                free[key] -= 1
+                return key
+            return None
+        return try_admit
+
+    async def request(key: str, name: str) -> None:
+        await queue.admit(take(key), key)
+        admitted.append(name)
+
+    first_a = asyncio.ensure_future(request("a", "a1"))
+    second_a = asyncio.ensure_future(request("a", "a2"))
+    await spin_until(waiting_is(queue, 2), "two a requests queued")
+    free["b"] = 1
+    await asyncio.wait_for(request("b", "b1"), 1)  # a's line is not b's: admitted at once
+    assert admitted == ["b1"] and queue.waiting == 2
+    free["a"] = 1
+    queue.wake()
+    await spin_until(length_is(admitted, 2), "a1 admitted")
+    await settle()
+    assert admitted == ["b1", "a1"]  # a's line is FIFO: a2 still waits
+    free["a"] = 1
+    queue.wake()
+    await asyncio.wait_for(asyncio.gather(first_a, second_a), 1)
+    assert admitted == ["b1", "a1", "a2"] and queue.waiting == 0

@@ -366,6 +366,41 @@ def test_a_half_closed_client_is_a_gone_client(run: Callable[..., Any]) -> None:
     run(scenario())
 
 
+def test_answer_half_closed_answers_then_closes(run: Callable[..., Any]) -> None:
+    """answer_half_closed: a FIN after a complete request is a half-close: the running handler is not cancelled,
+    its answer says Connection: close, then the server closes. The proxy-level tests are in
+    tests/functional/test_half_close.py."""
+    async def scenario() -> None:
+        async with serve(answer_half_closed=True) as (server, probe):
+            reader, writer = await connect(server)
+            writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+            await asyncio.wait_for(probe.started.wait(), 1)
+            writer.write_eof()
+            await asyncio.sleep(0.05)  # the FIN reaches the server while /slow runs (not a correctness wait)
+            assert not probe.cancelled.is_set()
+            probe.release.set()
+            reply = await read_reply(reader)
+            assert reply.json() == {"slow": True} and reply.headers["connection"] == "close"
+            assert await closed_by_server(reader) == b""
+            assert [e for e in probe.events if e[0] == "client_closed"] == []
+            writer.close()
+
+    run(scenario())
+
+
+def test_answer_half_closed_still_closes_on_a_fin_inside_a_body(run: Callable[..., Any]) -> None:
+    async def scenario() -> None:
+        async with serve(answer_half_closed=True) as (server, probe):
+            reader, writer = await connect(server)
+            writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nhalf")
+            writer.write_eof()  # the request can never complete: nothing to answer
+            assert await closed_by_server(reader) == b""
+            assert await probe.wait_event("client_closed") == ("client_closed", "/echo", 499)
+            writer.close()
+
+    run(scenario())
+
+
 def test_client_disconnect_cancels_the_handler(run: Callable[..., Any]) -> None:
     async def scenario() -> None:
         async with serve() as (server, probe):
@@ -492,39 +527,8 @@ def test_body_budget_refuses_the_body_that_does_not_fit(run: Callable[..., Any])
 
 # ---- malformed input -----------------------------------------------------------------------------------------
 
-SMUGGLING = {
-    "cl_and_te": b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
-                 b"0\r\n\r\n",
-    "two_content_lengths": b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde",
-    "bad_chunk_size": b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
-    "obs_fold": b"GET /echo HTTP/1.1\r\nHost: x\r\nX-Test: a\r\n  folded\r\n\r\n",
-    "bare_cr": b"GET /echo HTTP/1.1\r\nHost: x\rX-Test: a\r\n\r\n",
-    "bare_lf_in_value": b"GET /echo HTTP/1.1\r\nHost: x\r\nX-Test: a\nb\r\n\r\n",
-    "nul_in_header": b"GET /echo HTTP/1.1\r\nHost: x\r\nX-Test: a\x00b\r\n\r\n",
-    "space_before_colon": b"GET /echo HTTP/1.1\r\nHost: x\r\nContent-Length : 3\r\n\r\nabc",
-    "te_not_chunked": b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\nabc",
-    "negative_length": b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
-    "bad_version": b"GET /echo HTTP/7.3\r\nHost: x\r\n\r\n",
-    "garbage": b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 hello tls\r\n\r\n",
-}
-
-
-@pytest.mark.parametrize("shape", sorted(SMUGGLING))
-def test_malformed_and_smuggling_shapes_get_400_and_close(run: Callable[..., Any], shape: str,
-                                                          caplog: pytest.LogCaptureFixture) -> None:
-    async def scenario() -> None:
-        async with serve() as (server, probe):
-            reply, rest = await exchange(server, SMUGGLING[shape])
-            assert reply.status == 400, reply
-            assert error_of(reply)["type"] == "invalid_request_error"
-            assert reply.headers["connection"] == "close" and rest == b""
-            assert probe.order == []  # no handler ran
-            assert (await probe.wait_event("malformed"))[2] == 400
-
-    with caplog.at_level(logging.WARNING, logger="pdproxy.http"):
-        run(scenario())
-    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
-    assert [r.name for r in caplog.records] == ["pdproxy.http"]
+# Every malformed and smuggling shape, and the 431 limits, are tested through the real proxy (with engines that
+# must see nothing) in tests/functional/test_malformed_http.py, on both loops. Here: the server's own sides.
 
 
 def test_malformed_warnings_are_rate_limited(run: Callable[..., Any], caplog: pytest.LogCaptureFixture) -> None:
@@ -554,25 +558,6 @@ def test_malformed_request_pipelined_behind_a_running_handler(run: Callable[...,
             assert second.status == 400 and second.headers["connection"] == "close"
             assert await closed_by_server(reader) == b""
             writer.close()
-
-    run(scenario())
-
-
-def test_too_many_and_too_large_headers_get_431(run: Callable[..., Any]) -> None:
-    async def scenario() -> None:
-        async with serve(max_header_bytes=8192, max_headers=128) as (server, probe):
-            many = b"".join(b"X-H%d: v\r\n" % i for i in range(10_000))
-            reply, _ = await exchange(server, b"GET /echo HTTP/1.1\r\nHost: x\r\n" + many + b"\r\n")
-            assert reply.status == 431
-            reply, _ = await exchange(server, b"GET /echo HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 1_000_000
-                                      + b"\r\n\r\n")
-            assert reply.status == 431
-            reply, _ = await exchange(server, b"GET /echo?" + b"q" * 20_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert reply.status == 431
-            assert [e[0] for e in probe.events] == ["headers_too_large"] * 3
-            reply, _ = await exchange(server, b"GET /echo HTTP/1.1\r\nConnection: close\r\n"
-                                      + b"".join(b"X-H%d: v\r\n" % i for i in range(100)) + b"\r\n")
-            assert reply.status == 200  # under both limits
 
     run(scenario())
 

@@ -140,10 +140,10 @@ def test_describe_is_a_json_ready_view() -> None:
     assert view == {
         "id": u.id, "role": "decode", "url": "http://10.0.0.3:8000", "weight": 2, "max_in_flight": 4,
         "state": "ejected", "in_flight": 1, "served": 0, "last_error": "GET /health answered 503",
-        "source": "config",
+        "source": "config", "models": [],
         "meta": {}, "meta_error": None,
     }
-    assert all(type(value) in (str, int, dict, type(None)) for value in view.values())  # plain values, no enums
+    assert all(type(value) in (str, int, dict, list, type(None)) for value in view.values())  # plain values, no enums
 
 
 def test_upstreams_have_distinct_ids_and_identity_equality() -> None:

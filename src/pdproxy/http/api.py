@@ -3,24 +3,31 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from pdproxy.errors import InvalidRequest, LoopDetected, ProxyError, Unavailable
+import orjson
+
+from pdproxy.admin import authorize_request
+from pdproxy.errors import Forbidden, InvalidRequest, LoopDetected, ProxyError, Unauthorized, Unavailable
 from pdproxy.http.auth import PUBLIC_PATHS, ClientKeys
 from pdproxy.http.request import Request
 from pdproxy.http.response import Response, json_response
 from pdproxy.http.router import Handler, Router
 from pdproxy.http.routes import PASSTHROUGH_ROUTES, RESPONSE_BY_ID, RESPONSE_CANCEL, RESPONSES
 from pdproxy.http.validate import LoopGuard, loads_request, sanitize_request_id
+from pdproxy.proxy.model_list import ModelList
 from pdproxy.proxy.orchestrator import Orchestrator
 from pdproxy.proxy.passthrough import Passthrough, Route
+from pdproxy.proxy.record import RequestRecord
 from pdproxy.proxy.response_homes import ResponseHomes
 from pdproxy.request import ProxyRequest
 from pdproxy.upstreams import Role, Upstream
 
 COMPLETIONS = "/v1/completions"
 CHAT_COMPLETIONS = "/v1/chat/completions"
+MODELS = "/v1/models"
 GENERATE = "/inference/v1/generate"  # vLLM's tokens-in API: through PD, it carries kv_transfer_params
 _FORWARDED_TRACE_HEADERS = ("traceparent", "tracestate")
 # Client headers a pass-through route forwards besides the proxy's own (Anthropic clients version their API).
@@ -33,15 +40,20 @@ class OpenAIApi:
 
     def __init__(self, flow: Orchestrator, passthrough: Passthrough, *, upstream_api_key: str | None,
                  loop_guard: LoopGuard, route_pools: Mapping[str, Role] | None = None,
-                 homes: ResponseHomes | None = None, client_keys: ClientKeys | None = None) -> None:
+                 homes: ResponseHomes | None = None, client_keys: ClientKeys | None = None,
+                 model_list: ModelList | None = None, admin_token: str | None = None) -> None:
         """`client_keys`: every route but `/health` needs one of them; the client's Authorization is then the
-        proxy's to check, never forwarded (upstreams get `upstream_api_key` or nothing)."""
+        proxy's to check, never forwarded (upstreams get `upstream_api_key` or nothing). `admin_token`:
+        `/health?verbose=1` (the topology) is behind the admin API's rule: this bearer token when set, else
+        loopback clients through no other proxy."""
         self.flow = flow
         self.passthrough = passthrough
+        self._admin_token = admin_token.encode() if admin_token else None
         self.loop_guard = loop_guard
         self.route_pools = dict(route_pools or {})
         self.homes = homes if homes is not None else ResponseHomes()
         self.client_keys = client_keys
+        self.model_list = model_list  # /v1/models as the union of every model's, when several are served
         self._upstream_authorization = f"Bearer {upstream_api_key}" if upstream_api_key else None
         self._forward_authorization = client_keys is None
         # With tracing on, each leg carries its own span's traceparent instead of the client's.
@@ -57,7 +69,8 @@ class OpenAIApi:
         add("POST", CHAT_COMPLETIONS, self.chat_completions)
         add("POST", GENERATE, self.generate)
         for method, path in PASSTHROUGH_ROUTES:
-            add(method, path, self._pass_route(Route(path, self.route_pools.get(path, Role.DECODE))))
+            handler = self._pass_route(Route(path, self.route_pools.get(path, Role.DECODE)))
+            add(method, path, self._models(handler) if path == MODELS and self.model_list is not None else handler)
         role = self.route_pools.get(RESPONSES, Role.DECODE)
         add("GET", RESPONSE_BY_ID, self._by_response_id(Route(RESPONSE_BY_ID, role)))
         add("POST", RESPONSE_CANCEL, self._by_response_id(Route(RESPONSE_CANCEL, role)))
@@ -98,13 +111,41 @@ class OpenAIApi:
 
         async def handler(request: Request) -> Response | None:
             request_id = _request_id(request)
+            models = self.flow.models
             try:
                 self._check_loop(request)
+                # Several models: the body's `model` picks the pools (a parse only then; one model, none).
+                pools = None if models.single is not None else models.resolve(_body_model(request.body))
             except ProxyError as exc:
                 return self.flow.refuse(request, route.label, request_id, exc)
             headers = self._pass_headers(request, request_id)
             return await self.passthrough.handle(request, route, _target(request), headers, request_id,
-                                                 on_answer=learn)
+                                                 on_answer=learn, pools=pools)
+
+        return handler
+
+    def _models(self, pass_through: Handler) -> Handler:
+        """`GET /v1/models`: passed through with one model, the union of every model's with several."""
+        model_list = self.model_list
+        assert model_list is not None
+
+        async def handler(request: Request) -> Response | None:
+            if not model_list.active:
+                return await pass_through(request)
+            request_id = _request_id(request)
+            record = RequestRecord(request_id, MODELS, time.perf_counter(), request.remote or "-", stage="upstream")
+            self.flow.enter()
+            try:
+                self._check_loop(request)
+                response = await model_list.union(self._pass_headers(request, request_id), request_id)
+            except ProxyError as exc:
+                response = exc.response(request_id)
+                record.error = exc.message
+            finally:
+                self.flow.leave()
+            record.status = response.status
+            self.flow.account(record)
+            return response
 
         return handler
 
@@ -141,7 +182,13 @@ class OpenAIApi:
 
     async def health(self, request: Request) -> Response:
         """200 when at least one P and one D are routable and the proxy is not draining, else 503 with
-        the reason. `?verbose=1` lists every upstream."""
+        the reason. `?verbose=1` lists every upstream, for admin callers only (401/403 otherwise)."""
+        verbose = request.query().get("verbose", "0") not in ("0", "false", "")
+        if verbose:
+            try:
+                authorize_request(request, self._admin_token)
+            except (Unauthorized, Forbidden) as exc:
+                return exc.response()
         flow = self.flow
         body: dict[str, Any] = {}
         problems = ["draining: pdproxy is shutting down"] if flow.draining else []
@@ -152,7 +199,9 @@ class OpenAIApi:
                 body[pool.role.value]["panic"] = True
             if not routable:
                 problems.append(f"no routable {pool.role.value} upstream")
-        if request.query().get("verbose", "0") not in ("0", "false", ""):
+        if flow.models.single is None:  # several models: each one's own counts
+            body["models"] = flow.models.describe()
+        if verbose:
             body["upstreams"] = [u.describe() for pool in (flow.prefill_pool, flow.decode_pool) for u in pool.members]
             body["in_flight"] = flow.in_flight
             body["queued"] = flow.admission.waiting
@@ -189,6 +238,15 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
     return body
+
+
+def _body_model(raw: bytes) -> object:
+    """A pass-through body's `model` (None when absent or when the body is no JSON object: the engine judges)."""
+    try:
+        body = orjson.loads(raw) if raw else None
+    except orjson.JSONDecodeError:
+        return None
+    return body.get("model") if isinstance(body, dict) else None
 
 
 def _request_id(request: Request) -> str:

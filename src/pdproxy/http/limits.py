@@ -18,6 +18,8 @@ class ServerLimits:
     body_budget_bytes: request-body bytes held at once by all requests of the process; over it 503 + Retry-After.
     send_timeout: a response write that does not drain below the high-water mark within this closes the
         connection and cancels its handler (the client's fault).
+    answer_half_closed: a client FIN after a complete request is a half-close (the answer is written, then the
+        connection closes) instead of a client that left (its handler cancelled at once; the default).
     """
 
     header_timeout: float = 60.0
@@ -29,6 +31,7 @@ class ServerLimits:
     max_body_bytes: int = 100 * 1024 * 1024
     body_budget_bytes: int = 512 * 1024 * 1024
     send_timeout: float = 60.0
+    answer_half_closed: bool = False
 
 
 @dataclass(slots=True)

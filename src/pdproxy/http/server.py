@@ -211,6 +211,7 @@ class HttpConnection(asyncio.Protocol):
         self._closed = False
         self._ignore_input = False  # no request after this point is parsed (refused, or Connection: close)
         self._lingering = False
+        self._half_closed = False  # the client's FIN came after complete requests (answer_half_closed only)
         self._reading_paused = False
         self._writing_paused = False
         # the request being read
@@ -288,6 +289,13 @@ class HttpConnection(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         if self._lingering:
             return False
+        if self._limits.answer_half_closed and self._state == _IDLE and (self._task is not None or self._queue):
+            # answer_half_closed: a FIN after complete requests is a half-close. The transport stays open for
+            # writing; nothing more can be read, so the last answer carries Connection: close and closes. A
+            # client that is really gone is found by the first write that fails (connection_lost cancels then).
+            self._ignore_input = True
+            self._half_closed = True
+            return True
         # A client's FIN while its request is served means it is gone, as nginx, Envoy and uvicorn read it:
         # TCP cannot tell a half-close from a close, and answering "half-closed" clients would keep every
         # vanished client's prefill and decode running until their timeouts. connection_lost cancels the handler.
@@ -749,7 +757,9 @@ class HttpConnection(asyncio.Protocol):
         transport = self._transport
         if transport is None or transport.is_closing():
             return
-        if self._state != _IDLE or self._reading_paused:
+        if self._half_closed:
+            transport.close()  # the client's FIN came already: no unread input to linger for
+        elif self._state != _IDLE or self._reading_paused:
             self._linger()  # input may still be unread: do not let the kernel reset the connection
         else:
             transport.close()

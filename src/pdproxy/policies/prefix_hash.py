@@ -15,6 +15,9 @@ def _hash64(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
 
 
+MAX_RINGS = 16
+
+
 class PrefixHash:
     """Consistent hashing of the prompt's first characters, with bounded load.
 
@@ -32,18 +35,26 @@ class PrefixHash:
         self._ring_key: tuple[tuple[str, int], ...] = ()
         self._points: list[int] = []
         self._owners: list[Upstream] = []
+        # Rings of recent candidate sets: one per served model (pdproxy.served_models) when several take
+        # turns, so alternating models never rebuild a ring per request. Bounded: cleared when full.
+        self._rings: dict[tuple[tuple[str, int], ...], tuple[list[int], list[Upstream]]] = {}
 
     def _ring(self, candidates: Sequence[Upstream]) -> None:
         key = tuple((u.id, u.weight) for u in candidates)
         if key == self._ring_key:
             return
-        ring = sorted(
-            (_hash64(f"{u.url}#{i}"), index)
-            for index, u in enumerate(candidates)
-            for i in range(self._vnodes * u.weight)
-        )
-        self._points = [point for point, _ in ring]
-        self._owners = [candidates[index] for _, index in ring]
+        ring = self._rings.get(key)
+        if ring is None:
+            points = sorted(
+                (_hash64(f"{u.url}#{i}"), index)
+                for index, u in enumerate(candidates)
+                for i in range(self._vnodes * u.weight)
+            )
+            ring = [point for point, _ in points], [candidates[index] for _, index in points]
+            if len(self._rings) >= MAX_RINGS:
+                self._rings.clear()
+            self._rings[key] = ring
+        self._points, self._owners = ring
         self._ring_key = key
 
     def choose(self, candidates: Sequence[Upstream], request: RoutingRequest) -> Upstream:

@@ -95,7 +95,8 @@ class ConcurrentFlow:
                 if chosen is not None:
                     prefill, chosen = chosen, None
                 else:
-                    candidates = orch.prefill_pool.available(tried)
+                    pool = orch.prefill_pool if preq.pools is None else preq.pools.prefill  # its model's
+                    candidates = pool.available(tried)
                     if not candidates or remaining <= 0:
                         if last_error is not None:
                             raise last_error

@@ -51,6 +51,7 @@ from pdproxy.proxy.record import CLIENT_CLOSED, LOG_FORMATS, RequestRecord, acce
 from pdproxy.proxy.relay import SSE_EVENT_END, Relay
 from pdproxy.proxy.usage import make_relay, prefill_cached_tokens, rewrite_cached_tokens, usage_in_stream
 from pdproxy.request import ProxyRequest
+from pdproxy.served_models import ModelPools, ModelTable
 from pdproxy.tracing import DECODE_FIRST_BYTE_SPAN, NO_TRACE, NO_TRACING, QUEUE_SPAN, Tracing, trace_decode
 from pdproxy.upstreams import Lease, Role, State, Upstream, UpstreamPool
 
@@ -107,10 +108,13 @@ class Orchestrator:
         tracing: Tracing = NO_TRACING,
         pd_min_prompt_tokens: int = 0,
         token_counter: TokenCounter | None = None,
+        models: ModelTable | None = None,
     ) -> None:
         self.prefill_pool = prefill_pool
         self.decode_pool = decode_pool
         self.decode_policy = decode_policy
+        # Which pools serve a request's model (one model: the two pools above, looked up not at all).
+        self.models = models or ModelTable({Role.PREFILL: prefill_pool, Role.DECODE: decode_pool})
         self.handoff = handoff
         self.client = client
         self.timeouts = timeouts
@@ -178,6 +182,8 @@ class Orchestrator:
                                               request.headers.get("tracestate"))
         self.enter()
         try:
+            single = self.models.single
+            preq.pools = single if single is not None else self.models.resolve(preq.body.get("model"))
             queue = record.trace.child(QUEUE_SPAN)
             try:
                 decode_lease, prefill = await self._admit(preq)
@@ -243,7 +249,7 @@ class Orchestrator:
             raise Unavailable("pdproxy is shutting down; retry on another instance",
                               retry_after=RETRY_AFTER_SECONDS)
         try:
-            return await self.admission.admit(lambda: self._try_admit(preq))
+            return await self.admission.admit(lambda: self._try_admit(preq), preq.pools)  # a line per model
         except QueueFull:
             self.metrics.queue_rejections.labels("full").inc()
             raise Unavailable("pdproxy is at capacity and its queue is full", retry_after=RETRY_AFTER_SECONDS) from None
@@ -257,12 +263,15 @@ class Orchestrator:
         none can serve. P is chosen here, not when the prefill starts, so a cap counted over the workers
         holds it from the admission on (another worker cannot take it in between)."""
         # An available upstream is a routable one: the routable() scans run only when none is available.
-        decode = self.decode_pool.available()
-        if not decode and not self.decode_pool.routable():  # before P computes KV that no D could take
-            raise Unavailable("no routable decode upstream", side="decode", retry_after=RETRY_AFTER_SECONDS)
-        prefill = self.prefill_pool.available()
-        if not prefill and not self.prefill_pool.routable():
-            raise Unavailable("no routable prefill upstream", side="prefill", retry_after=RETRY_AFTER_SECONDS)
+        pools = _pools(preq)
+        decode = pools.decode.available()
+        if not decode and not pools.decode.routable():  # before P computes KV that no D could take
+            raise Unavailable(f"no routable decode upstream{_for_model(pools)}", side="decode",
+                              retry_after=RETRY_AFTER_SECONDS)
+        prefill = pools.prefill.available()
+        if not prefill and not pools.prefill.routable():
+            raise Unavailable(f"no routable prefill upstream{_for_model(pools)}", side="prefill",
+                              retry_after=RETRY_AFTER_SECONDS)
         if self.limits.max_concurrency and self.admitted >= self.limits.max_concurrency:
             return None
         if not decode or not prefill:
@@ -292,7 +301,8 @@ class Orchestrator:
         last_error: UpstreamError | None = None
         for attempt in range(1 + self.limits.flow_retries):
             if attempt:
-                candidates = self.decode_pool.available(failed_decoders) or self.decode_pool.available()
+                pool = _pools(preq).decode
+                candidates = pool.available(failed_decoders) or pool.available()
                 if not candidates:
                     break
                 decode_lease = Lease(self.decode_policy.choose(candidates, preq), self._on_release)
@@ -334,7 +344,8 @@ class Orchestrator:
         if error.side != "decode" or not reruns_flow(error) or len(failed) >= self.limits.flow_retries:
             return None
         failed.append(lease.upstream)
-        candidates = self.decode_pool.available(failed) or self.decode_pool.available()
+        pool = _pools(preq).decode
+        candidates = pool.available(failed) or pool.available()
         if not candidates:
             return None
         lease.release()
@@ -344,9 +355,10 @@ class Orchestrator:
 
     def _recheck(self, lease: Lease, preq: ProxyRequest) -> Lease:
         """The D leased at admission, or another when it stopped being routable while P worked."""
-        if self.decode_pool.may_route(lease.upstream):  # healthy, or the pool is in panic
+        pool = _pools(preq).decode
+        if pool.may_route(lease.upstream):  # healthy, or the pool is in panic
             return lease
-        candidates = self.decode_pool.available()
+        candidates = pool.available()
         if not candidates:
             return lease  # nothing better: the decode fails or succeeds on its own
         fresh = Lease(self.decode_policy.choose(candidates, preq), self._on_release)
@@ -381,7 +393,7 @@ class Orchestrator:
             return response
         except UpstreamKvLost as exc:  # P's fault: counted against P, and D's call gets its own outcome
             outcome, reason = "kv_lost", exc.message
-            prefill = self.prefill_pool.find(exc.blamed)
+            prefill = _pools(preq).prefill.find(exc.blamed)
             if prefill is not None:
                 self.report(prefill, "kv_lost", exc.message)
             raise
@@ -528,3 +540,13 @@ class Orchestrator:
         elif outcome in FAILURE_OUTCOMES or (outcome == "kv_lost" and upstream.role is Role.PREFILL):
             upstream.last_error = reason or outcome
             self.outlier.report(upstream, upstream.last_error)
+
+
+def _pools(preq: ProxyRequest) -> ModelPools:
+    """The pools `handle` resolved for this request's model (always set before admission)."""
+    assert preq.pools is not None, "handle() resolves a request's pools before anything routes it"
+    return preq.pools
+
+
+def _for_model(pools: ModelPools) -> str:
+    return "" if pools.model is None else f" for model `{pools.model}`"

@@ -36,6 +36,7 @@ from pdproxy.proxy.orchestrator import RETRY_AFTER_SECONDS, Orchestrator
 from pdproxy.proxy.outcomes import outcome_of
 from pdproxy.proxy.record import CLIENT_CLOSED, RequestRecord
 from pdproxy.proxy.relay import SSE_EVENT_END, Relay
+from pdproxy.served_models import ModelPools
 from pdproxy.tracing import UPSTREAM_SPAN
 from pdproxy.upstreams import Lease, Role, Upstream, UpstreamPool
 
@@ -93,11 +94,12 @@ class Passthrough:
 
     async def handle(self, request: Request, route: Route, path: str, headers: bytes, request_id: str, *,
                      targets: Sequence[Upstream] | None = None, next_on_404: bool = False,
-                     on_answer: OnAnswer | None = None) -> Response | None:
+                     on_answer: OnAnswer | None = None, pools: ModelPools | None = None) -> Response | None:
         """Serve one request; None when the answer was streamed through `request`.
 
         `targets`: these upstreams in this order instead of the pool's choice (a Responses-API id's home);
-        `next_on_404`: a 404 from one of them moves on to the next (an id asked around the pool)."""
+        `next_on_404`: a 404 from one of them moves on to the next (an id asked around the pool);
+        `pools`: the pools of the request's model (several served), instead of the role pools."""
         flow = self.flow
         record = RequestRecord(request_id, route.label, time.perf_counter(), request.remote or "-", stage="upstream")
         if flow.tracing.enabled:
@@ -108,7 +110,8 @@ class Passthrough:
             if flow.draining:
                 raise Unavailable("pdproxy is shutting down; retry on another instance",
                                   retry_after=RETRY_AFTER_SECONDS)
-            response = await self._forward(request, route, path, headers, record, targets, next_on_404, on_answer)
+            response = await self._forward(request, route, path, headers, record, targets, next_on_404, on_answer,
+                                           pools)
             if response is not None:
                 record.status = response.status
             return response
@@ -128,8 +131,10 @@ class Passthrough:
 
     async def _forward(self, request: Request, route: Route, path: str, headers: bytes, record: RequestRecord,
                        targets: Sequence[Upstream] | None, next_on_404: bool,
-                       on_answer: OnAnswer | None) -> Response | None:
+                       on_answer: OnAnswer | None, pools: ModelPools | None) -> Response | None:
         pool, policy = self.pools[route.role], self.policies[route.role]
+        if pools is not None:
+            pool = pools.prefill if route.role is Role.PREFILL else pools.decode
         side = route.role.value
         tried: list[Upstream] = []
         last_error: UpstreamError | None = None

@@ -157,6 +157,10 @@ class PrefillLeg:
                               retry_after=RETRY_AFTER_SECONDS)
         raise attempts.last_error
 
+    def _pool(self, preq: ProxyRequest) -> UpstreamPool:
+        """The prefill pool serving the request's model (the role pool when the orchestrator set none)."""
+        return self.pool if preq.pools is None else preq.pools.prefill
+
     def _next(self, attempts: _Attempts) -> tuple[Upstream | None, float]:
         """The next P to try and the time its attempt may take; None when none is left or time is up."""
         remaining = self.deadline - (time.perf_counter() - attempts.started)
@@ -164,7 +168,7 @@ class PrefillLeg:
         if chosen is not None:
             attempts.chosen = None
             return chosen, min(self.timeout, remaining)
-        candidates = self.pool.available(attempts.tried)
+        candidates = self._pool(attempts.preq).available(attempts.tried)
         if not candidates or remaining <= 0:
             return None, 0.0
         return self.policy.choose(candidates, attempts.preq), min(self.timeout, remaining)
@@ -227,7 +231,7 @@ class PrefillLeg:
         if attempts.decided or attempts.count >= 1 + self.retries:
             attempts.hedge_due = True
             return
-        if not self.pool.available(attempts.tried):
+        if not self._pool(attempts.preq).available(attempts.tried):
             attempts.hedge_due = True
             self.metrics.prefill_hedges.labels("no_upstream").inc()
             return
