@@ -35,6 +35,7 @@ from pdproxy.model_discovery import discovering_probe
 from pdproxy.outlier import ConsecutiveFailureDetector, NoOutlierDetection, OutlierDetector
 from pdproxy.policies import PolicyOptions, make_balancer
 from pdproxy.policies.tokens import make_token_counter
+from pdproxy.proxy.fanout import FanOut
 from pdproxy.proxy.hedge import HedgeBudget
 from pdproxy.proxy.model_list import ModelList
 from pdproxy.proxy.orchestrator import FlowLimits, FlowTimeouts, Orchestrator
@@ -267,6 +268,7 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
                            max_answer_bytes=limits.max_answer_bytes, on_release=on_release)
     admin_token = settings.admin_token.get_secret_value() if settings.admin_token else None
     OpenAIApi(flow, passthrough, upstream_api_key=api_key, loop_guard=LoopGuard.create(),
+              fanout=FanOut(flow, settings.max_fanout),
               route_pools={route: Role(pool) for route, pool in settings.route_pools.items()},
               client_keys=client_keys, model_list=model_list, admin_token=admin_token).add_routes(router)
     router.add("GET", LIVEZ_PATH, livez_handler(lambda: flow.draining))  # liveness: never asks an engine

@@ -97,6 +97,9 @@ class MockConfig:
     dp_size: int = 1  # mooncake P: DP ranks it announces on /query (one engine id each)
     eos_after: int = 0  # non-streamed answers stop (finish_reason "stop") after this many tokens; 0: never
     prompt_tokens_details: bool = True  # vLLM's --enable-prompt-tokens-details: usage reports cached tokens
+    # Tokens tagged with a digest of (prompt, seed): " <tag>:tok0 <tag>:tok1 ...", so answers to different prompts
+    # (or seeds) differ and a merged batch can be checked choice by choice. Off: " tok0 tok1 ..." for every prompt.
+    distinct_text: bool = False
 
     def __post_init__(self) -> None:
         """Reject nonsense early, so a typo in a demo config fails at start-up."""
@@ -179,6 +182,15 @@ class _Gen:
     kv: dict[str, Any] | None
     generate: bool = False  # /inference/v1/generate: token ids in and out
     cached_tokens: int = 0  # prompt tokens not computed here: prefix-cache hits, or all of a transferred prompt
+    seed: Any = None
+    echo: bool = False  # completions: the prompt's text before the generated text
+    logprobs: int | None = None  # completions, non-streamed: a deterministic logprobs object
+
+    def word_prefix(self, distinct: bool) -> str:
+        """What precedes `tok<i>` in each generated token."""
+        if not distinct:
+            return ""
+        return hashlib.sha256(f"{self.prompt_text}\0{self.seed}".encode()).hexdigest()[:6] + ":"
 
 
 class _BadRequest(Exception):
@@ -277,6 +289,25 @@ def _parse_prompt(body: dict[str, Any]) -> str:
     if isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
         return " ".join(map(str, prompt))
     raise _BadRequest("`prompt` must be a string or a non-empty list of token ids.", "prompt")
+
+
+def _mock_logprobs(gen: _Gen, words: list[str]) -> dict[str, Any]:
+    """vLLM's completions logprobs shape with made-up values that depend only on each token's text
+    (and, with echo, the prompt's words first, the first one without a logprob, as vLLM answers)."""
+    tokens = ([f" {w}" for w in gen.prompt_text.split()] if gen.echo else []) + words
+    values: list[float | None] = [-round((sum(t.encode()) % 97) / 10, 1) for t in tokens]
+    if gen.echo and values:
+        values[0] = None
+    offsets, at = [], 0
+    for token in tokens:
+        offsets.append(at)
+        at += len(token)
+    return {
+        "tokens": tokens,
+        "token_logprobs": values,
+        "top_logprobs": [None if v is None else {t: v} for t, v in zip(tokens, values, strict=True)],
+        "text_offset": offsets,
+    }
 
 
 def _parse_messages(body: dict[str, Any]) -> str:
@@ -975,6 +1006,9 @@ class MockEngine:
             stream=stream,
             include_usage=include_usage,
             kv=kv,
+            seed=body.get("seed"),
+            echo=not chat and body.get("echo") is True,
+            logprobs=body.get("logprobs") if not chat and _is_int(body.get("logprobs")) else None,
         )
 
     def _check_role(self, gen: _Gen) -> bool:
@@ -1048,7 +1082,14 @@ class MockEngine:
         if remaining > 0:
             await asyncio.sleep(remaining)
 
-        text = "".join([f" tok{i}" for i in range(n)])
+        word = gen.word_prefix(cfg.distinct_text)
+        words = [f" {word}tok{i}" for i in range(n)]
+        text = "".join(words)
+        logprobs: dict[str, Any] | None = None
+        if not prefill and gen.echo:
+            text = gen.prompt_text + text
+        if not prefill and gen.logprobs is not None:
+            logprobs = _mock_logprobs(gen, words)
         rid, created = self._ids(gen)
         choice: dict[str, Any]
         if gen.chat:
@@ -1063,7 +1104,7 @@ class MockEngine:
             choice = {
                 "index": 0,
                 "text": text,
-                "logprobs": None,
+                "logprobs": logprobs,
                 "finish_reason": finish,
                 "stop_reason": None,
             }
@@ -1145,6 +1186,8 @@ class MockEngine:
             last_suffix = b',"logprobs":null,"finish_reason":"length","stop_reason":null}]}\n\n'
             first = b""
         to_send = n if fault is None else min(n, fault.n_chunks)
+        word = gen.word_prefix(cfg.distinct_text).encode()
+        echoed = orjson.dumps(gen.prompt_text + f" {word.decode()}tok0") if gen.echo else b""
         ttft_s = cfg.ttft_ms / 1000.0
         itl_s = cfg.itl_ms / 1000.0
 
@@ -1170,10 +1213,13 @@ class MockEngine:
                     await asyncio.sleep(0)
                 if i and not self._gate.is_set():
                     await self._gate.wait()
+                end = last_suffix if i == n - 1 else suffix
                 if gen.generate:
-                    chunk = b"%s%d%s" % (prefix, _OUT_TOKEN_BASE + i, last_suffix if i == n - 1 else suffix)
+                    chunk = b"%s%d%s" % (prefix, _OUT_TOKEN_BASE + i, end)
+                elif i == 0 and echoed:
+                    chunk = b"%s%s%s" % (prefix, echoed, end)
                 else:
-                    chunk = b'%s" tok%d"%s' % (prefix, i, last_suffix if i == n - 1 else suffix)
+                    chunk = b'%s" %stok%d"%s' % (prefix, word, i, end)
                 if i == 0 and first:
                     chunk = first + chunk
                 await resp.write(chunk)

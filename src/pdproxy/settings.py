@@ -486,6 +486,11 @@ class Settings(BaseSettings):
         description='largest accepted request body',
         doc=('Largest request body accepted from a client; a larger one is answered 413. Unit: bytes, at least '
              '1024.'))
+    max_fanout: int = setting(
+        16, group=REQUESTS, ge=1,
+        description='most PD flows one request may fan out to (prompts in a batch x n)',
+        doc=('A list of prompts, or n > 1, runs one PD flow per prompt and sample, merged into one answer; a '
+             'request that needs more flows than this is answered 400. Each flow takes one admission slot.'))
     # ---- client-side limits (nginx's names where they exist)
     client_header_timeout: float = setting(
         60.0, group=CLIENTS, gt=0,

@@ -165,17 +165,19 @@ async def test_each_leg_gets_exactly_its_fields(pd: Factory, http: aiohttp.Clien
     assert outcomes(cluster, cluster.decode_urls[0], "decode") == {"ok": 1}
 
 
-async def test_sglang_batches_are_refused_before_any_room_is_taken(pd: Factory, http: aiohttp.ClientSession) -> None:
-    """The proxy serves one generation per request (its API refuses batches for every adapter), so the
-    handoff's per-prompt arrays are never needed on the wire; nothing reaches an engine."""
+async def test_sglang_batches_run_one_flow_and_one_room_per_prompt(pd: Factory, http: aiohttp.ClientSession) -> None:
+    """A batch (or n > 1) fans out above the orchestrator (proxy/fanout.py): each flow carries one prompt, so
+    the handoff's per-prompt arrays are never needed on the wire; every room is given back."""
     cluster = await pd("sglang", n_prefill=1)
     handoff = cluster.flow.handoff
     assert isinstance(handoff, SglangHandoff)
     for endpoint, body in (("/v1/completions", {"model": "mock", "prompt": ["a", "b"], "max_tokens": 2}),
                            ("/v1/chat/completions", {**request_body("/v1/chat/completions", False), "n": 2})):
         status, raw = await read_all(http, cluster.url + endpoint, body)
-        assert status == 400 and orjson.loads(raw)["error"]["type"] == "invalid_request_error"
-    assert requests_of(cluster.prefill) == [] and cluster.decode[0].requests == []
+        assert status == 200, raw
+        assert [c["index"] for c in orjson.loads(raw)["choices"]] == [0, 1]
+    assert len(requests_of(cluster.prefill)) == 4 and len(cluster.decode[0].requests) == 4
+    assert all(not isinstance(r.body.get("prompt"), list) for r in cluster.decode[0].requests)
     assert len(handoff.rooms) == 0
 
 

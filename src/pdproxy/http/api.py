@@ -17,6 +17,7 @@ from pdproxy.http.response import Response, json_response
 from pdproxy.http.router import Handler, Router
 from pdproxy.http.routes import PASSTHROUGH_ROUTES, RESPONSE_BY_ID, RESPONSE_CANCEL, RESPONSES
 from pdproxy.http.validate import LoopGuard, loads_request, sanitize_request_id
+from pdproxy.proxy.fanout import FanOut
 from pdproxy.proxy.model_list import ModelList
 from pdproxy.proxy.orchestrator import Orchestrator
 from pdproxy.proxy.passthrough import Passthrough, Route
@@ -39,7 +40,7 @@ class OpenAIApi:
     routes (`PASSTHROUGH_ROUTES`, the Responses API by id) and `/health`."""
 
     def __init__(self, flow: Orchestrator, passthrough: Passthrough, *, upstream_api_key: str | None,
-                 loop_guard: LoopGuard, route_pools: Mapping[str, Role] | None = None,
+                 loop_guard: LoopGuard, fanout: FanOut, route_pools: Mapping[str, Role] | None = None,
                  homes: ResponseHomes | None = None, client_keys: ClientKeys | None = None,
                  model_list: ModelList | None = None, admin_token: str | None = None) -> None:
         """`client_keys`: every route but `/health` needs one of them; the client's Authorization is then the
@@ -49,6 +50,7 @@ class OpenAIApi:
         self.flow = flow
         self.passthrough = passthrough
         self._admin_token = admin_token.encode() if admin_token else None
+        self.fanout = fanout
         self.loop_guard = loop_guard
         self.route_pools = dict(route_pools or {})
         self.homes = homes if homes is not None else ResponseHomes()
@@ -91,17 +93,23 @@ class OpenAIApi:
     async def generate(self, request: Request) -> Response | None:
         return await self._proxy(request, GENERATE, _check_token_ids)
 
-    async def _proxy(self, request: Request, endpoint: str, check: Callable[[dict[str, Any]], None]) -> Response | None:
+    async def _proxy(self, request: Request, endpoint: str, check: Callable[[dict[str, Any]], int]) -> Response | None:
         request_id = _request_id(request)
         try:
             self._check_loop(request)
             body = parse_json_object(request.body)
             request.body = b""  # parsed: the raw bytes are not held for the whole stream
-            check(body)
-            stream = _check_common(body)
+            prompts = check(body)
+            stream, n = _check_common(body)
+            # a batch or several samples: one PD flow each (proxy/fanout.py); generate's n is in its sampling_params
+            fan_out = prompts * n > 1 and endpoint != GENERATE
+            if fan_out:
+                self.fanout.check(prompts, n)
         except ProxyError as exc:
             return self.flow.refuse(request, endpoint, request_id, exc)
         preq = ProxyRequest(endpoint, body, stream, request_id, self._upstream_headers(request, request_id))
+        if fan_out:
+            return await self.fanout.handle(request, preq, prompts, n)
         return await self.flow.handle(request, preq)
 
     # -- pass-through ------------------------------------------------------------------------
@@ -259,7 +267,7 @@ def _target(request: Request) -> str:
     return f"{request.raw_path}?{request.query_string}" if request.query_string else request.raw_path
 
 
-def _check_token_ids(body: dict[str, Any]) -> None:
+def _check_token_ids(body: dict[str, Any]) -> int:
     """`/inference/v1/generate`: token ids in, sampling parameters as an object (one sequence: n = 1)."""
     if not _is_token_ids(body.get("token_ids")):
         raise InvalidRequest("'token_ids' must be a non-empty list of token ids", param="token_ids")
@@ -270,26 +278,30 @@ def _check_token_ids(body: dict[str, Any]) -> None:
     if n is not None and n != 1:
         raise InvalidRequest("sampling_params.n other than 1 is not supported by the PD proxy: prefill hands over "
                              "one sequence's KV cache", param="sampling_params.n")
+    return 1
 
 
-def _check_common(body: dict[str, Any]) -> bool:
-    """Checks shared by both endpoints; returns whether the client asked for a stream."""
+def _check_common(body: dict[str, Any]) -> tuple[bool, int]:
+    """Checks shared by the PD endpoints; returns whether the client asked for a stream, and `n`."""
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise InvalidRequest("'stream' must be true or false", param="stream")
+    n = 1
     for key in ("n", "best_of"):
         value = body.get(key)
         if value is None:
             continue
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise InvalidRequest(f"'{key}' must be a positive integer", param=key)
-        if value > 1:
+        if key == "n":
+            n = value
+        elif value > 1:
             raise InvalidRequest(
-                f"'{key}' > 1 is not supported by the PD proxy: prefill hands over one sequence's KV cache; "
-                "send separate requests instead",
+                "'best_of' > 1 is not supported by the PD proxy: prefill hands over one sequence's KV cache; "
+                "use n instead",
                 param=key,
             )
-    return bool(stream)
+    return bool(stream), n
 
 
 def _is_token_ids(value: Any) -> bool:
@@ -298,23 +310,23 @@ def _is_token_ids(value: Any) -> bool:
     )
 
 
-def _check_prompt(body: dict[str, Any]) -> None:
+def _check_prompt(body: dict[str, Any]) -> int:
+    """The number of prompts: 1 for one prompt (a string, token ids, or a batch of one), else the batch's."""
     prompt = body.get("prompt")
     if isinstance(prompt, str) or _is_token_ids(prompt):
-        return
+        return 1
     if prompt is None:
         raise InvalidRequest("'prompt' is required", param="prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and (isinstance(prompt[0], str) or _is_token_ids(prompt[0])):
-        return
-    if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, str | list) for p in prompt):
-        raise InvalidRequest(
-            "a list of prompts (batched completion) is not supported by the PD proxy; send one prompt per request",
-            param="prompt",
-        )
-    raise InvalidRequest("'prompt' must be a string or a non-empty list of token ids", param="prompt")
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) or _is_token_ids(p) for p in prompt):
+        return len(prompt)  # a batch: strings or token-id lists, as vLLM takes them
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str | list) for p in prompt):
+        raise InvalidRequest("each prompt of a batch must be a string or a non-empty list of token ids",
+                             param="prompt")
+    raise InvalidRequest("'prompt' must be a string, a non-empty list of token ids, or a list of those",
+                         param="prompt")
 
 
-def _check_messages(body: dict[str, Any]) -> None:
+def _check_messages(body: dict[str, Any]) -> int:
     messages = body.get("messages")
     if messages is None:
         raise InvalidRequest("'messages' is required", param="messages")
@@ -324,3 +336,4 @@ def _check_messages(body: dict[str, Any]) -> None:
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise InvalidRequest(f"messages[{index}] must be an object with a string 'role'",
                                  param=f"messages[{index}]")
+    return 1
