@@ -34,23 +34,37 @@ async def send_body(port: int, size: int) -> bytes:
     """POST a `size`-byte completion body (never valid JSON: the proxy reads and parses it, then answers 400)
     in 1 MiB writes with a pause each, so three bodies are in flight together for about a second; the answer."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    # read while sending: a refused body's 503 arrives (and the proxy closes) before our writes end, and a write
+    # that then fails would discard what the reader had not yet taken
+    answer = asyncio.create_task(read_answer(reader))
     try:
         writer.write(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      f"Connection: close\r\nContent-Length: {size}\r\n\r\n".encode())
         chunk = b'{"model": "mock", "prompt": "' + b"a" * (CHUNK - 29)
         sent = 0
-        while sent < size:
+        while sent < size and not answer.done():
             piece = chunk[: size - sent] if sent == 0 else b"a" * min(CHUNK, size - sent)
             try:
                 writer.write(piece)
-                await asyncio.wait_for(writer.drain(), 10)
+                await asyncio.wait_for(writer.drain(), 20)
             except ConnectionError:
                 break  # refused: the proxy answered and closed while we were still sending
             sent += len(piece)
             await asyncio.sleep(0.005)
-        return await asyncio.wait_for(reader.read(), 10)
+        return await asyncio.wait_for(answer, 20)
     finally:
+        answer.cancel()
         writer.close()
+
+
+async def read_answer(reader: asyncio.StreamReader) -> bytes:
+    data = b""
+    try:
+        while chunk := await reader.read(65536):
+            data += chunk
+    except ConnectionError:
+        pass
+    return data
 
 
 async def hold_head(port: int, length: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
