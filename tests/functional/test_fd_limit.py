@@ -1,9 +1,11 @@
 """pdproxy as a real process under a low RLIMIT_NOFILE, flooded with idle connections.
 
 Issue 15 asked for 20,000 connections. The test process itself may hold at most 20,000 fds on this machine, so
-the scenario is scaled: the proxy's limit is lowered to 2,048 fds (or 512) and the test opens 3,000 (or 800)
-sockets. The behaviour under test is the same at any scale: the cap (or EMFILE) is reached, excess connections
-are answered or closed at once, the process neither dies nor spins nor logs a traceback, and every fd comes back.
+the scenario is scaled: the proxy's limit is lowered to 4,096 fds (or 512) and the test opens 3,000 (or 800)
+sockets. The behaviour under test is the same at any scale: --max-connections is fitted to the fd limit (two
+per proxied stream), so a flood meets the cap and never EMFILE; excess connections are answered 503 at once;
+the proxy's own upstream connects and health probes keep working (no healthy upstream is blamed for the flood),
+the process neither dies nor spins nor logs a traceback, and every fd comes back.
 """
 
 from __future__ import annotations
@@ -95,8 +97,8 @@ async def health(http: aiohttp.ClientSession, url: str) -> int:
 
 
 async def healthy_again(http: aiohttp.ClientSession, url: str, timeout: float) -> bool:
-    """/health is 503 while a health probe to P or D failed with EMFILE; the next probe (every few seconds) that
-    finds fds free makes it 200 again. Polled: the proxy tells nobody when it recovers."""
+    """/health is 503 while a health probe to P or D failed (timed out while the flood kept the proxy busy); the
+    next good probe makes it 200 again. Polled: the proxy tells nobody when it recovers."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while await health(http, url) != 200:
@@ -116,10 +118,11 @@ def enough_fds_here() -> None:
 
 
 async def test_idle_flood_over_max_connections_is_refused_and_fds_come_back() -> None:
-    """2,048 fds, --max-connections 1500, 3,000 idle sockets: 1,500 held, 1,500 answered 503 and closed at once;
-    while the cap is full a new client is refused the same way (the design: over the cap, 503 + Retry-After);
-    once the idle ones leave, /health and a completion work and the fd count is back at its baseline."""
-    async with proxy_with_nofile(2048, "--max-connections", "1500", "--health-interval", "0.5") as proxy:
+    """4,096 fds, --max-connections 1500, 3,000 idle sockets: 1,500 held, 1,500 answered 503 (at most 256 of
+    them lingering, the rest closed at once); while the cap is full a new client is refused the same way (over
+    the cap: 503 + Retry-After); the upstreams stay healthy throughout; once the idle ones leave, /health and a
+    completion work at once and the fd count is back at its baseline."""
+    async with proxy_with_nofile(4096, "--max-connections", "1500", "--health-interval", "0.5") as proxy:
         pid = proxy.process.pid
         port = int(proxy.url.rsplit(":", 1)[1])
         async with aiohttp.ClientSession() as http:
@@ -127,49 +130,51 @@ async def test_idle_flood_over_max_connections_is_refused_and_fds_come_back() ->
         baseline = fd_count(pid)
         socks = await open_idle(port, 3000)
         try:
-            answers = await asyncio.gather(*(first_bytes(sock, 10.0) for sock in socks[1500:]))  # 10 s: a loaded box
-            # over the cap each is answered 503 and lingers up to 2 s (LINGER_TIMEOUT); those lingering sockets
-            # use the last ~500 fds, so the rest meet EMFILE, and uvloop (libuv) accepts and closes them bare
+            # which 1,500 are held depends on the accept order, not on the connect order: count over all of them
+            answers = await asyncio.gather(*(first_bytes(sock, 5.0) for sock in socks))  # 5 s: a loaded box
             refused = [a for a in answers if a.startswith(b"HTTP/1.1 503")]
-            closed = [a for a in answers if a == b""]
-            assert len(refused) + len(closed) == 1500, {a[:40] for a in answers}
-            assert refused and all(b"retry-after: 1" in a.lower() for a in refused)
+            assert len(refused) == 1500 and answers.count(b"<open>") == 1500, {a[:40] for a in answers}
+            assert all(b"retry-after: 1" in a.lower() for a in refused)
+            held = next(sock for sock, answer in zip(socks, answers, strict=True) if answer == b"<open>")
             # + up to 4: health-probe and pooled upstream sockets come and go
             assert baseline + 1500 <= await wait_for_fds(pid, baseline + 1504, 5) <= baseline + 1504
             async with aiohttp.ClientSession() as http:  # the cap is full: the design refuses, it does not queue
                 async with http.get(proxy.url + "/health") as resp:
                     assert resp.status == 503 and resp.headers["Retry-After"] == "1"
             # the held ones really are held: none was answered or closed
-            assert await first_bytes(socks[0], 0.2) == b"<open>"
+            assert await first_bytes(held, 0.2) == b"<open>"
         finally:
             for sock in socks:
                 sock.close()
         assert await wait_for_fds(pid, baseline + 4, 5) <= baseline + 4
         async with aiohttp.ClientSession() as http:
+            # a probe may time out while the proxy is busy with the flood on a loaded box; none met EMFILE (below)
             assert await healthy_again(http, proxy.url, 10)
             assert await completion(http, proxy.url) == (200, " tok0 tok1 tok2")
         assert await proxy.stop() == 0
     assert b"Traceback" not in proxy.output, proxy.output.decode(errors="replace")[-3000:]
+    assert b"Too many open files" not in proxy.output, proxy.output.decode(errors="replace")[-3000:]
 
 
-async def test_emfile_does_not_kill_or_spin_the_accept_loop() -> None:
-    """512 fds and the default --max-connections (10,000): the kernel's EMFILE, not the cap, stops accept. The
-    proxy must survive it, not burn a core retrying, serve again once fds are free, and log no traceback."""
+async def test_max_connections_is_fitted_to_the_fd_limit() -> None:
+    """512 fds and the default --max-connections (10,000): the proxy lowers the cap to what 512 fds hold (64,
+    one INFO line saying so), so 800 idle sockets meet the cap, never EMFILE: the excess gets 503, the proxy does
+    not burn a core, its upstreams stay healthy, it serves at once when the flood leaves, and logs no traceback."""
     async with proxy_with_nofile(512, "--health-interval", "0.5") as proxy:
         pid = proxy.process.pid
         port = int(proxy.url.rsplit(":", 1)[1])
         baseline = fd_count(pid)
-        socks = await open_idle(port, 800)  # the backlog (2,048) takes what accept cannot
+        socks = await open_idle(port, 800)  # the backlog (2,048) takes what accept has not reached yet
         try:
+            answers = await asyncio.gather(*(first_bytes(sock, 5.0) for sock in socks))
+            refused = [a for a in answers if a.startswith(b"HTTP/1.1 503")]
+            assert len(refused) == 800 - 64 and answers.count(b"<open>") == 64, {a[:40] for a in answers}
+            assert fd_count(pid) < 512
             loop = asyncio.get_running_loop()
-            deadline = loop.time() + 5
-            while fd_count(pid) < 500 and loop.time() < deadline:  # noqa: ASYNC110 - /proc has no event
-                await asyncio.sleep(0.05)
-            assert fd_count(pid) >= 500, "the proxy never reached its fd limit: EMFILE was not tested"
             before, started = cpu_seconds(pid), loop.time()
             await asyncio.sleep(1.0)  # measuring CPU over a fixed window: there is no event for "not spinning"
             used = (cpu_seconds(pid) - before) / (loop.time() - started)
-            assert used < 0.5, f"proxy used {used:.0%} of a core while out of fds"
+            assert used < 0.5, f"proxy used {used:.0%} of a core under the flood"
             assert proxy.process.returncode is None
         finally:
             for sock in socks:
@@ -179,4 +184,6 @@ async def test_emfile_does_not_kill_or_spin_the_accept_loop() -> None:
             assert await completion(http, proxy.url) == (200, " tok0 tok1 tok2")
         assert await wait_for_fds(pid, baseline + 4, 5) <= baseline + 4  # + pooled upstream/keep-alive sockets
         assert await proxy.stop() == 0
+    assert b"max_connections 10000 lowered to 64" in proxy.output
     assert b"Traceback" not in proxy.output, proxy.output.decode(errors="replace")[-3000:]
+    assert b"Too many open files" not in proxy.output, proxy.output.decode(errors="replace")[-3000:]

@@ -15,6 +15,7 @@ queue by one socket read (plus one partial head bounded by max_header_bytes). Ev
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import socket
 import time
@@ -48,6 +49,8 @@ DEFAULT_LIMITS = ServerLimits()  # frozen: safe to share
 WRITE_HIGH_WATER = 64 * 1024  # above it ResponseStream.paused turns True and the send timer runs
 WRITE_LOW_WATER = 16 * 1024
 LINGER_TIMEOUT = 2.0  # after a refusal, how long the server reads (and drops) what the client still sends
+MAX_LINGERING_REFUSALS = 256  # connections refused at the cap that may linger at once; more are closed at once
+RESERVED_FDS = 512  # descriptors kept for listeners, upstream pools and probes (a quarter of a smaller limit)
 WARN_INTERVAL = 1.0  # at most one "malformed request" line per this many seconds
 
 _REASONS = {status.value: status.phrase for status in HTTPStatus}
@@ -250,7 +253,8 @@ class HttpConnection(asyncio.Protocol):
         if not self._server._admit(self):
             self._server.event("max_connections", None, 503)
             self._write_refusal(_Refusal(Unavailable("too many connections to pdproxy; retry shortly",
-                                                     retry_after=1), "max_connections", None), report=False)
+                                                     retry_after=1), "max_connections", None), report=False,
+                                linger=len(self._server._refused) <= MAX_LINGERING_REFUSALS)
             return
         self._arm(_HEADER, self._limits.header_timeout)
 
@@ -499,8 +503,10 @@ class HttpConnection(asyncio.Protocol):
         self._server.warnings.warn("malformed request from %s: %s", self._remote, detail)
         self._refuse(InvalidRequest(f"malformed HTTP request: {detail}"), "malformed")
 
-    def _write_refusal(self, refusal: _Refusal, report: bool = True) -> None:
-        """Answer a refusal (or close silently), then linger: read and drop input until EOF, bounded."""
+    def _write_refusal(self, refusal: _Refusal, report: bool = True, linger: bool = True) -> None:
+        """Answer a refusal (or close silently), then linger: read and drop input until EOF, bounded.
+        `linger` False: close right after the answer (a flood over the connection cap must not hold a
+        descriptor per refused client for LINGER_TIMEOUT: that is how it would exhaust them)."""
         self._ignore_input = True
         error = refusal.error
         status = 0 if error is None else error.status
@@ -515,7 +521,10 @@ class HttpConnection(asyncio.Protocol):
         response = error.response()
         transport.write(self._head(response.status, response.headers, response.content_type,
                                    len(response.body), close=True) + response.body)
-        self._linger()
+        if linger:
+            self._linger()
+        else:
+            transport.close()
 
     def _linger(self) -> None:
         """Close our side after the answer, but keep reading (and dropping) so unread input does not make the
@@ -792,7 +801,7 @@ async def start_server(router_or_handler: Router | Handler, host: str, port: int
         def resolve(request: Request) -> Handler:
             return handler
 
-    server = Server(loop, resolve, limits, on_event, budget or BodyBudget(limits.body_budget_bytes))
+    server = Server(loop, resolve, fit_to_fd_limit(limits), on_event, budget or BodyBudget(limits.body_budget_bytes))
     if sock is not None:
         listener = await loop.create_server(lambda: HttpConnection(server), sock=sock, backlog=backlog)
     else:
@@ -805,3 +814,25 @@ async def start_server(router_or_handler: Router | Handler, host: str, port: int
     server.url = f"http://{shown}:{server.port}"
     return server
 
+
+
+def fit_to_fd_limit(limits: ServerLimits, soft_limit: int | None = None) -> ServerLimits:
+    """`limits` with max_connections lowered (one INFO line) to what the process's open-file limit can hold:
+    a proxied stream holds two descriptors (client and upstream), so a client flood at the cap must still
+    leave one for every upstream call and health probe. Otherwise EMFILE would fail the proxy's own
+    connects, and a healthy upstream would be blamed for them."""
+    if soft_limit is None:
+        try:
+            import resource
+        except ImportError:  # not on POSIX: nothing to fit
+            return limits
+        soft_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft_limit == resource.RLIM_INFINITY:
+            return limits
+    fits = max(1, (soft_limit - min(RESERVED_FDS, soft_limit // 4) - MAX_LINGERING_REFUSALS) // 2)
+    if limits.max_connections <= fits:
+        return limits
+    logger.info("max_connections %d lowered to %d: the open-file limit is %d (ulimit -n), and every proxied "
+                   "stream holds two descriptors; raise the limit to allow more", limits.max_connections, fits,
+                   soft_limit)
+    return dataclasses.replace(limits, max_connections=fits)
