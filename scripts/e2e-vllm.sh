@@ -239,10 +239,12 @@ while (( ${#pending[@]} )); do
 done
 STARTUP_S=$(( SECONDS - t0 ))
 
-# pdproxy's defaults, except two timeouts: on 2 cores running three engines (and on a shared machine,
-# whatever else runs there) a vLLM server can take more than the default 2 s to answer /health and 5 s
-# to accept a connection. This stage tests the KV handoff, not the probe tuning.
-PROXY_ARGS=(--host 127.0.0.1 --health-timeout 10 --connect-timeout 30
+# pdproxy's defaults, except two timeouts and hedging: on 2 cores running three engines (and on a shared
+# machine, whatever else runs there) a vLLM server can take more than the default 2 s to answer /health and
+# 5 s to accept a connection, and a prefill takes seconds, past the 1 s hedge floor: hedges would race the
+# two prefill servers on most requests (a freshly restarted one loses them all). This stage tests the KV
+# handoff, not the probe or hedge tuning (hedging is tested against mocks and in benchmarks/hung_prefill.py).
+PROXY_ARGS=(--host 127.0.0.1 --health-timeout 10 --connect-timeout 30 --prefill-hedge-budget 0
             --prefill-servers "${SERVER_URL[prefill1]},${SERVER_URL[prefill2]}" --decode-servers "${SERVER_URL[decode]}")
 start_group proxy "$PROXY_VENV/bin/python" -m pdproxy "${PROXY_ARGS[@]}" --port "$PROXY_PORT"
 start_group proxy_prefix_hash "$PROXY_VENV/bin/python" -m pdproxy "${PROXY_ARGS[@]}" --port "$PROXY_PH_PORT" \
