@@ -11,16 +11,19 @@ the process neither dies nor spins nor logs a traceback, and every fd comes back
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import resource
 import socket
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
+
+if sys.version_info >= (3, 11):
+    from asyncio import timeout as time_limit
+else:  # pragma: no cover - Python 3.10
+    from async_timeout import timeout as time_limit
 
 from tests.functional.proxy_process import proxy_with_nofile
 
@@ -54,7 +57,7 @@ async def first_bytes(sock: socket.socket, timeout: float) -> bytes:
     loop = asyncio.get_running_loop()
     data = b""
     try:
-        async with asyncio.timeout(timeout) if sys.version_info >= (3, 11) else _timeout(timeout):
+        async with time_limit(timeout):
             while chunk := await loop.sock_recv(sock, 4096):
                 data += chunk
     except (TimeoutError, asyncio.TimeoutError):
@@ -63,18 +66,6 @@ async def first_bytes(sock: socket.socket, timeout: float) -> bytes:
         pass
     return data
 
-
-@contextlib.asynccontextmanager
-async def _timeout(delay: float) -> AsyncIterator[None]:  # pragma: no cover - Python 3.10
-    task = asyncio.current_task()
-    assert task is not None
-    handle = asyncio.get_running_loop().call_later(delay, task.cancel)
-    try:
-        yield
-    except asyncio.CancelledError:
-        raise asyncio.TimeoutError from None
-    finally:
-        handle.cancel()
 
 
 async def settle(socks: list[socket.socket], held: int, timeout: float = 20.0) -> list[bytes]:

@@ -25,6 +25,11 @@ import orjson
 import pytest
 from yarl import URL
 
+if sys.version_info >= (3, 11):
+    from asyncio import timeout as time_limit
+else:  # pragma: no cover - Python 3.10
+    from async_timeout import timeout as time_limit
+
 from pdproxy.errors import InvalidRequest, Unavailable
 from pdproxy.http.limits import ServerLimits
 from pdproxy.http.request import Request
@@ -235,25 +240,13 @@ async def closed_by_server(reader: asyncio.StreamReader, timeout: float = 1.5) -
     """Everything left until the server closes (a reset counts as closed); fails if it stays open."""
     data = b""
     try:
-        async with asyncio.timeout(timeout) if hasattr(asyncio, "timeout") else _bounded(timeout):
+        async with time_limit(timeout):
             while chunk := await reader.read(65536):
                 data += chunk
     except ConnectionResetError:
         pass
     return data
 
-
-@asynccontextmanager
-async def _bounded(timeout: float) -> AsyncIterator[None]:  # pragma: no cover - Python 3.10
-    task = asyncio.current_task()
-    assert task is not None
-    handle = asyncio.get_running_loop().call_later(timeout, task.cancel)
-    try:
-        yield
-    except asyncio.CancelledError:
-        raise asyncio.TimeoutError from None
-    finally:
-        handle.cancel()
 
 
 async def exchange(server: Server, raw: bytes) -> tuple[Reply, bytes]:
