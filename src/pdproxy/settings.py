@@ -526,8 +526,8 @@ class Settings(BaseSettings):
         10_000, group=CLIENTS, ge=1,
         description='open client connections per process; more get 503',
         doc=('Open client connections per process (per worker with --workers); a connection over the cap is '
-             'answered 503 with Retry-After and closed. A proxied stream holds two file descriptors, so at start the cap '
-             'is lowered (one INFO line) to what the open-file limit (ulimit -n) holds with room for upstream '
+             'answered 503 with Retry-After and closed. A proxied stream holds two file descriptors, so at start '
+             'the cap is lowered (one INFO line) to what the open-file limit (ulimit -n) holds with room for upstream '
              'connections: a flood of clients meets the cap, never EMFILE, and no upstream is blamed for it.'))
     max_header_bytes: int = setting(
         64 * 1024, group=CLIENTS, ge=1024,

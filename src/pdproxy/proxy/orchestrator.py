@@ -200,10 +200,7 @@ class Orchestrator:
                 record.status = response.status
             return response
         except ProxyError as exc:
-            record.status, record.error = exc.status, exc.message
-            if isinstance(exc, UpstreamTimeout):
-                self.metrics.timeouts.labels(exc.stage).inc()
-            return exc.response(preq.request_id)
+            return self.answer_error(exc, record, preq.request_id)
         except asyncio.CancelledError:
             record.status, record.error = CLIENT_CLOSED, "client disconnected"
             self.metrics.client_disconnects.labels(record.stage).inc()
@@ -257,6 +254,13 @@ class Orchestrator:
             self.metrics.queue_rejections.labels("timeout").inc()
             raise Unavailable(f"pdproxy is at capacity: no slot within {self.admission.timeout:g}s",
                               retry_after=RETRY_AFTER_SECONDS) from None
+
+    def answer_error(self, exc: ProxyError, record: RequestRecord, request_id: str) -> Response:
+        """A request's failure as its answer, recorded and counted (pass-through routes share it)."""
+        record.status, record.error = exc.status, exc.message
+        if isinstance(exc, UpstreamTimeout):
+            self.metrics.timeouts.labels(exc.stage).inc()
+        return exc.response(request_id)
 
     def _try_admit(self, preq: ProxyRequest) -> tuple[Lease, Upstream] | None:
         """Grant a slot, lease a decode server and choose the prefill one, None when all are busy; 503 when

@@ -26,7 +26,6 @@ from pdproxy.errors import (
     UpstreamBadStatus,
     UpstreamError,
     UpstreamStreamBroken,
-    UpstreamTimeout,
 )
 from pdproxy.http.request import Request
 from pdproxy.http.response import Response
@@ -116,10 +115,7 @@ class Passthrough:
                 record.status = response.status
             return response
         except ProxyError as exc:
-            record.status, record.error = exc.status, exc.message
-            if isinstance(exc, UpstreamTimeout):
-                flow.metrics.timeouts.labels(exc.stage).inc()
-            return exc.response(request_id)
+            return flow.answer_error(exc, record, request_id)
         except asyncio.CancelledError:
             record.status, record.error = CLIENT_CLOSED, "client disconnected"
             flow.metrics.client_disconnects.labels("decode").inc()
