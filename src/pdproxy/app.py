@@ -16,6 +16,7 @@ from pdproxy.admin import AdminApi
 from pdproxy.admission import AdmissionQueue
 from pdproxy.client import ClientOptions, UpstreamClient
 from pdproxy.discovery import Discovery, build_discovery
+from pdproxy.gc_tuning import tune_for_serving
 from pdproxy.handoff import Handoff, make_handoff
 from pdproxy.handoff.discovery import MetadataRefresher, MetadataWithoutHealth, Probe, client_fetch_json
 from pdproxy.health import ActiveHealthChecker, StateBoard, http_probe
@@ -423,6 +424,7 @@ async def serve(app: App, settings: Settings) -> None:
                                                    settings.admin_port or 0)
             runners.append(runner)
             log.info("admin API on %s/admin/upstreams", admin_url)
+        tune_for_serving()
         await wait_for_signal()
         await drain(app.flow, settings.drain_timeout)
     finally:

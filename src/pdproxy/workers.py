@@ -70,6 +70,7 @@ from pdproxy.app import (
     wait_for_signal,
 )
 from pdproxy.errors import Forbidden, Unauthorized, Unavailable, UpstreamError
+from pdproxy.gc_tuning import tune_for_serving
 from pdproxy.http.limits import ServerLimits
 from pdproxy.http.request import Request
 from pdproxy.http.response import Response
@@ -506,6 +507,7 @@ async def _serve_worker(app: App, settings: Settings, index: int) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_reader(sys.stdin.fileno(), supervisor_gone)
+        tune_for_serving()
         _report(f"ready {control_url}")
         await stop.wait()
         for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal stops at once
