@@ -28,12 +28,11 @@ from pdproxy.discovery.base import SourceFailure, Target
 from pdproxy.discovery.dns import DnsName, DnsSource, parse_names, parse_nameserver
 from pdproxy.mock import MockConfig, MockEngine, start_mock
 from pdproxy.upstreams import Role, State
-from tests.conftest import Cluster, ClusterFactory
+from tests.conftest import Cluster, ClusterFactory, needs_tool
 from tests.functional.test_resilience import FAST_HEALTH, load
 
 DNSMASQ = shutil.which("dnsmasq") or next((p for p in ("/usr/sbin/dnsmasq",) if os.access(p, os.X_OK)), None)
-pytestmark = pytest.mark.skipif(DNSMASQ is None, reason="dnsmasq is not installed "
-                                "(apt-get install dnsmasq-base; .ci/run installs it)")
+pytestmark = needs_tool(DNSMASQ, "dnsmasq: apt-get install dnsmasq-base; .ci/run installs it")
 
 
 def free_port() -> int:

@@ -35,7 +35,7 @@ import pytest
 
 from pdproxy.mock import MockConfig
 from pdproxy.upstreams import State
-from tests.conftest import Cluster, ClusterFactory, closed_port_url
+from tests.conftest import Cluster, ClusterFactory, closed_port_url, needs_tool
 from tests.functional.test_metrics import (
     COMPLETIONS,
     PLAIN,
@@ -48,8 +48,7 @@ from tests.functional.test_metrics import (
 from tests.functional.test_metrics import until_sample as until_counted
 
 PROMETHEUS = shutil.which("prometheus")
-pytestmark = pytest.mark.skipif(PROMETHEUS is None, reason="prometheus is not installed "
-                                "(apt-get install prometheus; .ci/run installs it)")
+pytestmark = needs_tool(PROMETHEUS, "prometheus: apt-get install prometheus; .ci/run installs it")
 RATE_INTERVAL = "20s"
 # Gauges of the moment: one request at a time runs here, so a scrape between two requests reads 0.
 MAY_BE_ZERO = {"Requests in flight [A]", "Requests in flight and queue [A]", "In flight per upstream [A]"}
