@@ -336,12 +336,13 @@ async def test_every_dashboard_query_returns_data(cluster_factory: ClusterFactor
     http = http_client
     upstreams = tmp_path / "upstreams.yaml"
     upstreams.write_text("decode: []\n", encoding="utf-8")
-    # Two P and two D, one slot and a one-place queue; a hedge may start 0.2 s into a prefill (before its
-    # 0.5 s timeout); a pool with under 60% of its members healthy panics; prompts under 4 characters (at
-    # one character per token) skip PD.
+    # Two P and two D (round robin: a fault scripted on one server of two is met within two requests), one
+    # slot and a one-place queue; a hedge may start 0.2 s into a prefill (before its 0.5 s timeout); a pool
+    # with under 60% of its members healthy panics; prompts under 4 characters (one per token) skip PD.
     cluster = await cluster_factory(
-        2, 2, prefill_policy="round_robin", eject_after=1, prefill_timeout=0.5, max_concurrency=1, queue_size=1,
-        prefill_hedge_floor=0.2, healthy_panic_threshold=0.6, pd_min_prompt_tokens=4, chars_per_token=1.0,
+        2, 2, prefill_policy="round_robin", decode_policy="round_robin", eject_after=1, prefill_timeout=0.5,
+        max_concurrency=1, queue_size=1, prefill_hedge_floor=0.2, healthy_panic_threshold=0.6,
+        pd_min_prompt_tokens=4, chars_per_token=1.0,
         decode_config=MockConfig(role="decode", itl_ms=2), prefill_config=MockConfig(role="prefill"),
         discovery="file", discovery_file=upstreams, discovery_interval=0.05,
     )
