@@ -178,6 +178,58 @@ async def test_a_and_aaaa_records_added_removed_and_gone(cluster_factory: Cluste
     assert cluster.metric("pdproxy_discovery_errors_total", source="dns") == 0  # NXDOMAIN is an answer
 
 
+async def resolves(server: Dnsmasq, name: str) -> bool:
+    """Whether dnsmasq has an A record for `name` now (it re-reads its hosts file after SIGHUP)."""
+    resolver = dns.asyncresolver.Resolver(configure=False)
+    resolver.nameservers, resolver.port, resolver.lifetime, resolver.cache = ["127.0.0.1"], server.port, 0.5, None
+    try:
+        await resolver.resolve(name, "A", search=False)
+    except dns.resolver.NXDOMAIN:
+        return False
+    return True
+
+
+async def looked_after(cluster: Cluster, server: Dnsmasq, name: str, present: bool) -> None:
+    """Until dnsmasq answers the change and the source has looked twice since (bounded)."""
+    deadline = asyncio.get_running_loop().time() + 3
+    while await resolves(server, name) != present:
+        assert asyncio.get_running_loop().time() < deadline, "dnsmasq never took the change"
+        await asyncio.sleep(0.02)
+    looks = cluster.metric("pdproxy_discovery_updates_total", source="dns")
+    while cluster.metric("pdproxy_discovery_updates_total", source="dns") < looks + 2:
+        assert asyncio.get_running_loop().time() < deadline, "the dns source stopped looking"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_flapping_record_is_damped(cluster_factory: ClusterFactory, tmp_path: Path,
+                                          dns_servers: list[Dnsmasq], engine_on: EngineStarter,
+                                          http_session: aiohttp.ClientSession) -> None:
+    """A record gone for less than the removal delay, then back: the upstream never left, never drained."""
+    server = await dnsmasq(dns_servers, tmp_path)
+    server.set_hosts("127.0.0.1 decode.test")
+    engine, port = await engine_on("decode")
+    cluster = await cluster_factory(
+        1, 0, discovery="dns", discovery_dns_decode=f"decode.test:{port}", discovery_dns_nameserver=server.nameserver,
+        discovery_interval=0.05, discovery_removal_delay=30, **FAST_HEALTH)
+    url = f"http://127.0.0.1:{port}"
+    await cluster.wait_for(lambda: decode_urls(cluster) == [url])
+    await cluster.wait_state(url, State.HEALTHY)
+
+    server.set_hosts()  # gone from DNS (a headless Service's pod not ready for a moment)
+    await looked_after(cluster, server, "decode.test", present=False)
+    assert decode_urls(cluster) == [url] and cluster.upstream(url).state is State.HEALTHY
+    served = len(engine.requests)
+    assert await load(http_session, cluster, 4, 2) == {"ok": 4}  # still serving meanwhile
+    assert len(engine.requests) > served
+
+    server.set_hosts("127.0.0.1 decode.test")  # back within the delay
+    await looked_after(cluster, server, "decode.test", present=True)
+    assert decode_urls(cluster) == [url] and cluster.upstream(url).state is State.HEALTHY
+    for action in ("add", "drain", "remove"):
+        expected = 1 if action == "add" else 0
+        assert cluster.metric("pdproxy_discovery_changes_total", source="dns", action=action) == expected, action
+
+
 async def test_srv_records_give_ports_and_weights(cluster_factory: ClusterFactory, tmp_path: Path,
                                                  dns_servers: list[Dnsmasq], engine_on: EngineStarter) -> None:
     (_, p1), (_, p2), (_, p3) = [await engine_on("prefill") for _ in range(3)]
