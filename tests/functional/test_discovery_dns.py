@@ -17,6 +17,7 @@ import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import dns.asyncresolver
@@ -145,6 +146,12 @@ async def http_session() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
+async def decode_by_dns(cluster_factory: ClusterFactory, server: Dnsmasq, port: int, **settings: Any) -> Cluster:
+    """A proxy with one configured P whose decode servers are `decode.test:<port>` on `server`."""
+    return await cluster_factory(1, 0, discovery="dns", discovery_dns_decode=f"decode.test:{port}",
+                                 discovery_dns_nameserver=server.nameserver, discovery_interval=0.05, **settings)
+
+
 async def test_a_and_aaaa_records_added_removed_and_gone(cluster_factory: ClusterFactory, tmp_path: Path,
                                                         dns_servers: list[Dnsmasq], engine_on: EngineStarter,
                                                         http_session: aiohttp.ClientSession) -> None:
@@ -152,9 +159,7 @@ async def test_a_and_aaaa_records_added_removed_and_gone(cluster_factory: Cluste
     server.set_hosts("127.0.0.1 decode.test")
     v4, port = await engine_on("decode")
     v6, _ = await engine_on("decode", host="::1", port=port)  # same port, the other address family
-    cluster = await cluster_factory(
-        1, 0, discovery="dns", discovery_dns_decode=f"decode.test:{port}", discovery_dns_nameserver=server.nameserver,
-        discovery_interval=0.05, discovery_removal_delay=0, **FAST_HEALTH)
+    cluster = await decode_by_dns(cluster_factory, server, port, discovery_removal_delay=0, **FAST_HEALTH)
     v4_url, v6_url = f"http://127.0.0.1:{port}", f"http://[::1]:{port}"
 
     await cluster.wait_for(lambda: decode_urls(cluster) == [v4_url])  # found
@@ -208,9 +213,7 @@ async def test_a_flapping_record_is_damped(cluster_factory: ClusterFactory, tmp_
     server = await dnsmasq(dns_servers, tmp_path)
     server.set_hosts("127.0.0.1 decode.test")
     engine, port = await engine_on("decode")
-    cluster = await cluster_factory(
-        1, 0, discovery="dns", discovery_dns_decode=f"decode.test:{port}", discovery_dns_nameserver=server.nameserver,
-        discovery_interval=0.05, discovery_removal_delay=30, **FAST_HEALTH)
+    cluster = await decode_by_dns(cluster_factory, server, port, discovery_removal_delay=30, **FAST_HEALTH)
     url = f"http://127.0.0.1:{port}"
     await cluster.wait_for(lambda: decode_urls(cluster) == [url])
     await cluster.wait_state(url, State.HEALTHY)
@@ -271,9 +274,8 @@ async def test_a_timeout_through_the_proxy_is_counted_and_changes_nothing(
     server = await dnsmasq(dns_servers, tmp_path)
     _, port = await engine_on("decode")
     server.set_hosts("127.0.0.1 decode.test")
-    cluster = await cluster_factory(
-        1, 0, discovery="dns", discovery_dns_decode=f"decode.test:{port}", discovery_dns_nameserver=server.nameserver,
-        discovery_interval=0.05, discovery_dns_timeout=0.2, discovery_removal_delay=0, health_interval=0)
+    cluster = await decode_by_dns(cluster_factory, server, port, discovery_dns_timeout=0.2, discovery_removal_delay=0,
+                                  health_interval=0)
     url = f"http://127.0.0.1:{port}"
     await cluster.wait_for(lambda: decode_urls(cluster) == [url])
     server.process.send_signal(signal.SIGSTOP)  # the server hangs: queries time out
