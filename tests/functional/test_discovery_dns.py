@@ -68,7 +68,7 @@ class Dnsmasq:
 
 
 def start_dnsmasq(tmp_path: Path, *extra: str) -> Dnsmasq:
-    assert DNSMASQ is not None
+    assert DNSMASQ is not None, "dnsmasq is not installed (.ci/run installs dnsmasq-base)"
     hosts = tmp_path / "hosts"
     hosts.write_text("", encoding="utf-8")
     port = free_port()

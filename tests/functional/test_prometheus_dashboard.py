@@ -107,7 +107,7 @@ class Prometheus:
             "global": {"scrape_interval": "1s", "scrape_timeout": "900ms", "evaluation_interval": "1s"},
             "scrape_configs": [{"job_name": "pdproxy", "static_configs": [{"targets": [target]}]}],
         }), encoding="utf-8")
-        assert PROMETHEUS is not None
+        assert PROMETHEUS is not None, "prometheus is not installed (.ci/run installs it)"
         self.log = (workdir / "prometheus.log").open("wb")
         self.process = subprocess.Popen(
             [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",

@@ -19,7 +19,7 @@ pytestmark = needs_tool(PROMTOOL, "promtool: apt-get install prometheus; .ci/run
 
 
 def promtool(*args: str, cwd: Path = PROMETHEUS_DIR) -> subprocess.CompletedProcess[str]:
-    assert PROMTOOL is not None
+    assert PROMTOOL is not None, "promtool is not installed (.ci/run installs prometheus)"
     return subprocess.run([PROMTOOL, *args], capture_output=True, text=True, cwd=cwd, timeout=60, check=False)
 
 
