@@ -7,6 +7,7 @@ each test that the client closed every socket and that no task or live timer was
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -29,6 +30,7 @@ from pdproxy.client import (
     ResponseTooLarge,
     UpstreamClient,
 )
+from pdproxy.client.exchange import Exchange
 from pdproxy.mock import start_mock
 from tests.conftest import closed_port_url, sse_events
 
@@ -568,6 +570,42 @@ async def test_close_mid_body_is_connection_lost(upstreams: Upstreams) -> None:
     async with within(WAIT):
         await sink.failed.wait()
     assert isinstance(sink.error, ConnectionLost) and not sink.ended.is_set()
+
+
+def live_exchanges() -> int:
+    return sum(1 for obj in gc.get_objects() if isinstance(obj, Exchange))
+
+
+async def test_ended_exchanges_are_freed_without_the_cyclic_collector(upstreams: Upstreams) -> None:
+    """An exchange and its parser refer to each other while the call runs; once it ended (answered, failed or
+    streamed to the end) the cycle is broken, so reference counting frees it and its body at once."""
+    async def handler(peer: Peer) -> None:
+        while (request := await peer.read_request()) is not None:
+            if request.startswith(b"GET /garbage"):
+                peer.write(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
+                return
+            peer.write(ok(b"hello"))
+
+    server = await upstreams.serve(handler)
+    client = upstreams.client()
+    gc.collect()
+    gc.disable()  # only reference counting frees what the calls leave behind
+    try:
+        before = live_exchanges()
+        assert (await client.fetch(server.url, "GET", "/", timeout=WAIT)).body == b"hello"
+        assert live_exchanges() == before  # freed as the call returned
+        stream = await client.open(server.url, "GET", "/", first_byte_timeout=WAIT, idle_timeout=WAIT)
+        assert stream.first == b"hello"
+        sink = Sink()
+        stream.start(sink)
+        async with within(WAIT):
+            await sink.ended.wait()
+        with pytest.raises(BadResponse):  # the error's traceback may keep its exchange: not its parser
+            await client.fetch(server.url, "GET", "/garbage", timeout=WAIT)
+        # Whatever still holds an ended exchange (the Stream, a traceback) holds no parser cycle with it.
+        assert all(obj.parser is None for obj in gc.get_objects() if isinstance(obj, Exchange))
+    finally:
+        gc.enable()
 
 
 # ---- connecting ----

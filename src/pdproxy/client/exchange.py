@@ -40,7 +40,7 @@ class Exchange:
     """The state of one call; `conn` is None once the message ended or failed (nothing touches the socket then)."""
 
     __slots__ = (
-        "base_url", "chunks", "conn", "done", "ended", "error", "future", "got_bytes", "halt", "head_done",
+        "base_url", "chunks", "conn", "done", "ended", "error", "feeding", "future", "got_bytes", "halt", "head_done",
         "head_fed", "head_only", "head_size", "headers", "idle_ref", "idle_timeout", "informational", "keep_alive",
         "last_activity", "loop", "max_bytes", "max_header_bytes", "parser", "paused", "rest_future", "reused",
         "sink", "size", "started", "status", "streaming", "time", "timeout", "timer", "timer_kind", "to_close",
@@ -68,7 +68,11 @@ class Exchange:
         self.max_bytes = max_bytes
         self.max_header_bytes = max_header_bytes
         self.reused = conn.served > 0
-        self.parser = httptools.HttpResponseParser(self)
+        # The parser holds bound callbacks of this exchange: a cycle, broken once the exchange is over
+        # (`_drop_parser`) so the exchange, its parser and its body chunks go by reference counting, never
+        # waiting for the cyclic collector (two exchanges per PD request: most of the proxy's collector work).
+        self.parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
+        self.feeding = False  # inside parser.feed_data: its callbacks still need the parser
         self.future: asyncio.Future[Response | Stream] | None = loop.create_future()
         self.rest_future: asyncio.Future[bytes] | None = None
         self.status = 0
@@ -182,8 +186,11 @@ class Exchange:
             self.last_activity = self.time()
         if not self.head_done:
             self.head_fed += len(data)
+        parser = self.parser
+        assert parser is not None, "a finished exchange is detached from its connection and fed nothing more"
+        self.feeding = True
         try:
-            self.parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self.fail(BadResponse(f"{self.base_url}: unexpected protocol upgrade"))
             return
@@ -202,6 +209,10 @@ class Exchange:
             if cause is None:
                 self.trailing = True  # garbage after a complete message: finish it, never reuse the connection
             # else done via _Halt: a HEAD response, or bytes after the message (trailing); finish below
+        finally:
+            self.feeding = False
+            if self.conn is None:
+                self.parser = None  # ended inside feed_data (or by a sink): see __init__
         if self.conn is None:
             return  # the sink aborted the stream from inside on_data
         if self.done:
@@ -237,6 +248,8 @@ class Exchange:
         conn = self.conn
         assert conn is not None
         self.conn = None
+        if not self.feeding:  # else feed() drops it once feed_data returned
+            self.parser = None
         self._cancel_timer()
         conn.exchange = None
         conn.pool.release(conn, self.keep_alive and not self.to_close and not self.trailing)
@@ -260,6 +273,8 @@ class Exchange:
         if conn is None:
             return
         self.conn = None
+        if not self.feeding:  # else feed() drops it once feed_data returned
+            self.parser = None
         self._cancel_timer()
         conn.exchange = None
         conn.discard()
@@ -290,6 +305,8 @@ class Exchange:
         if conn is None:
             return
         self.conn = None
+        if not self.feeding:  # else feed() drops it once feed_data returned
+            self.parser = None
         self._cancel_timer()
         self.sink = None
         self.future = None
