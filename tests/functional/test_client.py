@@ -600,6 +600,7 @@ async def test_ended_exchanges_are_freed_without_the_cyclic_collector(upstreams:
         stream.start(sink)
         async with within(WAIT):
             await sink.ended.wait()
+        assert stream._exchange.sink is None  # a sink that holds its Stream makes no cycle through the exchange
         with pytest.raises(BadResponse):  # the error's traceback may keep its exchange: not its parser
             await client.fetch(server.url, "GET", "/garbage", timeout=WAIT)
         # Whatever still holds an ended exchange (the Stream, a traceback) holds no parser cycle with it.

@@ -265,7 +265,9 @@ class Exchange:
                 body = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
                 waiter.set_result(Response(self.status, self.headers, body, self.reused))
         elif self.sink is not None:
-            self.sink.on_end()
+            sink = self.sink
+            self.sink = None  # a relay holds its Stream, which holds this exchange: no reference back
+            sink.on_end()
 
     def fail(self, error: CallError) -> None:
         """Discard the connection and hand `error` to whoever waits; at most once, nothing after it."""
