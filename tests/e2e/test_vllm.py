@@ -579,9 +579,8 @@ async def test_responses_through_pdproxy_equal_decodes_own_answer(vllm_cluster: 
                                                            {**body, "stream": True})
     assert status == own_status == 200 and content_type == own_type and content_type.startswith("text/event-stream")
     assert request_id, "pdproxy's X-Request-Id on a pass-through stream"
-    own_events, events = sse_events(own_raw), sse_events(raw)
-    assert [name for name, _ in events] == [name for name, _ in own_events]
-    ours, theirs = check_response_stream(events), check_response_stream(own_events)
+    # The same shape, not the same number of deltas: vLLM merges the tokens a slow reader has not taken yet.
+    ours, theirs = check_response_stream(sse_events(raw)), check_response_stream(sse_events(own_raw))
     assert output_text(ours) == output_text(theirs) and ours["usage"] == theirs["usage"]
 
 
