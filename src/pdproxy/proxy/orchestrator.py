@@ -424,6 +424,8 @@ class Orchestrator:
         check_status(resp.status, content_type, resp.body, side="decode", upstream=upstream.url)
         record.ttft_s = time.perf_counter() - record.start
         body = resp.body
+        if record.pending_cached is not None:  # a concurrent plan: P's count, once P answered (bounded)
+            record.prefill_cached_tokens = await record.pending_cached.wait()
         if record.prefill_cached_tokens is not None:  # P's cache, not D's transfer
             body = rewrite_cached_tokens(body, b"%d" % record.prefill_cached_tokens)[0]
         record.bytes_out = len(body)
@@ -486,8 +488,9 @@ class Orchestrator:
             end = loop.time() - (time.perf_counter() - sent) + total if total else None
             self._streams += 1
             gaps = self.metrics.inter_token if self._streams % INTER_CHUNK_SAMPLE_EVERY == 0 else None
-            cached = record.prefill_cached_tokens if usage_in_stream(preq.body) else None
-            relay = make_relay(loop, stream, out, end=end, gaps=gaps, cached=cached)
+            cached, pending = ((record.prefill_cached_tokens, record.pending_cached) if usage_in_stream(preq.body)
+                               else (None, None))
+            relay = make_relay(loop, stream, out, end=end, gaps=gaps, cached=cached, pending=pending)
             open_streams = self._open_streams.setdefault(upstream.id, set())
             open_streams.add(relay)
             # From here on the client has bytes: failures end the stream with an SSE error event.
