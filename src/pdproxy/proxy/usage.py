@@ -61,7 +61,7 @@ def answer_cached_tokens(body: bytes) -> int | None:
         return prefill_cached_tokens(answer) if isinstance(answer, dict) else None
     for event in reversed(data.split(b"\n\n")):
         payload = event.strip()
-        if not payload.startswith(b"data:") or b'"usage"' not in payload and b'"meta_info"' not in payload:
+        if not payload.startswith(b"data:") or (b'"usage"' not in payload and b'"meta_info"' not in payload):
             continue
         try:
             answer = orjson.loads(payload[5:])
