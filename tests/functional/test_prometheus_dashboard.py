@@ -215,6 +215,10 @@ async def provoke_every_event(cluster: Cluster, http: aiohttp.ClientSession, ups
     async with http.get(cluster.url + "/health", headers={f"x-extra-{i}": "1" for i in range(200)}) as resp:
         assert resp.status == 431
     await provoke_queue_full_and_timeout(cluster, http)
+    # A batch of 2 prompts (Fan-out): one slot and no queue cannot hold its 2 flows, so it is refused whole; it
+    # is counted on arrival all the same.
+    async with http.post(cluster.url + COMPLETIONS, json=PLAIN | {"prompt": ["a", "b"]}) as resp:
+        assert resp.status == 503
     status, _ = await admin(http, cluster, "PATCH", json={"weight": 2},
                             path=f"/{cluster.upstream(cluster.prefill_urls[1]).id}")
     assert status == 200

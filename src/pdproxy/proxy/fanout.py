@@ -252,6 +252,7 @@ class FanOut:
     async def handle(self, request: Request, preq: ProxyRequest, prompts: int, n: int) -> Response | None:
         """Serve `prompts` x `n` sub-flows as one answer; None when it was streamed through `request`."""
         width = prompts * n
+        self.flow.metrics.fanout_flows.observe(width)
         try:
             self._check_room(width)
         except ProxyError as exc:
