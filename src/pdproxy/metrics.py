@@ -27,8 +27,6 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # LLM latencies: a millisecond handoff up to a twenty-minute generation.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120,
                    300, 600, 1200)
-# Flows per fanned-out request: 2 at least (one flow is no fan-out), --max-fanout at most (16 by default).
-FANOUT_BUCKETS = (2, 3, 4, 8, 16, 32, 64, 128, 256)
 SMALL_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 
 # Label values known in advance. Their series are exported at 0 from the start: Prometheus's rate() and
@@ -194,10 +192,13 @@ class Metrics:
             "as cached_tokens).", registry=registry)
         self.completion_tokens = LoopCounter("pdproxy_completion_tokens",
                                              "Completion tokens, as reported in the engines' usage.", registry=registry)
-        self.fanout_flows = LoopHistogram("pdproxy_fanout_flows",
-                                          "PD flows per fanned-out request (a batch of prompts, n > 1: prompts x n), "
-                                          "counted as each such request arrives (refused ones included).",
-                                          buckets=FANOUT_BUCKETS, registry=registry)
+        self.fanout_requests = LoopCounter("pdproxy_fanout_requests",
+                                           "Requests fanned out into several PD flows (a batch of prompts, n > 1), "
+                                           "counted as they arrive (those the queue refuses whole included).",
+                                           registry=registry)
+        self.fanout_flows = LoopCounter("pdproxy_fanout_flows",
+                                        "PD flows of the fanned-out requests (prompts x n each), counted with them.",
+                                        registry=registry)
         self.handoff_gap = LoopHistogram("pdproxy_handoff_gap_seconds",
                                          "Prefill answer read to decode request sent (must stay tiny).",
                                          buckets=SMALL_BUCKETS, registry=registry)
