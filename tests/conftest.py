@@ -30,6 +30,16 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def needs_tool(path: str | None, install: str) -> pytest.MarkDecorator:
+    """Skip where a system tool is missing on a developer's machine, but never in CI (CI=true): .ci/run
+    installs every tool the tests use, so a skip there would hide a broken install step; the test runs and
+    fails on the missing tool instead."""
+    return pytest.mark.skipif(path is None and not IN_CI, reason=f"not installed ({install})")
+
+
 def closed_port_url() -> str:
     """A loopback URL where nothing listens (connection refused)."""
     with socket.socket() as sock:

@@ -898,7 +898,9 @@ def _flatten_sections(path: Path, data: dict[str, Any]) -> dict[str, Any]:
     groups = {name: (field.json_schema_extra or {}).get("group") for name, field in Settings.model_fields.items()}
     flat: dict[str, Any] = {}
     for key, value in data.items():
-        if key in GROUP_TITLES and key not in groups and isinstance(value, dict):
+        # A mapping under a section's name is that section, even where a setting has the section's name
+        # (`discovery: {discovery: dns, ...}`): no setting named after a section takes a mapping.
+        if key in GROUP_TITLES and isinstance(value, dict):
             entries = {str(inner).replace("-", "_"): item for inner, item in value.items()}
             for inner in entries:
                 if groups.get(inner) != key:

@@ -203,6 +203,10 @@ YAML_HEADER = """\
 # Keys may be written with `_` or `-` (prefill_servers or prefill-servers). An unknown key is an
 # error, so a typo stops the proxy at start-up instead of being ignored. Every value below other
 # than the two server lists is the default: delete any line you do not need to change.
+#
+# Keys may also be nested under their section, named by each heading below, with the same key
+# names (`timeouts: {connect_timeout: 2}` is `connect_timeout: 2`; a key under the wrong section is
+# an error). The environment variables and the flags keep the flat names.
 """
 
 TOML_HEADER = """\
@@ -213,12 +217,15 @@ TOML_HEADER = """\
 # Use it:  pdproxy --config config/pdproxy.example.toml   (or PDPROXY_CONFIG=config/pdproxy.example.toml)
 # Precedence, highest first: command-line flags > environment PDPROXY_* > this file > defaults.
 # TOML has no null: settings whose default is none are shown commented out, with an example value.
-# Every value other than the two server lists is the default.
+# Every value other than the two server lists is the default. Keys may also sit in a table named
+# after their section (`[timeouts]` then `connect_timeout = 2`), the section each heading names.
 """
 
 
 def _heading(group: str) -> str:
-    return f"# --- {GROUP_TITLES.get(group, group)} ".ljust(WIDTH, "-")
+    title = GROUP_TITLES.get(group, group)
+    named = title if title == group else f"{title} (section: {group})"
+    return f"# --- {named} ".ljust(WIDTH, "-")
 
 
 def _comment(text: str) -> list[str]:

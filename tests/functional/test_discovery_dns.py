@@ -17,6 +17,7 @@ import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import dns.asyncresolver
@@ -28,12 +29,11 @@ from pdproxy.discovery.base import SourceFailure, Target
 from pdproxy.discovery.dns import DnsName, DnsSource, parse_names, parse_nameserver
 from pdproxy.mock import MockConfig, MockEngine, start_mock
 from pdproxy.upstreams import Role, State
-from tests.conftest import Cluster, ClusterFactory
+from tests.conftest import Cluster, ClusterFactory, needs_tool
 from tests.functional.test_resilience import FAST_HEALTH, load
 
 DNSMASQ = shutil.which("dnsmasq") or next((p for p in ("/usr/sbin/dnsmasq",) if os.access(p, os.X_OK)), None)
-pytestmark = pytest.mark.skipif(DNSMASQ is None, reason="dnsmasq is not installed "
-                                "(apt-get install dnsmasq-base; .ci/run installs it)")
+pytestmark = needs_tool(DNSMASQ, "dnsmasq: apt-get install dnsmasq-base; .ci/run installs it")
 
 
 def free_port() -> int:
@@ -68,7 +68,7 @@ class Dnsmasq:
 
 
 def start_dnsmasq(tmp_path: Path, *extra: str) -> Dnsmasq:
-    assert DNSMASQ is not None
+    assert DNSMASQ is not None, "dnsmasq is not installed (.ci/run installs dnsmasq-base)"
     hosts = tmp_path / "hosts"
     hosts.write_text("", encoding="utf-8")
     port = free_port()
@@ -146,6 +146,12 @@ async def http_session() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
+async def decode_by_dns(cluster_factory: ClusterFactory, server: Dnsmasq, port: int, **settings: Any) -> Cluster:
+    """A proxy with one configured P whose decode servers are `decode.test:<port>` on `server`."""
+    return await cluster_factory(1, 0, discovery="dns", discovery_dns_decode=f"decode.test:{port}",
+                                 discovery_dns_nameserver=server.nameserver, discovery_interval=0.05, **settings)
+
+
 async def test_a_and_aaaa_records_added_removed_and_gone(cluster_factory: ClusterFactory, tmp_path: Path,
                                                         dns_servers: list[Dnsmasq], engine_on: EngineStarter,
                                                         http_session: aiohttp.ClientSession) -> None:
@@ -153,9 +159,7 @@ async def test_a_and_aaaa_records_added_removed_and_gone(cluster_factory: Cluste
     server.set_hosts("127.0.0.1 decode.test")
     v4, port = await engine_on("decode")
     v6, _ = await engine_on("decode", host="::1", port=port)  # same port, the other address family
-    cluster = await cluster_factory(
-        1, 0, discovery="dns", discovery_dns_decode=f"decode.test:{port}", discovery_dns_nameserver=server.nameserver,
-        discovery_interval=0.05, discovery_removal_delay=0, **FAST_HEALTH)
+    cluster = await decode_by_dns(cluster_factory, server, port, discovery_removal_delay=0, **FAST_HEALTH)
     v4_url, v6_url = f"http://127.0.0.1:{port}", f"http://[::1]:{port}"
 
     await cluster.wait_for(lambda: decode_urls(cluster) == [v4_url])  # found
@@ -177,6 +181,56 @@ async def test_a_and_aaaa_records_added_removed_and_gone(cluster_factory: Cluste
     server.set_hosts()  # the name is gone (NXDOMAIN): no decode upstream left
     await cluster.wait_for(lambda: decode_urls(cluster) == [])
     assert cluster.metric("pdproxy_discovery_errors_total", source="dns") == 0  # NXDOMAIN is an answer
+
+
+async def resolves(server: Dnsmasq, name: str) -> bool:
+    """Whether dnsmasq has an A record for `name` now (it re-reads its hosts file after SIGHUP)."""
+    resolver = dns.asyncresolver.Resolver(configure=False)
+    resolver.nameservers, resolver.port, resolver.lifetime, resolver.cache = ["127.0.0.1"], server.port, 0.5, None
+    try:
+        await resolver.resolve(name, "A", search=False)
+    except dns.resolver.NXDOMAIN:
+        return False
+    return True
+
+
+async def looked_after(cluster: Cluster, server: Dnsmasq, name: str, present: bool) -> None:
+    """Until dnsmasq answers the change and the source has looked twice since (bounded)."""
+    deadline = asyncio.get_running_loop().time() + 3
+    while await resolves(server, name) != present:
+        assert asyncio.get_running_loop().time() < deadline, "dnsmasq never took the change"
+        await asyncio.sleep(0.02)
+    looks = cluster.metric("pdproxy_discovery_updates_total", source="dns")
+    while cluster.metric("pdproxy_discovery_updates_total", source="dns") < looks + 2:
+        assert asyncio.get_running_loop().time() < deadline, "the dns source stopped looking"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_flapping_record_is_damped(cluster_factory: ClusterFactory, tmp_path: Path,
+                                          dns_servers: list[Dnsmasq], engine_on: EngineStarter,
+                                          http_session: aiohttp.ClientSession) -> None:
+    """A record gone for less than the removal delay, then back: the upstream never left, never drained."""
+    server = await dnsmasq(dns_servers, tmp_path)
+    server.set_hosts("127.0.0.1 decode.test")
+    engine, port = await engine_on("decode")
+    cluster = await decode_by_dns(cluster_factory, server, port, discovery_removal_delay=30, **FAST_HEALTH)
+    url = f"http://127.0.0.1:{port}"
+    await cluster.wait_for(lambda: decode_urls(cluster) == [url])
+    await cluster.wait_state(url, State.HEALTHY)
+
+    server.set_hosts()  # gone from DNS (a headless Service's pod not ready for a moment)
+    await looked_after(cluster, server, "decode.test", present=False)
+    assert decode_urls(cluster) == [url] and cluster.upstream(url).state is State.HEALTHY
+    served = len(engine.requests)
+    assert await load(http_session, cluster, 4, 2) == {"ok": 4}  # still serving meanwhile
+    assert len(engine.requests) > served
+
+    server.set_hosts("127.0.0.1 decode.test")  # back within the delay
+    await looked_after(cluster, server, "decode.test", present=True)
+    assert decode_urls(cluster) == [url] and cluster.upstream(url).state is State.HEALTHY
+    for action in ("add", "drain", "remove"):
+        expected = 1 if action == "add" else 0
+        assert cluster.metric("pdproxy_discovery_changes_total", source="dns", action=action) == expected, action
 
 
 async def test_srv_records_give_ports_and_weights(cluster_factory: ClusterFactory, tmp_path: Path,
@@ -220,9 +274,8 @@ async def test_a_timeout_through_the_proxy_is_counted_and_changes_nothing(
     server = await dnsmasq(dns_servers, tmp_path)
     _, port = await engine_on("decode")
     server.set_hosts("127.0.0.1 decode.test")
-    cluster = await cluster_factory(
-        1, 0, discovery="dns", discovery_dns_decode=f"decode.test:{port}", discovery_dns_nameserver=server.nameserver,
-        discovery_interval=0.05, discovery_dns_timeout=0.2, discovery_removal_delay=0, health_interval=0)
+    cluster = await decode_by_dns(cluster_factory, server, port, discovery_dns_timeout=0.2, discovery_removal_delay=0,
+                                  health_interval=0)
     url = f"http://127.0.0.1:{port}"
     await cluster.wait_for(lambda: decode_urls(cluster) == [url])
     server.process.send_signal(signal.SIGSTOP)  # the server hangs: queries time out

@@ -167,3 +167,35 @@ def test_absent_conditions_read_as_ready_and_ipv6_is_bracketed() -> None:
             "endpoints": [{"addresses": ["fd00::5"]}, {"addresses": ["fd00::6"], "conditions": {"ready": None}}]}
     targets = slice_targets(item, "", "http")
     assert [(t.url, t.ready) for t in targets] == [("http://[fd00::5]:8000", True), ("http://[fd00::6]:8000", True)]
+
+
+@pytest.mark.parametrize(("conditions", "routable"), [
+    ({"ready": True, "serving": True, "terminating": False}, True),
+    ({}, True),  # nil: ready and serving true, terminating false
+    ({"ready": False, "serving": False, "terminating": False}, False),  # starting, or failing its probe
+    ({"ready": False, "serving": True, "terminating": True}, False),  # terminating, still finishing its streams
+    ({"ready": True, "serving": False, "terminating": False}, False),  # publishNotReadyAddresses, pod not Ready
+    ({"ready": True, "serving": True, "terminating": True}, False),  # publishNotReadyAddresses, pod deleted
+    ({"ready": True, "serving": None, "terminating": None}, True),
+])
+def test_ready_serving_and_terminating_must_all_agree(conditions: dict[str, Any], routable: bool) -> None:
+    item = {"metadata": {"name": "s"}, "ports": [{"port": 8000}],
+            "endpoints": [{"addresses": ["10.0.0.1"], "conditions": conditions}]}
+    assert [t.ready for t in slice_targets(item, "", "http")] == [routable]
+
+
+async def test_publish_not_ready_addresses_follows_serving_and_terminating(
+        cluster_factory: ClusterFactory, api_server: ApiServer, tmp_path: Path) -> None:
+    """With publishNotReadyAddresses the controller says `ready: true` for every pod: serving and
+    terminating are what tell a pod failing its probe, or being deleted, from one to route to."""
+    api_server.lists.append((200, recording("endpointslices-list.json")))
+    cluster = await k8s_cluster(cluster_factory, api_server, tmp_path)
+    await cluster.wait_for(lambda: prefill(cluster) == {A: "unknown", B: "unknown"})
+    await until(lambda: len(api_server.watches()) == 1)
+    not_serving, back_and_terminating = watch_lines("endpointslices-watch-publish-not-ready.jsonl")
+    api_server.events.put_nowait(not_serving)  # A: ready true, serving false; C ready and serving: added
+    await cluster.wait_for(lambda: prefill(cluster) == {A: "draining", B: "unknown", C: "unknown"})
+    api_server.events.put_nowait(back_and_terminating)  # A serving again; C still ready true, but terminating
+    await cluster.wait_for(lambda: prefill(cluster) == {A: "unknown", B: "unknown", C: "draining"})
+    assert cluster.metric("pdproxy_discovery_changes_total", source="kubernetes", action="drain") == 2
+    assert cluster.metric("pdproxy_discovery_changes_total", source="kubernetes", action="undrain") == 1

@@ -7,19 +7,19 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 import yaml
+
+from tests.conftest import needs_tool
 
 PROMETHEUS_DIR = Path(__file__).resolve().parents[2] / "config" / "prometheus"
 ALERTS = PROMETHEUS_DIR / "alerts.yml"
 RULE_TESTS = PROMETHEUS_DIR / "tests"
 PROMTOOL = shutil.which("promtool")
-pytestmark = pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed "
-                                "(apt-get install prometheus; .ci/run installs it)")
+pytestmark = needs_tool(PROMTOOL, "promtool: apt-get install prometheus; .ci/run installs it")
 
 
 def promtool(*args: str, cwd: Path = PROMETHEUS_DIR) -> subprocess.CompletedProcess[str]:
-    assert PROMTOOL is not None
+    assert PROMTOOL is not None, "promtool is not installed (.ci/run installs prometheus)"
     return subprocess.run([PROMTOOL, *args], capture_output=True, text=True, cwd=cwd, timeout=60, check=False)
 
 

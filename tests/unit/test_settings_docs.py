@@ -113,6 +113,40 @@ def test_toml_tables_are_sections(tmp_path: Path) -> None:
     assert read_config_file(path) == {"port": 2, "eject_after": 5}
 
 
+def test_a_section_may_share_its_name_with_a_setting(tmp_path: Path) -> None:
+    path = tmp_path / "pd.yaml"
+    path.write_text("discovery:\n  discovery: dns\n  discovery_interval: 2\n", encoding="utf-8")
+    assert read_config_file(path) == {"discovery": "dns", "discovery_interval": 2}
+    path.write_text("discovery: dns\n", encoding="utf-8")  # the setting itself, flat
+    assert read_config_file(path) == {"discovery": "dns"}
+    for name in set(GROUP_TITLES) & set(Settings.model_fields):  # so a mapping there is always the section
+        assert "dict" not in str(Settings.model_fields[name].annotation), name
+
+
+def test_the_example_nested_by_its_headings_loads_the_same(tmp_path: Path) -> None:
+    """Each heading of the YAML example names the section its keys may be nested under: nesting every key
+    under it reads back the same settings as the flat file."""
+    flat = REPO / "config" / "pdproxy.example.yaml"
+    nested: dict[str, dict[str, object]] = {}
+    section = ""
+    for line in flat.read_text(encoding="utf-8").splitlines():
+        if line.startswith("# --- "):
+            title = line.removeprefix("# --- ").rstrip("- ")
+            section = title.split("(section: ")[1].rstrip(")") if "(section: " in title else title
+            assert section in GROUP_TITLES, line
+        elif line and not line.startswith(("#", " ", "-")) and ":" in line:
+            key = line.split(":", 1)[0]
+            nested.setdefault(section, {})[key] = yaml.safe_load(line)[key] if not line.endswith(":") else None
+    data = yaml.safe_load(flat.read_text(encoding="utf-8"))
+    for keys in nested.values():
+        for key in keys:
+            keys[key] = data[key]  # multi-line values (the server lists) as the file gives them
+    path = tmp_path / "nested.yaml"
+    path.write_text(yaml.safe_dump(nested), encoding="utf-8")
+    assert read_config_file(path) == read_config_file(flat)
+    assert len(nested) >= 10
+
+
 @pytest.mark.parametrize(("text", "expected"), [
     ("timeouts:\n  health_rise: 4\n", "timeouts.health_rise is not a setting of the timeouts section"),
     ("timeouts:\n  nope: 1\n", "timeouts.nope is not a setting of the timeouts section"),

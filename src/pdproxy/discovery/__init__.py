@@ -3,6 +3,10 @@
 A source (base.Source) yields desired lists; the reconciler applies them through Membership, the one
 writer of the pools. `build_discovery` makes both from Settings; the app starts and stops it with its
 own lifetime (`Discovery.lifetime`, an aiohttp cleanup context, or `start`/`stop`).
+
+The state file (--state-file) and discovery: members a source added are never written to the state file
+(Membership._snapshot keeps only configured and admin-made ones), since the source lists them again at
+start-up; so with both, a restart restores the hand-made changes and discovery refills the rest.
 """
 
 from __future__ import annotations

@@ -4,11 +4,15 @@ The informer pattern without a client library: LIST the slices (which gives a re
 WATCH from that version (`allowWatchBookmarks`, a server-side `timeoutSeconds`), re-WATCH from the last
 version seen when the stream ends, and LIST again when the server says the version is too old (410).
 
-Each endpoint's conditions (discovery.k8s.io/v1; an absent condition reads as the API documents it):
-- `ready` (absent: true): routable. A pod failing its readiness probe, or terminating, is not ready;
-- not ready: kept listed but drained, so no new request goes there, while requests already on it run to
-  their end (a terminating pod that is still `serving` finishes its streams; pdproxy never cuts them);
-- gone from every slice: removed after the reconciler's removal delay.
+Each endpoint's conditions (discovery.k8s.io/v1; an absent condition reads as the API documents it:
+`ready` and `serving` true, `terminating` false). An endpoint is routable only when all three agree:
+- `ready` false: a pod failing its readiness probe, or terminating (the controller's usual case);
+- `serving` false: the pod's own Ready condition is false. This is the one that counts when the Service
+  sets `publishNotReadyAddresses`, where `ready` is true for every pod, ready or not;
+- `terminating` true: the pod is being deleted; never a new request, even when `ready` says true.
+Not routable: kept listed but drained, so no new request goes there while requests already on it run to
+their end (a terminating pod that is still `serving` finishes its streams; pdproxy never cuts them).
+Gone from every slice: removed after the reconciler's removal delay.
 
 Needs `get`, `list` and `watch` on `endpointslices` in group `discovery.k8s.io` (config/kubernetes/rbac.yaml).
 """
@@ -59,6 +63,12 @@ def default_namespace() -> str:
         return "default"
 
 
+def routable(conditions: Mapping[str, Any]) -> bool:
+    """Ready, serving and not terminating; nil reads as the API documents it (true, true, false)."""
+    return (conditions.get("ready") is not False and conditions.get("serving") is not False
+            and conditions.get("terminating") is not True)
+
+
 def slice_targets(item: Mapping[str, Any], port: str, scheme: str) -> list[Target]:
     """The upstreams of one EndpointSlice; KubernetesError when it has no usable port."""
     name = item.get("metadata", {}).get("name", "?")
@@ -71,8 +81,7 @@ def slice_targets(item: Mapping[str, Any], port: str, scheme: str) -> list[Targe
     number = chosen[0]["port"]
     targets = []
     for endpoint in item.get("endpoints") or []:
-        conditions = endpoint.get("conditions") or {}
-        ready = conditions.get("ready") is not False  # nil means ready (API docs)
+        ready = routable(endpoint.get("conditions") or {})
         for address in endpoint.get("addresses") or []:
             host = f"[{address}]" if ":" in address else address
             targets.append(Target(normalize_url(f"{scheme}://{host}:{number}"), 1, ready))
