@@ -9,9 +9,10 @@
 # reused when present and healthy, rebuilt otherwise); 2. pdproxy's own venv (.venv with '.[test]',
 # as the README and CI make it: the proxy and the tests never share the engines' interpreter; pdproxy
 # runs from this checkout's src/); 3. the model (cached in the vLLM venv); 4. three vLLM servers and
-# two pdproxy instances (least_conn and prefix_hash) on free loopback ports; 5. `pytest -m vllm
-# tests/e2e`. Every process runs in its own process group and the EXIT trap stops every group by id,
-# whatever happens. Exit code: pytest's, or 1 when a step before it fails (its log is printed).
+# four pdproxy instances (least_conn, prefix_hash, cache_aware on KV events, and one that sends the
+# Responses API to the two prefill servers) on free loopback ports; 5. `pytest -m vllm tests/e2e`.
+# Every process runs in its own process group and the EXIT trap stops every group by id, whatever happens.
+# Exit code: pytest's, or 1 when a step before it fails (its log is printed).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -173,12 +174,13 @@ log "model: $MODEL_DIR ($(( SECONDS - t0 )) s)"
 
 # -- 4. servers ------------------------------------------------------------------------------------
 # Free loopback ports, picked now, below the ephemeral range (see scripts/e2e/free_ports.py).
-read -r -a PORTS <<<"$(python3 scripts/e2e/free_ports.py 13)"
-(( ${#PORTS[@]} == 13 )) || die "could not find 13 free loopback ports"
+read -r -a PORTS <<<"$(python3 scripts/e2e/free_ports.py 14)"
+(( ${#PORTS[@]} == 14 )) || die "could not find 14 free loopback ports"
 P1_PORT=${PORTS[0]} P2_PORT=${PORTS[1]} D_PORT=${PORTS[2]}
 P1_SIDE=${PORTS[3]} P2_SIDE=${PORTS[4]} D_SIDE=${PORTS[5]}
 PROXY_PORT=${PORTS[6]} PROXY_PH_PORT=${PORTS[7]} PROXY_KV_PORT=${PORTS[8]}
 P1_EVENTS=${PORTS[9]} P1_REPLAY=${PORTS[10]} P2_EVENTS=${PORTS[11]} P2_REPLAY=${PORTS[12]}
+PROXY_RESP_PORT=${PORTS[13]}
 
 start_group memwatch python3 scripts/e2e/memwatch.py "$PGIDS" "$WORK/mem-peak.json" 1
 unset 'LOGS[memwatch]'
@@ -188,7 +190,11 @@ start_vllm() {  # NAME PORT SIDE_CHANNEL_PORT CPU ROLE [EVENTS_PORT REPLAY_PORT]
     # The command goes in a launcher file that the failover tests reuse to bring a killed server back.
     # PYTHONPATH: scripts/e2e/vllm_site/sitecustomize.py stops NIXL's progress thread from spinning
     # (one core per engine at 100% otherwise; read that file before removing it).
-    local kv_config="{\"kv_connector\":\"NixlConnector\",\"kv_role\":\"$role\",\"kv_buffer_device\":\"cpu\"}"
+    # VLLM_ENABLE_RESPONSES_API_STORE: vLLM keeps Responses-API answers (store, background, GET and cancel
+    # by id) only with it; without it `store` is ignored and every GET by id is a 404.
+    # kv_lease_duration: P frees a request's KV if no D fetched it within the lease (vLLM's default 30 s); on a
+    # loaded 2-core CI host a first token took 33 s once, and D then read freed blocks (a silent wrong answer).
+    local kv_config="{\"kv_connector\":\"NixlConnector\",\"kv_role\":\"$role\",\"kv_buffer_device\":\"cpu\",\"kv_connector_extra_config\":{\"kv_lease_duration\":120}}"
     # KV-cache events for pdproxy's --kv-events (prefill only). vLLM binds the PUB endpoint only when
     # it has a '*' (with a plain address it connects instead); the replay ROUTER always binds.
     local events_flag=""
@@ -200,6 +206,7 @@ exec env PYTHONPATH="$ROOT/scripts/e2e/vllm_site" \\
     VLLM_HOST_IP=127.0.0.1 VLLM_NIXL_SIDE_CHANNEL_HOST=127.0.0.1 VLLM_NIXL_SIDE_CHANNEL_PORT=$side \\
     UCX_NET_DEVICES=lo UCX_TLS=self,sm,tcp VLLM_CPU_KVCACHE_SPACE=1 VLLM_CPU_OMP_THREADS_BIND=$cpu \\
     HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 TOKENIZERS_PARALLELISM=false \\
+    VLLM_ENABLE_RESPONSES_API_STORE=1 \\
     "$VLLM_VENV/bin/python" -m vllm.entrypoints.openai.api_server \\
     --model "$MODEL_DIR" --served-model-name "$SERVED_MODEL" --host 127.0.0.1 --port $port \\
     --dtype float32 --enforce-eager --max-model-len 1024 --seed 0 --disable-uvicorn-access-log \\
@@ -252,8 +259,12 @@ start_group proxy_prefix_hash "$PROXY_VENV/bin/python" -m pdproxy "${PROXY_ARGS[
 # cache_aware on the prefill servers' KV events (found at their GET /kv_event_sources).
 start_group proxy_kv_events "$PROXY_VENV/bin/python" -m pdproxy "${PROXY_ARGS[@]}" --port "$PROXY_KV_PORT" \
     --prefill-policy cache_aware --kv-events --tokenizer "$MODEL_DIR/tokenizer.json"
-declare -A PROXY_PORTS=([proxy]=$PROXY_PORT [proxy_prefix_hash]=$PROXY_PH_PORT [proxy_kv_events]=$PROXY_KV_PORT)
-for name in proxy proxy_prefix_hash proxy_kv_events; do
+# The Responses API on the two prefill servers: GET and cancel by id must find the one that made each answer.
+start_group proxy_responses_on_prefill "$PROXY_VENV/bin/python" -m pdproxy "${PROXY_ARGS[@]}" --port "$PROXY_RESP_PORT" \
+    --route-pools /v1/responses=prefill
+declare -A PROXY_PORTS=([proxy]=$PROXY_PORT [proxy_prefix_hash]=$PROXY_PH_PORT [proxy_kv_events]=$PROXY_KV_PORT
+                        [proxy_responses_on_prefill]=$PROXY_RESP_PORT)
+for name in proxy proxy_prefix_hash proxy_kv_events proxy_responses_on_prefill; do
     port=${PROXY_PORTS[$name]}
     for _ in $(seq 1 60); do
         curl -sf -m 2 "http://127.0.0.1:$port/health" >/dev/null 2>&1 && break
@@ -262,7 +273,8 @@ for name in proxy proxy_prefix_hash proxy_kv_events; do
     done
     curl -sf -m 2 "http://127.0.0.1:$port/health" >/dev/null 2>&1 || die "pdproxy '$name' not healthy within 30 s"
 done
-log "pdproxy: least_conn :$PROXY_PORT, prefix_hash :$PROXY_PH_PORT, cache_aware + KV events :$PROXY_KV_PORT"
+log "pdproxy: least_conn :$PROXY_PORT, prefix_hash :$PROXY_PH_PORT, cache_aware + KV events :$PROXY_KV_PORT," \
+    "Responses API on prefill :$PROXY_RESP_PORT"
 
 # -- 5. the tests ----------------------------------------------------------------------------------
 export E2E_VLLM_CLUSTER="$WORK/cluster.json"
@@ -277,6 +289,7 @@ cluster = {
     "proxy": "http://127.0.0.1:$PROXY_PORT",
     "proxy_prefix_hash": "http://127.0.0.1:$PROXY_PH_PORT",
     "proxy_kv_events": "http://127.0.0.1:$PROXY_KV_PORT",
+    "proxy_responses_on_prefill": "http://127.0.0.1:$PROXY_RESP_PORT",
     "pgid_file": "$PGIDS",
     "prefill": [server("prefill1", "${SERVER_URL[prefill1]}", ${PIDS[prefill1]}),
                 server("prefill2", "${SERVER_URL[prefill2]}", ${PIDS[prefill2]})],

@@ -22,6 +22,7 @@ from pdproxy.health import ActiveHealthChecker, StateBoard, http_probe
 from pdproxy.http.api import OpenAIApi
 from pdproxy.http.auth import ClientKeys
 from pdproxy.http.limits import ServerLimits
+from pdproxy.http.parse_process import ParseProcess
 from pdproxy.http.request import Request
 from pdproxy.http.response import Response
 from pdproxy.http.router import Handler, Router
@@ -267,10 +268,13 @@ def build_app(settings: Settings, *, rng: random.Random | None = None, persist: 
     model_list = ModelList(model_table, client, timeout=settings.decode_first_byte_timeout,
                            max_answer_bytes=limits.max_answer_bytes, on_release=on_release)
     admin_token = settings.admin_token.get_secret_value() if settings.admin_token else None
+    parser = ParseProcess()  # large bodies parsed off the loop; stopped (killed) with the app's services
+    services.append(parser)
     OpenAIApi(flow, passthrough, upstream_api_key=api_key, loop_guard=LoopGuard.create(),
               fanout=FanOut(flow, settings.max_fanout),
               route_pools={route: Role(pool) for route, pool in settings.route_pools.items()},
-              client_keys=client_keys, model_list=model_list, admin_token=admin_token).add_routes(router)
+              client_keys=client_keys, model_list=model_list, admin_token=admin_token,
+              parser=parser).add_routes(router)
     router.add("GET", LIVEZ_PATH, livez_handler(lambda: flow.draining))  # liveness: never asks an engine
     if settings.metrics_port is None:
         router.add("GET", "/metrics", metrics_handler(metrics))

@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 BLOCK_SIZE = 16
 #: Context window advertised by /v1/models and enforced like vLLM (prompt + completion).
 MAX_MODEL_LEN = 8192
+MAX_BODY_BYTES = 256 * 1024 * 1024  # vLLM (FastAPI) caps no request body; aiohttp's default would be 1 MiB
 
 _ROLES = ("prefill", "decode", "both")
 _HANDLE_FIELDS = ("remote_engine_id", "remote_request_id", "remote_host", "remote_port", "remote_block_ids")
@@ -412,7 +413,7 @@ class MockEngine:
         On app shutdown every generation still running is cancelled (and counted as aborted),
         so a hung or slow request never holds up ``runner.cleanup()``.
         """
-        app = web.Application()
+        app = web.Application(client_max_size=MAX_BODY_BYTES)
         app.router.add_post("/v1/completions", self._handle_completions)
         app.router.add_post("/v1/chat/completions", self._handle_chat)
         app.router.add_get("/health", self._handle_health)

@@ -45,6 +45,7 @@ class Cluster:
     model: str
     proxy: str
     proxy_prefix_hash: str
+    proxy_responses_on_prefill: str  # --route-pools /v1/responses=prefill: the Responses API on both P servers
     pgid_file: str  # the script stops every process group listed here, whatever happens
     prefill: tuple[Server, ...]
     decode: tuple[Server, ...]
@@ -56,6 +57,7 @@ class Cluster:
             model=raw["model"],
             proxy=raw["proxy"],
             proxy_prefix_hash=raw["proxy_prefix_hash"],
+            proxy_responses_on_prefill=raw["proxy_responses_on_prefill"],
             pgid_file=raw["pgid_file"],
             prefill=tuple(Server(**s) for s in raw["prefill"]),
             decode=tuple(Server(**s) for s in raw["decode"]),

@@ -6,15 +6,20 @@ What these tests prove, with vLLM's own counters as the witness:
 - the answer is right: greedy output through pdproxy equals what a prefill server alone produces;
 - completions and chat, streamed and not, `usage`, `X-Request-Id`, `/v1/models`, 32 concurrent requests
   over both prefill servers, prefix affinity with `prefix_hash` (vLLM's prefix-cache hits rise on one P),
-  and prefill failover when a prefill server dies with requests in flight.
+  and prefill failover when a prefill server dies with requests in flight;
+- the Responses API passed through: answers equal to the engine's own, streams well formed, and GET and
+  cancel by id reaching the server that made the answer (of two: the prefill pool, on the proxy started
+  with `--route-pools /v1/responses=prefill`; the stage has one decode server).
 
 The tests run in file order on one shared cluster: the failover tests kill and restart a prefill
-server, so they come last (before the whole-run KV check).
+server, so they come last (before the whole-run KV check); the Responses API on D comes after that
+check, since D computes those prompts itself (no handoff on a pass-through route).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -145,6 +150,65 @@ async def wait_upstream_state(http: aiohttp.ClientSession, proxy: str, url: str,
         assert time.monotonic() < deadline, f"{url} is {state} in {proxy}, not {states} after {timeout:g}s"
         await asyncio.sleep(0.5)
     return state
+
+
+# -- the Responses API (a pass-through route: the engine's own answer, byte for byte) ---------------
+
+def response_body(tag: str, **extra: Any) -> dict[str, Any]:
+    return {"model": MODEL, "input": unique_prompt(tag), "max_output_tokens": MAX_TOKENS, "temperature": 0,
+            "ignore_eos": True, **extra}
+
+
+async def post_raw(http: aiohttp.ClientSession, url: str, body: dict[str, Any] | None = None
+                   ) -> tuple[int, str, bytes, str | None]:
+    """Status, Content-Type, body and X-Request-Id of one POST."""
+    async with http.post(url, json=body) as resp:
+        return resp.status, resp.headers.get("Content-Type", ""), await resp.read(), resp.headers.get("X-Request-Id")
+
+
+async def get_json(http: aiohttp.ClientSession, url: str) -> tuple[int, dict[str, Any]]:
+    async with http.get(url) as resp:
+        return resp.status, await resp.json(content_type=None)
+
+
+def output_text(response: dict[str, Any]) -> str:
+    return "".join(part["text"] for item in response["output"] if item["type"] == "message"
+                   for part in item["content"] if part["type"] == "output_text")
+
+
+def sse_events(raw: bytes) -> list[tuple[str, dict[str, Any]]]:
+    """A Responses-API stream, read strictly: every event is `event: TYPE` then `data: JSON` whose `type` is
+    TYPE, one blank line after each, and nothing else (no `[DONE]`: this API has none)."""
+    text = raw.decode()
+    assert text.endswith("\n\n"), text[-200:]
+    events = []
+    for block in text[:-2].split("\n\n"):
+        lines = block.split("\n")
+        assert len(lines) == 2 and lines[0].startswith("event: ") and lines[1].startswith("data: "), block[:300]
+        name, data = lines[0][len("event: "):], json.loads(lines[1][len("data: "):])
+        assert data["type"] == name, block[:300]
+        events.append((name, data))
+    return events
+
+
+def check_response_stream(events: list[tuple[str, dict[str, Any]]], first: int = 0) -> dict[str, Any]:
+    """Assert the shape of a one-message text stream (from sequence number `first` on); the final response."""
+    names = [name for name, _ in events]
+    opening = ["response.created", "response.in_progress", "response.output_item.added",
+               "response.content_part.added"][first:]
+    closing = ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+               "response.completed"]
+    assert names[:len(opening)] == opening and names[-len(closing):] == closing, names
+    assert set(names[len(opening):-len(closing)]) == {"response.output_text.delta"}, names
+    assert [data["sequence_number"] for _, data in events] == list(range(first, first + len(events)))
+    assert len({data["response"]["id"] for _, data in events if "response" in data}) == 1
+    assert len({data["item_id"] for _, data in events if "item_id" in data}) == 1
+    completed = events[-1][1]["response"]
+    deltas = "".join(data["delta"] for name, data in events if name == "response.output_text.delta")
+    if first == 0:
+        assert deltas == events[-4][1]["text"] == output_text(completed)
+    assert completed["usage"]["output_tokens"] == MAX_TOKENS
+    return completed
 
 
 # -- the basics --------------------------------------------------------------------------------------
@@ -308,6 +372,48 @@ async def test_prefix_hash_keeps_a_repeated_prefix_on_one_prefill_server(vllm_cl
     print(f"prefix_hash: prefills {served}, prefix-cache hit tokens {hits}, prompt {prompt_tokens} tokens")
 
 
+# -- the Responses API on two servers (the prefill pool): by id to the server that made it ----------
+
+async def test_responses_by_id_reach_the_prefill_server_that_made_them(vllm_cluster: Cluster,
+                                                                       http: aiohttp.ClientSession) -> None:
+    """vLLM keeps stored answers in the memory of the server that made them: GET and cancel by id through
+    pdproxy must reach that one server (the other answers 404), including ids pdproxy never saw."""
+    proxy = vllm_cluster.proxy_responses_on_prefill
+    for server in vllm_cluster.prefill:
+        await wait_upstream_state(http, proxy, server.url, {"healthy"}, timeout=90)
+    made: dict[str, dict[str, Any]] = {}  # P url -> one answer it made through pdproxy
+    for attempt in range(6):  # two at once: least_conn gives them to different servers
+        answers = await asyncio.gather(*(post_raw(http, proxy + "/v1/responses", response_body(f"home-{attempt}-{i}"))
+                                         for i in range(2)))
+        for status, _, raw, _ in answers:
+            assert status == 200, raw[:300]
+            created = json.loads(raw)
+            knows = [(await get_json(http, f"{p.url}/v1/responses/{created['id']}"))[0] for p in vllm_cluster.prefill]
+            assert sorted(knows) == [200, 404], f"exactly one server holds {created['id']}: {knows}"
+            made.setdefault(vllm_cluster.prefill[knows.index(200)].url, created)
+        if len(made) == 2:
+            break
+    assert len(made) == 2, f"answers made on {list(made)} only"
+    for created in made.values():
+        status, got = await get_json(http, f"{proxy}/v1/responses/{created['id']}")
+        assert status == 200, got
+        assert {k: got[k] for k in ("id", "status", "output", "usage")} == \
+            {k: created[k] for k in ("id", "status", "output", "usage")}
+        # A finished answer cannot be cancelled: its home says so (any other server would answer 404).
+        status, _, raw, _ = await post_raw(http, f"{proxy}/v1/responses/{created['id']}/cancel")
+        assert status == 400 and json.loads(raw)["error"]["message"] == "Cannot cancel a synchronous response."
+
+    # Ids made on each server directly, never seen by pdproxy: asked around the pool, found on their home.
+    for server in vllm_cluster.prefill:
+        status, _, raw, _ = await post_raw(http, server.url + "/v1/responses", response_body(f"direct-{server.name}"))
+        assert status == 200, raw[:300]
+        created = json.loads(raw)
+        status, got = await get_json(http, f"{proxy}/v1/responses/{created['id']}")
+        assert status == 200 and got["id"] == created["id"] and output_text(got) == output_text(created), got
+    status, missing = await get_json(http, f"{proxy}/v1/responses/resp_{uuid.uuid4().hex}")
+    assert status == 404 and missing["error"]["type"] == "invalid_request_error", missing
+
+
 # -- failover (kills a prefill server: keep it last) -------------------------------------------------
 
 async def test_prefill_server_killed_mid_run_requests_fail_over(vllm_cluster: Cluster,
@@ -446,3 +552,71 @@ async def test_whole_run_decode_never_computed_a_prompt(vllm_cluster: Cluster, h
         assert (await scrape(http, proxy)).get("pdproxy_kv_handoff_missing_total") == 0
     print(f"D over the whole run: {KV_SOURCES} external_kv_transfer={external:.0f} "
           f"local_cache_hit={decode.get(KV_SOURCES, source='local_cache_hit'):.0f} local_compute={local:.0f}")
+
+
+
+# -- the Responses API on D (after the whole-run check: a pass-through request has no handoff) --------
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_responses_through_pdproxy_equal_decodes_own_answer(vllm_cluster: Cluster,
+                                                                  http: aiohttp.ClientSession, stream: bool) -> None:
+    decode = vllm_cluster.decode[0]
+    body = response_body(f"responses-{stream}")
+    if not stream:  # as a user would: the openai client, both ways
+        answers = []
+        for base_url in (decode.url, vllm_cluster.proxy):
+            async with client(base_url) as api:
+                answers.append(await api.responses.create(
+                    model=MODEL, input=body["input"], max_output_tokens=MAX_TOKENS, temperature=0,
+                    extra_body={"ignore_eos": True}))
+        own, through = answers
+        assert through.output_text == own.output_text and through.output_text
+        assert through.usage == own.usage and through.usage.output_tokens == MAX_TOKENS
+        assert through.id != own.id and through.id.startswith("resp_")
+        return
+    own_status, own_type, own_raw, _ = await post_raw(http, decode.url + "/v1/responses", {**body, "stream": True})
+    status, content_type, raw, request_id = await post_raw(http, vllm_cluster.proxy + "/v1/responses",
+                                                           {**body, "stream": True})
+    assert status == own_status == 200 and content_type == own_type and content_type.startswith("text/event-stream")
+    assert request_id, "pdproxy's X-Request-Id on a pass-through stream"
+    # The same shape, not the same number of deltas: vLLM merges the tokens a slow reader has not taken yet.
+    ours, theirs = check_response_stream(sse_events(raw)), check_response_stream(sse_events(own_raw))
+    assert output_text(ours) == output_text(theirs) and ours["usage"] == theirs["usage"]
+
+
+async def test_stored_and_background_responses_by_id_through_pdproxy(vllm_cluster: Cluster,
+                                                                     http: aiohttp.ClientSession) -> None:
+    """GET, GET streamed and cancel by id through pdproxy, on D (the stage's only decode server: the id's
+    home is trivially right here; the two-server case is the prefill-pool test above)."""
+    proxy = vllm_cluster.proxy
+    status, _, raw, _ = await post_raw(http, proxy + "/v1/responses", response_body("stored"))
+    assert status == 200, raw[:300]
+    created = json.loads(raw)
+    status, got = await get_json(http, f"{proxy}/v1/responses/{created['id']}")
+    assert status == 200
+    assert {k: got[k] for k in ("id", "status", "output", "usage")} == \
+        {k: created[k] for k in ("id", "status", "output", "usage")}
+
+    # Background: a long answer, cancelled through pdproxy while it runs (about 1000 tokens take seconds).
+    status, _, raw, _ = await post_raw(http, proxy + "/v1/responses",
+                                       response_body("background", background=True, max_output_tokens=960))
+    assert status == 200, raw[:300]
+    queued = json.loads(raw)
+    assert queued["status"] == "queued" and queued["background"] is True
+    status, _, raw, _ = await post_raw(http, f"{proxy}/v1/responses/{queued['id']}/cancel")
+    assert status == 200 and json.loads(raw)["status"] == "cancelled", raw[:300]
+    status, got = await get_json(http, f"{proxy}/v1/responses/{queued['id']}")
+    assert status == 200 and got["status"] == "cancelled"
+
+    # Background and streamed: GET ?stream=true&starting_after=N replays the same events from N + 1 on.
+    status, _, raw, _ = await post_raw(http, proxy + "/v1/responses",
+                                       response_body("background-stream", background=True, stream=True))
+    assert status == 200, raw[:300]
+    events = sse_events(raw)
+    completed = check_response_stream(events)
+    async with http.get(f"{proxy}/v1/responses/{completed['id']}", params={"stream": "true", "starting_after": "3"}
+                        ) as resp:
+        assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/event-stream")
+        replayed = sse_events(await resp.read())
+    check_response_stream(replayed, first=4)
+    assert replayed == events[4:]

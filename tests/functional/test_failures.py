@@ -8,6 +8,8 @@ import aiohttp
 import orjson
 import pytest
 
+from pdproxy.http.limits import LARGE_BODY_BYTES
+from pdproxy.http.parse_process import ParseProcess
 from tests.conftest import Cluster, ClusterFactory, closed_port_url, sse_events
 
 PROMPT = {"model": "mock", "prompt": "hello", "max_tokens": 4}
@@ -346,3 +348,25 @@ async def test_a_lost_kv_is_blamed_on_the_prefill_server_not_the_decode_server(
     assert cluster.metric("pdproxy_upstream_requests_total", role="prefill", upstream=blamed, outcome="kv_lost") == 1
     assert cluster.upstream(d).state.value == "unknown" and cluster.upstream(d).last_error is None
     assert cluster.upstream(blamed).state.value == "ejected"  # eject_after=1: the strike went to P
+
+
+async def test_large_bodies_are_parsed_off_the_loop_with_the_same_answers(
+        cluster: Cluster, http: aiohttp.ClientSession) -> None:
+    """Bodies of LARGE_BODY_BYTES and more go through the parse process (http/parse_process.py): a valid one is
+    served whole, a broken one is the same 400 as a small one, and the helper is gone after the proxy's cleanup."""
+    prompt = "x" * (LARGE_BODY_BYTES + 1000)
+    status, payload = await post(http, cluster, {"model": "mock", "prompt": prompt, "max_tokens": 2})
+    assert status == 200, payload
+    assert [r.body["prompt"] == prompt for r in [*cluster.prefill[0].requests, *cluster.prefill[1].requests,
+                                                  *cluster.decode[0].requests]].count(True) == 2  # P and D
+    for raw, contains in ((b'{"prompt": "' + b"x" * LARGE_BODY_BYTES, "not valid JSON"),
+                          (b"[" + b"1," * (LARGE_BODY_BYTES // 2) + b"1]", "must be a JSON object")):
+        async with http.post(cluster.url + "/v1/completions", data=raw,
+                             headers={"Content-Type": "application/json"}) as resp:
+            assert resp.status == 400
+            assert_openai_error(await resp.json(), 400, contains)
+    parser = next(s for s in cluster.app.services if isinstance(s, ParseProcess))  # type: ignore[attr-defined]
+    process = parser._process
+    assert parser.started == 1 and process is not None and process.returncode is None
+    await cluster.app.cleanup()
+    assert process.returncode is not None  # killed with the app

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import hashlib
 import logging
 import os
 import shutil
@@ -31,7 +32,7 @@ else:  # pragma: no cover - Python 3.10
     from async_timeout import timeout as time_limit
 
 from pdproxy.errors import InvalidRequest, Unavailable
-from pdproxy.http.limits import ServerLimits
+from pdproxy.http.limits import LARGE_BODY_BYTES, ServerLimits
 from pdproxy.http.request import Request
 from pdproxy.http.response import Response, json_response
 from pdproxy.http.router import Router
@@ -166,6 +167,11 @@ def make_router(probe: Probe) -> Router:
     async def big(request: Request) -> Response:
         return Response(body=b"y" * 200_000, content_type="application/octet-stream")
 
+    async def digest(request: Request) -> Response:
+        body = request.body
+        return json_response({"size": len(body), "sha256": hashlib.sha256(body).hexdigest(),
+                              "type": type(body).__name__})
+
     router.add("GET", "/echo", echo)
     router.add("POST", "/echo", echo)
     router.add("GET", "/items/{item}/parts/{part}", echo)
@@ -178,6 +184,7 @@ def make_router(probe: Probe) -> Router:
     router.add("GET", "/refuse", refuse)
     router.add("GET", "/refuse-stream", refuse_stream)
     router.add("GET", "/big", big)
+    router.add("POST", "/digest", digest)
     return router
 
 
@@ -433,6 +440,38 @@ def test_chunked_body_with_extensions_and_trailers(run: Callable[..., Any]) -> N
             writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
                          b"5;name=value\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n")
             assert (await read_reply(reader)).json()["body"] == "hello world"
+            writer.close()
+
+    run(scenario())
+
+
+def test_large_bodies_arrive_whole_in_one_buffer(run: Callable[..., Any]) -> None:
+    """A body of LARGE_BODY_BYTES or more (Content-Length or chunked) is read into one growing bytearray, byte
+    for byte; a small one stays the bytes the read gave (the hot path is unchanged)."""
+    size = LARGE_BODY_BYTES + 123_457
+    body = os.urandom(size)
+    want = hashlib.sha256(body).hexdigest()
+
+    async def scenario() -> None:
+        async with serve() as (server, _):
+            reader, writer = await connect(server)
+            writer.write(b"POST /digest HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size)
+            for start in range(0, size, 300_001):
+                writer.write(body[start:start + 300_001])
+                await writer.drain()
+            assert (await read_reply(reader, 5)).json() == {"size": size, "sha256": want, "type": "bytearray"}
+
+            writer.write(b"POST /digest HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for start in range(0, size, 65_536):
+                piece = body[start:start + 65_536]
+                writer.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+                await writer.drain()
+            writer.write(b"0\r\n\r\n")
+            assert (await read_reply(reader, 5)).json() == {"size": size, "sha256": want, "type": "bytearray"}
+
+            writer.write(b"POST /digest HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+            assert (await read_reply(reader)).json() == {
+                "size": 5, "sha256": hashlib.sha256(b"hello").hexdigest(), "type": "bytes"}
             writer.close()
 
     run(scenario())

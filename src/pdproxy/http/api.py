@@ -12,6 +12,8 @@ import orjson
 from pdproxy.admin import authorize_request
 from pdproxy.errors import Forbidden, InvalidRequest, LoopDetected, ProxyError, Unauthorized, Unavailable
 from pdproxy.http.auth import PUBLIC_PATHS, ClientKeys
+from pdproxy.http.limits import LARGE_BODY_BYTES
+from pdproxy.http.parse_process import ParseProcess
 from pdproxy.http.request import Request
 from pdproxy.http.response import Response, json_response
 from pdproxy.http.router import Handler, Router
@@ -42,12 +44,15 @@ class OpenAIApi:
     def __init__(self, flow: Orchestrator, passthrough: Passthrough, *, upstream_api_key: str | None,
                  loop_guard: LoopGuard, fanout: FanOut, route_pools: Mapping[str, Role] | None = None,
                  homes: ResponseHomes | None = None, client_keys: ClientKeys | None = None,
-                 model_list: ModelList | None = None, admin_token: str | None = None) -> None:
+                 model_list: ModelList | None = None, admin_token: str | None = None,
+                 parser: ParseProcess | None = None) -> None:
         """`client_keys`: every route but `/health` needs one of them; the client's Authorization is then the
         proxy's to check, never forwarded (upstreams get `upstream_api_key` or nothing). `admin_token`:
         `/health?verbose=1` (the topology) is behind the admin API's rule: this bearer token when set, else
-        loopback clients through no other proxy."""
+        loopback clients through no other proxy. `parser`: where bodies of LARGE_BODY_BYTES and more are parsed,
+        off the loop (its owner stops it)."""
         self.flow = flow
+        self.parser = parser if parser is not None else ParseProcess()
         self.passthrough = passthrough
         self._admin_token = admin_token.encode() if admin_token else None
         self.fanout = fanout
@@ -99,8 +104,12 @@ class OpenAIApi:
         request_id = _request_id(request)
         try:
             self._check_loop(request)
-            body = parse_json_object(request.body)
-            request.body = b""  # parsed: the raw bytes are not held for the whole stream
+            raw, request.body = request.body, b""  # parsed once: the raw bytes are not held for the whole stream
+            if len(raw) >= LARGE_BODY_BYTES:  # off the loop: a 90 MB parse would stall every other client
+                body = json_object(await self.parser.parse(raw))
+            else:
+                body = parse_json_object(raw)
+            del raw
             prompts = check(body)
             stream, n = _check_common(body)
             # a batch or several samples: one PD flow each (proxy/fanout.py); generate's n is in its sampling_params
@@ -244,7 +253,11 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     """The request body as a JSON object, or a 400 saying what is wrong with it."""
     if not raw:
         raise InvalidRequest("the request body is empty; send a JSON object")
-    body = loads_request(raw)
+    return json_object(loads_request(raw))
+
+
+def json_object(body: Any) -> dict[str, Any]:
+    """A parsed body that must be a JSON object, or a 400."""
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
     return body

@@ -72,7 +72,7 @@ class Request:
         self.version = version
         self.keep_alive = keep_alive
         self.headers = headers
-        self.body = b""
+        self.body: bytes | bytearray = b""  # a bytearray when large (read into one preallocated buffer)
         self.remote = remote
         self.match_info: dict[str, str] = {}
 

@@ -36,7 +36,7 @@ from pdproxy.errors import (
     Unavailable,
 )
 from pdproxy.http.encoding import decode_body
-from pdproxy.http.limits import BodyBudget, ServerLimits
+from pdproxy.http.limits import LARGE_BODY_BYTES, BodyBudget, ServerLimits
 from pdproxy.http.request import Headers, Request, ResponseStream
 from pdproxy.http.response import Response
 from pdproxy.http.router import Handler, Router
@@ -227,6 +227,7 @@ class HttpConnection(asyncio.Protocol):
         self._expect: str | None = None
         self._content_encoding: str | None = None
         self._body: list[bytes] = []
+        self._buffer: bytearray | None = None  # a large body's one buffer (LARGE_BODY_BYTES and over): no join
         self._body_size = 0
         self._held = 0  # body budget held by the request being read
         self._reading: Request | None = None
@@ -363,6 +364,7 @@ class HttpConnection(asyncio.Protocol):
         self._expect = None
         self._content_encoding = None
         self._body = []
+        self._buffer = None
         self._body_size = 0
         self._held = 0
         self._reading = None
@@ -429,6 +431,8 @@ class HttpConnection(asyncio.Protocol):
                 self._stop(Unavailable("pdproxy is reading too many request bodies; retry shortly",
                                        retry_after=1), "body_budget", request)
             self._held = length
+            if length >= LARGE_BODY_BYTES:  # grown read by read: bytearray(length) would zero it in one step
+                self._buffer = bytearray()
         if self._expect is not None:
             if self._expect.strip().lower() != "100-continue":
                 self._stop(ExpectationFailed(f"unsupported Expect: {self._expect}", param="Expect"),
@@ -441,9 +445,13 @@ class HttpConnection(asyncio.Protocol):
             self._arm(_BODY_T, limits.body_timeout)
 
     def on_body(self, body: bytes) -> None:
-        self._body.append(body)
         size = len(body)
         self._body_size += size
+        buffer = self._buffer
+        if buffer is None:
+            self._body.append(body)  # small bodies (the hot path): kept as they came, joined once if several
+        else:
+            buffer += body  # a large body: glibc grows a large block in place (mremap), so no step copies it all
         if self._content_length is None:  # chunked: counted as it arrives
             if self._body_size > self._limits.max_body_bytes:
                 self._stop(PayloadTooLarge(f"the request body is larger than the limit of "
@@ -452,6 +460,9 @@ class HttpConnection(asyncio.Protocol):
                 self._stop(Unavailable("pdproxy is reading too many request bodies; retry shortly",
                                        retry_after=1), "body_budget", self._reading)
             self._held += size
+            if buffer is None and self._body_size >= LARGE_BODY_BYTES:  # from now on, one growing buffer
+                self._buffer = bytearray(b"".join(self._body))
+                self._body = []
 
     def on_message_complete(self) -> None:
         request = self._reading
@@ -460,7 +471,11 @@ class HttpConnection(asyncio.Protocol):
         self._reading = None
         self._continue_pending = False
         chunks = self._body
-        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if self._buffer is not None:
+            body: bytes | bytearray = self._buffer
+            self._buffer = None
+        else:
+            body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         self._body = []
         if self._content_encoding is not None:
             try:
@@ -494,6 +509,7 @@ class HttpConnection(asyncio.Protocol):
     def _refuse(self, error: ProxyError | None, reason: str, request: Request | None = None) -> None:
         """Queue a refusal behind the requests already parsed; nothing more is read from this connection."""
         self._ignore_input = True
+        self._buffer = None
         if self._held:  # the body being read is dropped with its request
             self._server.budget.give(self._held)
             self._held = 0
