@@ -192,6 +192,13 @@ class Metrics:
             "as cached_tokens).", registry=registry)
         self.completion_tokens = LoopCounter("pdproxy_completion_tokens",
                                              "Completion tokens, as reported in the engines' usage.", registry=registry)
+        self.fanout_requests = LoopCounter("pdproxy_fanout_requests",
+                                           "Requests fanned out into several PD flows (a batch of prompts, n > 1), "
+                                           "counted as they arrive (those the queue refuses whole included).",
+                                           registry=registry)
+        self.fanout_flows = LoopCounter("pdproxy_fanout_flows",
+                                        "PD flows of the fanned-out requests (prompts x n each), counted with them.",
+                                        registry=registry)
         self.handoff_gap = LoopHistogram("pdproxy_handoff_gap_seconds",
                                          "Prefill answer read to decode request sent (must stay tiny).",
                                          buckets=SMALL_BUCKETS, registry=registry)

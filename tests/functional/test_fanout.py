@@ -322,3 +322,25 @@ async def test_a_plain_request_does_not_fan_out(cluster_factory: ClusterFactory,
                          headers={"X-Request-Id": "plain-1"}) as resp:
         assert resp.status == 200
     assert [r.header("X-Request-Id") for e in cluster.prefill for r in e.requests] == ["plain-1"]  # no "-0"
+
+
+async def test_fanned_out_requests_are_counted_with_their_flows(cluster_factory: ClusterFactory,
+                                                                http: aiohttp.ClientSession) -> None:
+    """pdproxy_fanout_requests_total / _flows_total: each fanned-out request once, with its prompts x n flows; a
+    plain request and one refused for its width (400) are not counted; one refused by the queue (503) is, on
+    arrival."""
+    cluster = await distinct_cluster(cluster_factory, max_fanout=8, max_concurrency=1, queue_size=3)
+
+    def counted() -> tuple[float, float]:
+        return cluster.metric("pdproxy_fanout_requests_total"), cluster.metric("pdproxy_fanout_flows_total")
+
+    for body in ({"prompt": PROMPTS}, {"prompt": PROMPTS[:2], "n": 2}, {"prompt": "one"}):
+        status, _ = await post(http, cluster, {"model": "mock", "max_tokens": 1, **body})
+        assert status == 200
+    assert counted() == (2, 3 + 4)
+    status, _ = await post(http, cluster, {"model": "mock", "max_tokens": 1, "prompt": "x", "n": 9})
+    assert status == 400  # over --max-fanout: refused before fanning out
+    assert counted() == (2, 7)
+    status, _ = await post(http, cluster, {"model": "mock", "max_tokens": 1, "prompt": ["a", "b", "c", "d", "e"]})
+    assert status == 503  # 1 slot + 3 queue places cannot hold 5 flows
+    assert counted() == (3, 12)

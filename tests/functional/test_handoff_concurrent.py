@@ -23,6 +23,7 @@ from pdproxy.handoff.sglang import SglangHandoff
 from pdproxy.handoff.vllm_nixl import PREFILL_REQUEST
 from pdproxy.mock import MockConfig, MockEngine, start_mock
 from pdproxy.settings import Settings
+from pdproxy.tracing import NO_TRACING, Tracing
 from tests.conftest import Cluster, check_and_stop, closed_port_url, sse_events
 
 ADAPTERS = ("sglang", "mooncake", "nixl-push")
@@ -50,7 +51,8 @@ async def pd() -> AsyncIterator[Factory]:
 
     async def make(adapter: str, n_prefill: int = 2, n_decode: int = 1, *, prefill: dict[str, Any] | None = None,
                    decode: dict[str, Any] | None = None, wait_routable: bool = True,
-                   meta: Callable[[str], dict[str, Any]] | None = None, **settings: Any) -> Cluster:
+                   meta: Callable[[str], dict[str, Any]] | None = None, tracing: Tracing = NO_TRACING,
+                   **settings: Any) -> Cluster:
         runners: dict[int, web.AppRunner] = {}
         engines: dict[str, list[MockEngine]] = {"prefill": [], "decode": []}
         urls: dict[str, list[str]] = {"prefill": [], "decode": []}
@@ -68,7 +70,8 @@ async def pd() -> AsyncIterator[Factory]:
         settings.setdefault("access_log", False)
         settings.setdefault("health_interval", 0)
         app = build_app(Settings(prefill_servers=",".join(urls["prefill"]), decode_servers=",".join(urls["decode"]),
-                                 kv_adapter=adapter, handoff_meta=given, **settings), rng=random.Random(0))
+                                 kv_adapter=adapter, handoff_meta=given, **settings), rng=random.Random(0),
+                        tracing=tracing)
         runner, url = await start_server(app, "127.0.0.1", 0)
         cluster = Cluster(engines["prefill"], engines["decode"], url, app, urls["prefill"], urls["decode"],
                           [runner], runners)
@@ -513,3 +516,173 @@ async def test_without_health_checks_an_admin_added_p_is_routable_once_its_metad
         status, _ = await read_all(http, cluster.url + "/v1/completions", request_body("/v1/completions", False))
         assert status == 200
     assert len(extra.requests) == 1 and len(cluster.prefill[0].requests) == 1
+
+
+# ---------------------------------------------------------------- P's usage and P's span
+
+REPEATED = " ".join(f"w{i}" for i in range(40))  # 2 whole blocks of 16 words, and 8 more
+CACHED_ON_REPEAT = 32  # the mock P's prefix cache on the second time: the 2 whole blocks
+
+
+def usage_of(raw: bytes, stream: bool) -> dict[str, Any]:
+    if not stream:
+        return orjson.loads(raw)["usage"]  # type: ignore[no-any-return]
+    return next(orjson.loads(e)["usage"] for e in sse_events(raw) if e != b"[DONE]" and b'"usage"' in e)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("adapter", ADAPTERS)
+async def test_cached_tokens_are_what_p_found_not_what_d_received(pd: Factory, http: aiohttp.ClientSession,
+                                                                  adapter: str, stream: bool) -> None:
+    """D got the whole prompt by transfer and counts it all as cached; the client hears P's own prefix-cache hit
+    (read from P's answer, JSON or SGLang's stream), and the P-side metric counts it."""
+    cluster = await pd(adapter, n_prefill=1)
+    body = {"model": "mock", "prompt": REPEATED, "max_tokens": 2, "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    seen = []
+    for _ in range(2):
+        status, raw = await read_all(http, cluster.url + "/v1/completions", body)
+        assert status == 200, raw
+        seen.append(usage_of(raw, stream))
+    assert cluster.decode[0].stats.decodes_with_valid_handle == 2
+    assert seen[0]["prompt_tokens"] == 40
+    assert [u["prompt_tokens_details"] for u in seen] == [{"cached_tokens": 0}, {"cached_tokens": CACHED_ON_REPEAT}]
+    assert cluster.metric("pdproxy_prefill_cached_prompt_tokens_total") == CACHED_ON_REPEAT
+
+
+async def usage_cluster(cluster_factory: Any, serve_app: Callable[[web.Application], Awaitable[str]],
+                        p: Callable[[web.Request], Awaitable[web.StreamResponse]],
+                        d: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> Cluster:
+    urls = []
+    for handler in (p, d):
+        app = web.Application()
+        app.router.add_post("/v1/completions", handler)
+        urls.append(await serve_app(app))
+    cluster = await cluster_factory(0, 0, extra_prefill=(urls[0],), extra_decode=(urls[1],), kv_adapter="sglang",
+                                    handoff_meta={urls[0]: {"bootstrap_port": 9}}, health_interval=0)
+    await cluster.wait_for(lambda: all(u.routable for u in cluster.flow.prefill_pool.members), 3)
+    return cluster
+
+
+def usage_event(cached: int) -> bytes:
+    return b'data: {"choices":[],"usage":{"prompt_tokens":40,"completion_tokens":1,"total_tokens":41,' \
+           b'"prompt_tokens_details":{"cached_tokens":%d}}}\n\n' % cached
+
+
+async def test_d_s_usage_waits_for_p_s_answer_and_only_the_usage_waits(
+        cluster_factory: Any, http: aiohttp.ClientSession,
+        serve_app: Callable[[web.Application], Awaitable[str]]) -> None:
+    """D's usage chunk comes before P answered: the tokens before it reach the client at once, the usage is held
+    until P's answer is in, then written with P's count (D said the whole prompt)."""
+    token_seen, d_done = asyncio.Event(), asyncio.Event()
+
+    async def p(request: web.Request) -> web.Response:
+        await request.read()
+        await asyncio.wait_for(d_done.wait(), 2)  # P answers only once D sent everything
+        return web.json_response({"choices": [{"text": "x"}], "usage": {
+            "prompt_tokens": 40, "completion_tokens": 1, "prompt_tokens_details": {"cached_tokens": 7}}})
+
+    async def d(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b'data: {"choices":[{"index":0,"text":" a"}],"usage":null}\n\n')
+        await asyncio.wait_for(token_seen.wait(), 2)
+        # the field split over two writes: the hold starts at its first byte
+        await resp.write(usage_event(40)[:60])
+        await resp.write(usage_event(40)[60:] + b"data: [DONE]\n\n")
+        d_done.set()
+        await resp.write_eof()
+        return resp
+
+    cluster = await usage_cluster(cluster_factory, serve_app, p, d)
+    body = {"model": "m", "prompt": "p", "max_tokens": 1, "stream": True, "stream_options": {"include_usage": True}}
+    async with http.post(cluster.url + "/v1/completions", json=body) as resp:
+        first = await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 2)  # before P answered
+        assert b'" a"' in first
+        token_seen.set()
+        raw = first + await resp.read()
+    events = sse_events(raw)
+    assert events[-1] == b"[DONE]" and len(events) == 3
+    assert orjson.loads(events[1])["usage"]["prompt_tokens_details"] == {"cached_tokens": 7}
+    assert cluster.metric("pdproxy_prefill_cached_prompt_tokens_total") == 7
+    assert outcomes(cluster, cluster.prefill_urls[0], "prefill") == {"ok": 1}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_p_that_does_not_answer_within_the_grace_leaves_d_s_count(
+        cluster_factory: Any, http: aiohttp.ClientSession,
+        serve_app: Callable[[web.Application], Awaitable[str]], stream: bool) -> None:
+    """P still silent when D's usage is due and the grace passes: D's usage goes out as D wrote it, the request
+    ends, and P's call is cancelled (never a failure)."""
+    client_done = asyncio.Event()
+
+    async def p(request: web.Request) -> web.Response:
+        await request.read()
+        await asyncio.wait_for(client_done.wait(), 3)
+        return web.json_response({"usage": {"prompt_tokens": 40, "prompt_tokens_details": {"cached_tokens": 7}}})
+
+    async def d(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        if not stream:
+            return web.json_response({"choices": [{"index": 0, "text": " a"}], "usage": {
+                "prompt_tokens": 40, "completion_tokens": 1, "prompt_tokens_details": {"cached_tokens": 40}}})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(usage_event(40) + b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    cluster = await usage_cluster(cluster_factory, serve_app, p, d)
+    cluster.flow._flow.__self__.usage_grace = 0.1  # type: ignore[attr-defined]
+    body: dict[str, Any] = {"model": "m", "prompt": "p", "max_tokens": 1, "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    status, raw = await asyncio.wait_for(read_all(http, cluster.url + "/v1/completions", body), 2)
+    client_done.set()
+    assert status == 200
+    assert usage_of(raw, stream)["prompt_tokens_details"] == {"cached_tokens": 40}
+    await asyncio.wait_for(cluster.flow.wait_idle(), 2)
+    assert outcomes(cluster, cluster.prefill_urls[0], "prefill") == {"cancelled": 1}
+    assert cluster.metric("pdproxy_prefill_cached_prompt_tokens_total") == 0
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+async def test_each_p_attempt_is_a_prefill_span_and_p_s_call_carries_it(pd: Factory, http: aiohttp.ClientSession,
+                                                                        adapter: str) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import SpanKind, StatusCode
+
+    from pdproxy.tracing import OtelTracing
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    cluster = await pd(adapter, n_prefill=2, prefill_policy="round_robin", tracing=OtelTracing(provider))
+    cluster.prefill[0].fail_next(500)  # round robin starts on it: the first attempt fails, the second is P 1's
+    body = request_body("/v1/completions", True)
+    status, raw = await read_all(http, cluster.url + "/v1/completions", body)
+    assert status == 200, raw
+    await asyncio.wait_for(cluster.flow.wait_idle(), 2)  # the request's span ends as its handler does
+    spans: dict[str, list[Any]] = {}
+    for span in exporter.get_finished_spans():
+        spans.setdefault(span.name, []).append(span)
+    (request,) = spans["pdproxy.request"]
+    attempts = sorted(spans["pdproxy.prefill"], key=lambda s: s.attributes["pdproxy.attempt"])
+    assert [s.attributes["pdproxy.attempt"] for s in attempts] == [0, 1]
+    assert [s.attributes["pdproxy.outcome"] for s in attempts] == ["bad_status", "ok"]
+    assert attempts[0].status.status_code is StatusCode.ERROR and attempts[1].status.status_code is not StatusCode.ERROR
+    for span in attempts:
+        assert span.kind is SpanKind.CLIENT and span.parent.span_id == request.context.span_id
+        assert span.attributes["pdproxy.hedge"] is False
+        assert request.start_time <= span.start_time <= span.end_time <= request.end_time
+    assert {s.attributes["pdproxy.upstream"] for s in attempts} == set(cluster.prefill_urls)
+    # each P call carries its own attempt's span, as the sequential flow's P calls do
+    parents = {r.header("traceparent").split("-")[2] for r in requests_of(cluster.prefill)}
+    assert parents == {format(s.context.span_id, "016x") for s in attempts}
+    legs = spans["pdproxy.decode.first_byte"]  # each attempt's D call too, the first one cancelled with its P
+    assert sorted(s.attributes["pdproxy.outcome"] for s in legs) == ["cancelled", "ok"]
+    assert all(s.parent.span_id == request.context.span_id for s in legs)

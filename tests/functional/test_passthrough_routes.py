@@ -3,6 +3,7 @@ Responses API's GET/cancel by id reaching the server that made the answer, and v
 
 from __future__ import annotations
 
+import asyncio
 import random
 from typing import Any
 
@@ -165,6 +166,104 @@ async def test_draining_refuses_pass_through_requests(cluster: Cluster, http: ai
     async with http.post(cluster.url + "/tokenize", json={"prompt": "a"}) as resp:
         assert resp.status == 503
     assert not cluster.decode[0].requests
+
+
+# -- admission: the same slots, queue and 503s as PD requests ------------------------------
+
+
+async def until_waiting(cluster: Cluster, count: int) -> None:
+    """Wait (bounded) until `count` requests wait for a slot; the queue announces no event to wait on."""
+    deadline = asyncio.get_running_loop().time() + 2
+    while cluster.flow.admission.waiting != count:
+        assert asyncio.get_running_loop().time() < deadline, f"{cluster.flow.admission.waiting} waiting, not {count}"
+        await asyncio.sleep(0.01)
+
+
+async def hold_the_only_slot(cluster: Cluster) -> tuple[aiohttp.ClientSession, asyncio.Future[Any]]:
+    """An embeddings request the engine never answers: it holds the one slot until its client leaves."""
+    engine = cluster.decode[0]
+    engine.hang_next()
+    session = aiohttp.ClientSession()
+    held = asyncio.ensure_future(session.post(cluster.url + "/v1/embeddings", json={"model": "mock", "input": "a"}))
+    await engine.wait_for_requests(1)
+    return session, held
+
+
+async def test_a_held_pass_through_request_makes_the_next_ones_queue(cluster_factory: ClusterFactory,
+                                                                     http: aiohttp.ClientSession) -> None:
+    """--max-concurrency 1: while an embeddings request holds the slot, a /tokenize and a PD request wait in the
+    queue (nothing reaches an engine); once the holder's client leaves, both are served."""
+    cluster = await cluster_factory(n_prefill=1, max_concurrency=1)
+    session, held = await hold_the_only_slot(cluster)
+    tokenize = asyncio.ensure_future(http.post(cluster.url + "/tokenize", json={"prompt": "a b"}))
+    await until_waiting(cluster, 1)
+    completion = asyncio.ensure_future(http.post(cluster.url + "/v1/completions",
+                                                 json={"model": "mock", "prompt": "a", "max_tokens": 1}))
+    await until_waiting(cluster, 2)
+    assert len(cluster.decode[0].requests) == 1 and not cluster.prefill[0].requests  # both still wait
+    held.cancel()
+    await session.close()
+    for waiting in (tokenize, completion):
+        async with await asyncio.wait_for(waiting, 2) as resp:
+            assert resp.status == 200, await resp.text()
+    assert [r.path for r in cluster.decode[0].requests] == ["/v1/embeddings", "/tokenize", "/v1/completions"]
+    await cluster.assert_no_leaks()
+    assert cluster.flow.admitted == 0 and cluster.flow.admission.waiting == 0
+    assert cluster.metric("pdproxy_client_disconnects_total", stage="decode") == 1
+
+
+@pytest.mark.parametrize(("reason", "settings"), [("full", {"queue_size": 0}), ("timeout", {"queue_timeout": 0.1})])
+async def test_a_pass_through_request_without_a_slot_is_a_503_as_a_pd_one(
+        cluster_factory: ClusterFactory, http: aiohttp.ClientSession, reason: str, settings: dict[str, Any]) -> None:
+    cluster = await cluster_factory(n_prefill=1, max_concurrency=1, **settings)
+    session, held = await hold_the_only_slot(cluster)
+    try:
+        async with http.post(cluster.url + "/tokenize", json={"prompt": "a"}) as resp:
+            assert resp.status == 503 and resp.headers["Retry-After"] == "1"
+            error = (await resp.json())["error"]
+        assert "pdproxy is at capacity" in error["message"] and error["code"] == 503
+        assert len(cluster.decode[0].requests) == 1  # never sent
+        assert cluster.metric("pdproxy_queue_rejections_total", reason=reason) == 1
+        assert cluster.metric("pdproxy_requests_total", endpoint="/tokenize", status="503") == 1
+    finally:
+        held.cancel()
+        await session.close()
+    await cluster.assert_no_leaks()
+    assert cluster.flow.admitted == 0 and cluster.flow.admission.waiting == 0
+
+
+async def test_model_lists_and_cancels_never_wait_for_a_slot(cluster_factory: ClusterFactory,
+                                                              http: aiohttp.ClientSession) -> None:
+    """GET /v1/models (clients list it on start) and a Responses cancel (it frees capacity) pass a full proxy."""
+    cluster = await cluster_factory(n_prefill=1, max_concurrency=1, queue_size=0)
+    session, held = await hold_the_only_slot(cluster)
+    try:
+        async with http.get(cluster.url + "/v1/models") as resp:
+            assert resp.status == 200 and (await resp.json())["data"][0]["id"] == "mock"
+        async with http.post(cluster.url + "/v1/responses/resp_unknown/cancel") as resp:
+            assert resp.status == 404  # asked around the pool: the engine's own answer, not a 503
+        assert cluster.metric("pdproxy_queue_rejections_total", reason="full") == 0
+    finally:
+        held.cancel()
+        await session.close()
+    await cluster.assert_no_leaks()
+
+
+async def test_a_client_gone_while_queued_leaves_the_queue(cluster_factory: ClusterFactory) -> None:
+    cluster = await cluster_factory(n_prefill=1, max_concurrency=1)
+    session, held = await hold_the_only_slot(cluster)
+    waiter_session = aiohttp.ClientSession()
+    waiting = asyncio.ensure_future(waiter_session.post(cluster.url + "/tokenize", json={"prompt": "a"}))
+    await until_waiting(cluster, 1)
+    waiting.cancel()
+    await waiter_session.close()
+    await until_waiting(cluster, 0)
+    held.cancel()
+    await session.close()
+    await cluster.assert_no_leaks()
+    assert cluster.metric("pdproxy_client_disconnects_total", stage="queue") == 1
+    assert [r.path for r in cluster.decode[0].requests] == ["/v1/embeddings"]  # the queued one never went out
+    assert cluster.flow.admitted == 0
 
 
 # -- streamed routes ---------------------------------------------------------------------

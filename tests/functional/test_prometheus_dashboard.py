@@ -287,6 +287,9 @@ async def provoke_every_event(cluster: Cluster, http: aiohttp.ClientSession, ups
                        "the prefill answer without a handle was not counted")
     await post({"model": "mock", "prompt": "x", "max_tokens": 3})  # under --pd-min-prompt-tokens: D alone
     assert cluster.metric("pdproxy_pd_skipped_total", reason="short_prompt") == 1
+    # A batch of 2 prompts (Fan-out): 2 PD flows, the second waiting for the one slot (queue_size=1).
+    await post(PLAIN | {"prompt": ["tell me about rooms", "and about their doors"]})
+    assert cluster.metric("pdproxy_fanout_flows_total") == 2
     async with aiohttp.ClientSession() as session:  # a client gone mid-stream
         resp = await session.post(cluster.url + COMPLETIONS, json=STREAM | {"max_tokens": 500})
         assert (await resp.content.readany()).startswith(b"data: ")

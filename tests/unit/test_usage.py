@@ -5,7 +5,13 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from pdproxy.proxy.usage import FIELD, prefill_cached_tokens, rewrite_cached_tokens, usage_in_stream
+from pdproxy.proxy.usage import (
+    FIELD,
+    answer_cached_tokens,
+    prefill_cached_tokens,
+    rewrite_cached_tokens,
+    usage_in_stream,
+)
 
 USAGE_EVENT = (b'data: {"id":"cmpl-1","choices":[],"usage":{"prompt_tokens":40,"total_tokens":42,'
                b'"completion_tokens":2,"prompt_tokens_details":{"cached_tokens":40}}}\n\ndata: [DONE]\n\n')
@@ -60,3 +66,20 @@ def test_which_streams_carry_usage() -> None:
     assert usage_in_stream({"stream_options": {"continuous_usage_stats": True}})
     assert not usage_in_stream({"stream_options": {"include_usage": False}})
     assert not usage_in_stream({})
+
+
+def test_p_s_count_from_its_raw_answer_json_or_stream() -> None:
+    """A concurrent plan's P answer, read whole: vLLM's JSON, SGLang's JSON or its stream (P streams when the
+    client does), SGLang's native meta_info; None when P told nothing usable."""
+    usage = {"prompt_tokens": 40, "completion_tokens": 1, "prompt_tokens_details": {"cached_tokens": 16}}
+    assert answer_cached_tokens(orjson.dumps({"choices": [], "usage": usage})) == 16
+    assert answer_cached_tokens(b' {"usage": {"prompt_tokens": 40}}') == 0  # left out at 0
+    assert answer_cached_tokens(orjson.dumps({"text": "x", "meta_info": {"cached_tokens": 3}})) == 3
+    stream = (b'data: {"choices":[{"text":" a"}],"usage":null}\n\n'
+              b'data: ' + orjson.dumps({"choices": [], "usage": usage}) + b'\n\ndata: [DONE]\n\n')
+    assert answer_cached_tokens(stream) == 16
+    assert answer_cached_tokens(b'data: {"choices":[{"text":" a"}]}\n\ndata: [DONE]\n\n') is None  # no usage
+    assert answer_cached_tokens(b'data: {"usage": {bad\n\n') is None
+    assert answer_cached_tokens(b"{not json") is None
+    assert answer_cached_tokens(b"[1, 2]") is None
+    assert answer_cached_tokens(b"") is None

@@ -76,11 +76,13 @@ class OpenAIApi:
         add("POST", CHAT_COMPLETIONS, self.chat_completions)
         add("POST", GENERATE, self.generate)
         for method, path in PASSTHROUGH_ROUTES:
-            handler = self._pass_route(Route(path, self.route_pools.get(path, Role.DECODE)))
+            # /v1/models is a metadata read (clients list it on start): never queued behind the load
+            handler = self._pass_route(Route(path, self.route_pools.get(path, Role.DECODE), admitted=path != MODELS))
             add(method, path, self._models(handler) if path == MODELS and self.model_list is not None else handler)
         role = self.route_pools.get(RESPONSES, Role.DECODE)
-        add("GET", RESPONSE_BY_ID, self._by_response_id(Route(RESPONSE_BY_ID, role)))
-        add("POST", RESPONSE_CANCEL, self._by_response_id(Route(RESPONSE_CANCEL, role)))
+        # A stored answer read, and a cancel (which frees capacity): neither waits for a slot.
+        add("GET", RESPONSE_BY_ID, self._by_response_id(Route(RESPONSE_BY_ID, role, admitted=False)))
+        add("POST", RESPONSE_CANCEL, self._by_response_id(Route(RESPONSE_CANCEL, role, admitted=False)))
         add("GET", "/health", self.health)
 
     def _refuser(self, endpoint: str) -> Callable[[Request, ProxyError], Response]:

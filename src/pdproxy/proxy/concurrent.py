@@ -10,7 +10,11 @@ Invariants of one attempt (one plan on one (P, D) pair):
 - both legs are tasks started together; the handler only waits on them, so a client that goes
   away (the server cancels the handler) cancels both, and both are awaited before the attempt
   returns: their leases are back and their outcomes reported by then;
-- P's answer is read (bounded by `max_answer_bytes`) and discarded: D's output is the answer;
+- P's answer is read (bounded by `max_answer_bytes`) and dropped once its cached-token count is taken
+  (`answer_cached_tokens`): D's output is the answer, with P's count written into its usage; D's leg
+  waits for that count at most `usage_grace` (see proxy/usage.py);
+- each attempt's P leg has its own `pdproxy.prefill` span (as the sequential flow's), and P's call carries
+  that span's `traceparent`;
 - P failing before D's first byte reached the client cancels D at once (D would wait minutes for
   KV that never comes) and the request fails over to another P with a new plan (new room or
   transfer id); after D's first byte, P's failure is only reported: D already has the KV;
@@ -35,7 +39,9 @@ from pdproxy.http.response import Response
 from pdproxy.proxy.calls import check_status, translate
 from pdproxy.proxy.outcomes import FAILURE_OUTCOMES, outcome_of
 from pdproxy.proxy.record import RequestRecord
+from pdproxy.proxy.usage import PendingCached, answer_cached_tokens
 from pdproxy.request import ProxyRequest
+from pdproxy.tracing import PREFILL_SPAN
 from pdproxy.upstreams import Lease, Upstream
 
 if TYPE_CHECKING:
@@ -45,6 +51,9 @@ if TYPE_CHECKING:
 #: early failure is most often P's (its bootstrap server or KV went away), and P's own socket
 #: tells a moment later. A P that does not fail within it leaves the blame on D.
 BLAME_GRACE = 0.25
+#: How long D's usage waits for P's answer (P's cached-token count) when D gets there first. P answers once
+#: the KV left it, before D's usage as a rule; past the grace D's usage goes out with D's own count.
+USAGE_GRACE = 1.0
 
 
 class PrefillFailed(Exception):
@@ -71,11 +80,13 @@ class ConcurrentFlow:
     """Runs concurrent plans for one orchestrator, with the same failover budget as the sequential flow:
     `prefill_retries` other Ps within `prefill_deadline`, `flow_retries` other Ds."""
 
-    __slots__ = ("_orch", "blame_grace")
+    __slots__ = ("_orch", "blame_grace", "usage_grace")
 
-    def __init__(self, orchestrator: Orchestrator, *, blame_grace: float = BLAME_GRACE) -> None:
+    def __init__(self, orchestrator: Orchestrator, *, blame_grace: float = BLAME_GRACE,
+                 usage_grace: float = USAGE_GRACE) -> None:
         self._orch = orchestrator
         self.blame_grace = blame_grace
+        self.usage_grace = usage_grace
 
     async def run(self, request: Request, preq: ProxyRequest, record: RequestRecord, decode_lease: Lease,
                   chosen: Upstream | None = None) -> Response | None:
@@ -105,7 +116,7 @@ class ConcurrentFlow:
                 tried.append(prefill)
                 try:
                     return await self._attempt(request, preq, record, prefill, decode_lease.upstream,
-                                               min(timeouts.prefill, remaining))
+                                               min(timeouts.prefill, remaining), len(tried) - 1)
                 except PrefillFailed as failed:
                     last_error = failed.error
                     prefill_failures += 1
@@ -123,8 +134,9 @@ class ConcurrentFlow:
             decode_lease.release()
 
     async def _attempt(self, request: Request, preq: ProxyRequest, record: RequestRecord, prefill: Upstream,
-                       decode: Upstream, prefill_timeout: float) -> Response | None:
-        """One plan on (prefill, decode); PrefillFailed when P's fault ended it before D's first byte."""
+                       decode: Upstream, prefill_timeout: float, attempt: int) -> Response | None:
+        """One plan on (prefill, decode); PrefillFailed when P's fault ended it before D's first byte.
+        `attempt`: this flow's P attempts before this one (the prefill span's `pdproxy.attempt`)."""
         orch = self._orch
         plan: Plan = orch.handoff.plan(preq, prefill, decode)
         loop = asyncio.get_running_loop()
@@ -132,8 +144,10 @@ class ConcurrentFlow:
         record.prefill_s = None
         record.stage = "prefill"
         held = HeldReport()
+        record.pending_cached = pending = PendingCached(loop.create_future(), self.usage_grace)
         p_lease = Lease(prefill, orch.on_release)  # now, before any await: P's slot is this request's
-        p_leg = loop.create_task(self._prefill(preq, plan.prefill, p_lease, record, prefill_timeout))
+        p_leg = loop.create_task(self._prefill(preq, plan.prefill, p_lease, record, prefill_timeout, attempt,
+                                               pending))
         call, _ = plan.decode(None)
         d_leg = loop.create_task(orch.run_decode(request, preq, call, record, decode, report=held))
         try:
@@ -172,6 +186,7 @@ class ConcurrentFlow:
                 await asyncio.wait((p_leg, d_leg))  # both end at their next wake-up: leases back, outcomes told
             finally:  # even when the handler is cancelled again meanwhile: the rooms are freed all the same
                 p_lease.release()  # P's leg gave it back already, unless it was cancelled before it started
+                pending.settle(None)  # likewise: nothing waits on a leg that never ran
                 self._apply(held, orch)
                 plan.close()
 
@@ -183,16 +198,20 @@ class ConcurrentFlow:
             orch.report(upstream, held.outcome, held.reason)
 
     async def _prefill(self, preq: ProxyRequest, call: UpstreamCall, lease: Lease, record: RequestRecord,
-                       timeout: float) -> None:
-        """P's leg: its answer read and dropped; its outcome reported, its lease given back, whatever happens."""
+                       timeout: float, attempt: int, pending: PendingCached) -> None:
+        """P's leg: its answer read, its cached-token count given to `pending`, the rest dropped; its outcome
+        reported, its span ended, its lease given back, whatever happens."""
         orch = self._orch
         upstream = lease.upstream
         outcome, reason = "cancelled", None  # unless the call ends otherwise: the attempt ended it
+        span = record.trace.child(PREFILL_SPAN, **{"pdproxy.upstream": upstream.url, "pdproxy.attempt": attempt,
+                                                   "pdproxy.hedge": False})
         started = time.perf_counter()
         try:
             try:
-                resp = await orch.client.fetch(upstream.url, "POST", call.path, headers=preq.headers + call.headers,
-                                               body=call.body, timeout=timeout, max_bytes=orch.limits.max_answer_bytes)
+                resp = await orch.client.fetch(upstream.url, "POST", call.path,
+                                               headers=preq.headers + call.headers + span.headers(), body=call.body,
+                                               timeout=timeout, max_bytes=orch.limits.max_answer_bytes)
             except CallError as exc:
                 raise translate(exc, side="prefill", upstream=upstream.url, stage="prefill",
                                 timeout=timeout) from None
@@ -201,6 +220,11 @@ class ConcurrentFlow:
                          side="prefill", upstream=upstream.url)
             outcome = "ok"
             record.prefill_s = time.perf_counter() - record.start
+            cached = answer_cached_tokens(resp.body)
+            if cached:
+                orch.metrics.prefill_cached_tokens.inc(cached)
+            record.prefill_cached_tokens = cached
+            pending.settle(cached)
             if record.ttft_s is None:
                 record.stage = "decode"  # only D is left to wait for
         except UpstreamRejected:
@@ -210,8 +234,11 @@ class ConcurrentFlow:
             outcome, reason = outcome_of(exc), exc.message
             raise
         finally:
+            pending.settle(None)  # a failed or cancelled P told nothing: D's usage need not wait for it
             orch.report(upstream, outcome, reason)  # before the release, which may remove the upstream
             lease.release()
+            span.set("pdproxy.outcome", outcome)
+            span.end(reason)
 
 
 def _retrieve(leg: asyncio.Task[Any]) -> None:

@@ -252,6 +252,9 @@ class FanOut:
     async def handle(self, request: Request, preq: ProxyRequest, prompts: int, n: int) -> Response | None:
         """Serve `prompts` x `n` sub-flows as one answer; None when it was streamed through `request`."""
         width = prompts * n
+        metrics = self.flow.metrics
+        metrics.fanout_requests.inc()
+        metrics.fanout_flows.inc(width)
         try:
             self._check_room(width)
         except ProxyError as exc:

@@ -21,6 +21,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from pdproxy.admission import AdmissionQueue, QueueFull, QueueTimeout
 from pdproxy.client import CallError, Stream, UpstreamClient
@@ -60,6 +61,8 @@ CAPS_RETRY = 0.001  # seconds before a request that lost a race for the last slo
 # A stream whose first event is an error (vLLM: its KV never arrived) failed before any token: rerun it.
 SSE_ERROR_EVENT = b'data: {"error"'
 INTER_CHUNK_SAMPLE_EVERY = 8  # one stream in 8 records its chunk gaps: the cost stays off most streams
+
+_Granted = TypeVar("_Granted")
 
 
 @dataclass(slots=True, frozen=True)
@@ -184,13 +187,7 @@ class Orchestrator:
         try:
             single = self.models.single
             preq.pools = single if single is not None else self.models.resolve(preq.body.get("model"))
-            queue = record.trace.child(QUEUE_SPAN)
-            try:
-                decode_lease, prefill = await self._admit(preq)
-            except BaseException as exc:
-                queue.end(getattr(exc, "message", None) or type(exc).__name__)
-                raise
-            queue.end()
+            decode_lease, prefill = await self.wait_admitted(record, self._admit(preq))
             try:
                 response = await self._flow(request, preq, record, decode_lease, prefill)
             finally:
@@ -209,6 +206,18 @@ class Orchestrator:
             self.leave()
             record.trace.end(record.status, record.error or None)
             self.account(record)
+
+    @staticmethod
+    async def wait_admitted(record: RequestRecord, admit: Awaitable[_Granted]) -> _Granted:
+        """`admit` (the request's wait for a slot) awaited inside the request's queue span."""
+        span = record.trace.child(QUEUE_SPAN)
+        try:
+            granted = await admit
+        except BaseException as exc:
+            span.end(getattr(exc, "message", None) or type(exc).__name__)
+            raise
+        span.end()
+        return granted
 
     def enter(self) -> None:
         """A request entered a handler (PD or pass-through): drain waits for it until `leave()`."""
@@ -242,11 +251,27 @@ class Orchestrator:
 
     async def _admit(self, preq: ProxyRequest) -> tuple[Lease, Upstream]:
         """A concurrency slot, a decode lease and the chosen P, at once or after waiting in the queue."""
+        return await self._queue(lambda: self._try_admit(preq), preq.pools)  # a line per model
+
+    async def admit_slot(self, pool: UpstreamPool | None) -> None:
+        """A pass-through request's concurrency slot (under the same `max_concurrency`, queue, queue timeout and
+        503s as a PD request), at once or after waiting in `pool`'s line until `pool` has an available upstream;
+        503 at once when `pool` has no routable one. None for `pool`: a slot only (the request names its
+        upstream). The caller gives it back with `release_slot()`."""
+        await self._queue(lambda: self._try_slot(pool), pool)
+
+    def release_slot(self) -> None:
+        self.admitted -= 1
+        self.admission.wake()
+
+    async def _queue(self, try_admit: Callable[[], _Granted | None], line: object) -> _Granted:
+        """What `try_admit` grants, waiting in `line` (FIFO, bounded) when it grants nothing now; 503 when
+        draining, when the queue is full or when the wait passes the queue timeout."""
         if self.draining:
             raise Unavailable("pdproxy is shutting down; retry on another instance",
                               retry_after=RETRY_AFTER_SECONDS)
         try:
-            return await self.admission.admit(lambda: self._try_admit(preq), preq.pools)  # a line per model
+            return await self.admission.admit(try_admit, line)
         except QueueFull:
             self.metrics.queue_rejections.labels("full").inc()
             raise Unavailable("pdproxy is at capacity and its queue is full", retry_after=RETRY_AFTER_SECONDS) from None
@@ -261,6 +286,19 @@ class Orchestrator:
         if isinstance(exc, UpstreamTimeout):
             self.metrics.timeouts.labels(exc.stage).inc()
         return exc.response(request_id)
+
+    def _try_slot(self, pool: UpstreamPool | None) -> bool | None:
+        """A slot for a pass-through request whose `pool` has an upstream free now (None when not yet); 503
+        when `pool` has none that could serve."""
+        if pool is not None and not pool.available():
+            if not pool.routable():
+                raise Unavailable(f"no routable {pool.role.value} upstream", side=pool.role.value,
+                                  retry_after=RETRY_AFTER_SECONDS)
+            return None
+        if self.limits.max_concurrency and self.admitted >= self.limits.max_concurrency:
+            return None
+        self.admitted += 1
+        return True
 
     def _try_admit(self, preq: ProxyRequest) -> tuple[Lease, Upstream] | None:
         """Grant a slot, lease a decode server and choose the prefill one, None when all are busy; 503 when
@@ -424,6 +462,8 @@ class Orchestrator:
         check_status(resp.status, content_type, resp.body, side="decode", upstream=upstream.url)
         record.ttft_s = time.perf_counter() - record.start
         body = resp.body
+        if record.pending_cached is not None:  # a concurrent plan: P's count, once P answered (bounded)
+            record.prefill_cached_tokens = await record.pending_cached.wait()
         if record.prefill_cached_tokens is not None:  # P's cache, not D's transfer
             body = rewrite_cached_tokens(body, b"%d" % record.prefill_cached_tokens)[0]
         record.bytes_out = len(body)
@@ -486,8 +526,9 @@ class Orchestrator:
             end = loop.time() - (time.perf_counter() - sent) + total if total else None
             self._streams += 1
             gaps = self.metrics.inter_token if self._streams % INTER_CHUNK_SAMPLE_EVERY == 0 else None
-            cached = record.prefill_cached_tokens if usage_in_stream(preq.body) else None
-            relay = make_relay(loop, stream, out, end=end, gaps=gaps, cached=cached)
+            cached, pending = ((record.prefill_cached_tokens, record.pending_cached) if usage_in_stream(preq.body)
+                               else (None, None))
+            relay = make_relay(loop, stream, out, end=end, gaps=gaps, cached=cached, pending=pending)
             open_streams = self._open_streams.setdefault(upstream.id, set())
             open_streams.add(relay)
             # From here on the client has bytes: failures end the stream with an SSE error event.

@@ -65,10 +65,13 @@ class PassTimeouts:
 
 @dataclass(slots=True, frozen=True)
 class Route:
-    """A pass-through route: its metric/log label (the pattern, never a path with ids) and the pool it goes to."""
+    """A pass-through route: its metric/log label (the pattern, never a path with ids), the pool it goes to, and
+    whether it takes an admission slot (`admitted`: the engine works for it; off for metadata reads and
+    cancels, which must not wait behind the load)."""
 
     label: str
     role: Role
+    admitted: bool = True
 
 
 #: Called with the upstream that answered 2xx and the answer's first bytes (the Responses API learns ids here).
@@ -105,8 +108,15 @@ class Passthrough:
             record.trace = flow.tracing.start(request_id, route.label, request.headers.get("traceparent"),
                                               request.headers.get("tracestate"))
         flow.enter()
+        slot = False  # a concurrency slot held, given back in `finally`
         try:
-            if flow.draining:
+            if route.admitted:  # the same slots, queue and 503s as a PD request
+                record.stage = "queue"
+                await flow.wait_admitted(record, flow.admit_slot(None if targets is not None
+                                                                 else self._pool(route, pools)))
+                slot = True
+                record.stage = "upstream"
+            elif flow.draining:
                 raise Unavailable("pdproxy is shutting down; retry on another instance",
                                   retry_after=RETRY_AFTER_SECONDS)
             response = await self._forward(request, route, path, headers, record, targets, next_on_404, on_answer,
@@ -118,9 +128,11 @@ class Passthrough:
             return flow.answer_error(exc, record, request_id)
         except asyncio.CancelledError:
             record.status, record.error = CLIENT_CLOSED, "client disconnected"
-            flow.metrics.client_disconnects.labels("decode").inc()
+            flow.metrics.client_disconnects.labels("queue" if record.stage == "queue" else "decode").inc()
             raise
         finally:
+            if slot:
+                flow.release_slot()
             flow.leave()
             record.trace.end(record.status, record.error or None)
             flow.account(record)
@@ -128,9 +140,7 @@ class Passthrough:
     async def _forward(self, request: Request, route: Route, path: str, headers: bytes, record: RequestRecord,
                        targets: Sequence[Upstream] | None, next_on_404: bool,
                        on_answer: OnAnswer | None, pools: ModelPools | None) -> Response | None:
-        pool, policy = self.pools[route.role], self.policies[route.role]
-        if pools is not None:
-            pool = pools.prefill if route.role is Role.PREFILL else pools.decode
+        pool, policy = self._pool(route, pools), self.policies[route.role]
         side = route.role.value
         tried: list[Upstream] = []
         last_error: UpstreamError | None = None
@@ -196,6 +206,12 @@ class Passthrough:
         if last_error is not None:
             raise last_error
         raise Unavailable(f"no routable {side} upstream", side=side)
+
+    def _pool(self, route: Route, pools: ModelPools | None) -> UpstreamPool:
+        """The pool `route` goes to: its role's, of the request's model when several are served."""
+        if pools is None:
+            return self.pools[route.role]
+        return pools.prefill if route.role is Role.PREFILL else pools.decode
 
     async def _open(self, upstream: Upstream, method: str, path: str, headers: bytes, body: bytes,
                     side: str) -> Stream:

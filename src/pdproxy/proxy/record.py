@@ -7,10 +7,14 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 import orjson
 
 from pdproxy.tracing import NO_TRACE, RequestTrace
+
+if TYPE_CHECKING:
+    from pdproxy.proxy.usage import PendingCached
 
 access_log = logging.getLogger("pdproxy.access")
 
@@ -35,6 +39,7 @@ class RequestRecord:
     error: str = ""
     stage: str = "queue"
     prefill_cached_tokens: int | None = None  # P's prefix-cache hit, when D got P's KV (usage reports it)
+    pending_cached: PendingCached | None = None  # a concurrent plan's: P's hit, once P answered (D's leg waits)
     trace: RequestTrace = NO_TRACE  # the request's span (tracing on), or the do-nothing one
 
     def as_text(self, total_s: float) -> str:
