@@ -25,6 +25,7 @@ PREFILL_SPAN = "pdproxy.prefill"
 DECODE_FIRST_BYTE_SPAN = "pdproxy.decode.first_byte"
 DECODE_STREAM_SPAN = "pdproxy.decode.stream"
 UPSTREAM_SPAN = "pdproxy.upstream"  # a pass-through route's call (one per attempt)
+FLOW_SPAN = "pdproxy.flow"  # one PD flow of a fanned-out request (a batch or n > 1), under its request span
 TRACE_HEADERS = ("traceparent", "tracestate")
 _CLIENT_SPANS = frozenset({PREFILL_SPAN, DECODE_FIRST_BYTE_SPAN, UPSTREAM_SPAN})  # spans of an upstream call
 
@@ -48,6 +49,10 @@ class RequestTrace(Protocol):
 
     def child(self, name: str, start: float | None = None, **attributes: str | int | float | bool) -> Span:
         """A stage's span, started now or at `start` (a `time.perf_counter()` reading)."""
+        ...
+
+    def flow(self, request_id: str, index: int) -> RequestTrace:
+        """A fanned-out request's sub-flow: its own request-like trace, under this one."""
         ...
 
     def end(self, status: int, error: str | None = None) -> None: ...
@@ -82,6 +87,9 @@ class _NoTrace:
 
     def child(self, name: str, start: float | None = None, **attributes: str | int | float | bool) -> Span:
         return NO_SPAN
+
+    def flow(self, request_id: str, index: int) -> RequestTrace:
+        return self
 
     def end(self, status: int, error: str | None = None) -> None:
         return None
@@ -148,6 +156,12 @@ class OtelRequestTrace:
         span = owner.tracer.start_span(name, context=self._context, kind=kind, attributes=attributes,
                                        start_time=None if start is None else _epoch_ns(start))
         return OtelSpan(span, owner.propagator, owner.error_status)
+
+    def flow(self, request_id: str, index: int) -> RequestTrace:
+        owner = self._owner
+        span = owner.tracer.start_span(FLOW_SPAN, context=self._context, kind=owner.internal_kind, attributes={
+            "pdproxy.request_id": request_id, "pdproxy.flow_index": index})
+        return OtelRequestTrace(owner, span)
 
     def end(self, status: int, error: str | None = None) -> None:
         self.span.set_attribute("http.response.status_code", status)

@@ -180,3 +180,28 @@ async def test_a_hedged_prefill_is_two_attempt_spans_and_the_loser_is_no_error(t
     assert attempts[False].attributes["pdproxy.outcome"] == "hedged"
     assert attempts[False].status.status_code is not StatusCode.ERROR  # cancelled by the hedge: no one's fault
     assert attempts[True].attributes["pdproxy.outcome"] == "ok"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_fanned_out_request_is_one_span_with_a_flow_span_per_prompt(traced: Any, stream: bool) -> None:
+    t = await traced()
+    async with aiohttp.ClientSession() as http:
+        async with http.post(t.url + "/v1/completions", headers={"traceparent": TRACEPARENT, "X-Request-Id": "fan"},
+                             json={"model": "mock", "prompt": ["one", "two"], "n": 2, "max_tokens": 2,
+                                   "stream": stream}) as resp:
+            assert resp.status == 200
+            await resp.read()
+    spans = t.spans()
+    (request,) = spans["pdproxy.request"]  # one span for the client's request, not one per flow
+    assert format(request.parent.span_id, "016x") == CLIENT_PARENT
+    assert request.attributes["pdproxy.request_id"] == "fan"
+    assert request.attributes["http.response.status_code"] == 200
+    flows = spans["pdproxy.flow"]
+    assert sorted(f.attributes["pdproxy.flow_index"] for f in flows) == [0, 1, 2, 3]
+    assert sorted(f.attributes["pdproxy.request_id"] for f in flows) == [f"fan-{k}" for k in range(4)]
+    assert {f.parent.span_id for f in flows} == {request.context.span_id}
+    assert all(f.context.trace_id == request.context.trace_id for f in flows)
+    flow_ids = {f.context.span_id for f in flows}
+    for name in ("pdproxy.queue", "pdproxy.prefill", "pdproxy.decode.first_byte"):
+        assert len(spans[name]) == 4, name
+        assert {s.parent.span_id for s in spans[name]} == flow_ids, name

@@ -30,6 +30,7 @@ from pdproxy.http.request import Request
 from pdproxy.http.response import Response
 from pdproxy.proxy.orchestrator import RETRY_AFTER_SECONDS, Orchestrator
 from pdproxy.request import ProxyRequest
+from pdproxy.tracing import RequestTrace
 
 logger = logging.getLogger("pdproxy.fanout")
 
@@ -70,12 +71,13 @@ def sub_bodies(body: dict[str, Any], prompts: int, n: int) -> list[dict[str, Any
 class SubRequest:
     """The client request as one sub-flow sees it: its stream is a `SubSink`, everything else the client's."""
 
-    __slots__ = ("_merger", "_parent", "index")
+    __slots__ = ("_merger", "_parent", "index", "trace")
 
-    def __init__(self, parent: Request, merger: StreamMerger, index: int) -> None:
+    def __init__(self, parent: Request, merger: StreamMerger, index: int, trace: RequestTrace | None) -> None:
         self._parent = parent
         self._merger = merger
         self.index = index
+        self.trace = trace  # the whole request's trace (tracing on): the orchestrator starts this flow's under it
 
     def start_stream(self, status: int, headers: Sequence[tuple[str, str]]) -> SubSink:
         return self._merger.start(self.index, status, headers)
@@ -250,7 +252,27 @@ class FanOut:
         check_width(prompts, n, self.max_fanout)
 
     async def handle(self, request: Request, preq: ProxyRequest, prompts: int, n: int) -> Response | None:
-        """Serve `prompts` x `n` sub-flows as one answer; None when it was streamed through `request`."""
+        """Serve `prompts` x `n` sub-flows as one answer; None when it was streamed through `request`.
+        With tracing on, the request is one span and each sub-flow a `pdproxy.flow` span under it."""
+        tracing = self.flow.tracing
+        if not tracing.enabled:
+            return await self._handle(request, preq, prompts, n, None)
+        trace = tracing.start(preq.request_id, preq.endpoint, request.headers.get("traceparent"),
+                              request.headers.get("tracestate"))
+        status, error = 200, None  # a streamed answer (None) went out as 200
+        try:
+            response = await self._handle(request, preq, prompts, n, trace)
+            if response is not None:
+                status = response.status
+            return response
+        except asyncio.CancelledError:
+            status, error = 499, "client disconnected"
+            raise
+        finally:
+            trace.end(status, error)
+
+    async def _handle(self, request: Request, preq: ProxyRequest, prompts: int, n: int,
+                      trace: RequestTrace | None) -> Response | None:
         width = prompts * n
         metrics = self.flow.metrics
         metrics.fanout_requests.inc()
@@ -266,7 +288,7 @@ class FanOut:
             sub_id = f"{preq.request_id}-{k}"  # P and D of each sub-flow share it, and no two sub-flows do
             headers = preq.headers.replace(own_line, f"X-Request-Id: {sub_id}\r\n".encode("latin-1"), 1)
             sub = ProxyRequest(preq.endpoint, body, preq.stream, sub_id, headers)
-            tasks.append(asyncio.ensure_future(self.flow.handle(SubRequest(request, merger, k), sub)))  # type: ignore[arg-type]
+            tasks.append(asyncio.ensure_future(self.flow.handle(SubRequest(request, merger, k, trace), sub)))  # type: ignore[arg-type]
         try:
             failed = await self._wait(tasks, merger, preq.stream)
             if preq.stream:

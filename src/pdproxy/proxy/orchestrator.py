@@ -181,8 +181,9 @@ class Orchestrator:
         None: the answer was streamed through `request`."""
         record = RequestRecord(preq.request_id, preq.endpoint, time.perf_counter(), request.remote or "-")
         if self.tracing.enabled:
-            record.trace = self.tracing.start(preq.request_id, preq.endpoint, request.headers.get("traceparent"),
-                                              request.headers.get("tracestate"))
+            parent = getattr(request, "trace", None)  # a fan-out's sub-flow hangs under the whole request's span
+            record.trace = parent.flow(preq.request_id, request.index) if parent is not None else self.tracing.start(
+                preq.request_id, preq.endpoint, request.headers.get("traceparent"), request.headers.get("tracestate"))
         self.enter()
         try:
             single = self.models.single
