@@ -192,9 +192,7 @@ start_vllm() {  # NAME PORT SIDE_CHANNEL_PORT CPU ROLE [EVENTS_PORT REPLAY_PORT]
     # (one core per engine at 100% otherwise; read that file before removing it).
     # VLLM_ENABLE_RESPONSES_API_STORE: vLLM keeps Responses-API answers (store, background, GET and cancel
     # by id) only with it; without it `store` is ignored and every GET by id is a 404.
-    # kv_lease_duration: P frees a request's KV if no D fetched it within the lease (vLLM's default 30 s); on a
-    # loaded 2-core CI host a first token took 33 s once, and D then read freed blocks (a silent wrong answer).
-    local kv_config="{\"kv_connector\":\"NixlConnector\",\"kv_role\":\"$role\",\"kv_buffer_device\":\"cpu\",\"kv_connector_extra_config\":{\"kv_lease_duration\":120}}"
+    local kv_config="{\"kv_connector\":\"NixlConnector\",\"kv_role\":\"$role\",\"kv_buffer_device\":\"cpu\"}"
     # KV-cache events for pdproxy's --kv-events (prefill only). vLLM binds the PUB endpoint only when
     # it has a '*' (with a plain address it connects instead); the replay ROUTER always binds.
     local events_flag=""
